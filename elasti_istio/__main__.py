@@ -1,0 +1,3 @@
+from elasti_istio.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""Loopback addresses for pods: Linux routes all of 127.0.0.0/8 to ``lo``, so each pod gets its own."""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+class PodAddresses:
+    def __init__(self, cidr: str) -> None:
+        self.net = ipaddress.ip_network(cidr)
+        if not self.net.subnet_of(ipaddress.ip_network("127.0.0.0/8")):  # type: ignore[arg-type]
+            raise ValueError(f"pod range {cidr} must be inside 127.0.0.0/8")
+        self.used: set[str] = set()
+        self._hosts = self.net.hosts()
+
+    def contains(self, ip: str) -> bool:
+        try:
+            return ipaddress.ip_address(ip) in self.net
+        except ValueError:
+            return False
+
+    def claim(self, ip: str) -> bool:
+        if not self.contains(ip) or ip in self.used:
+            return False
+        self.used.add(ip)
+        return True
+
+    def allocate(self) -> str:
+        for _ in range(2):
+            for addr in self._hosts:
+                ip = str(addr)
+                if ip.endswith((".0", ".255")) or ip in self.used:
+                    continue
+                self.used.add(ip)
+                return ip
+            self._hosts = self.net.hosts()  # wrap around, reusing released addresses
+        raise RuntimeError(f"pod range {self.net} exhausted")
+
+    def release(self, ip: str | None) -> None:
+        if ip:
+            self.used.discard(ip)

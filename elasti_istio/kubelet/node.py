@@ -1,0 +1,345 @@
+"""One simulated node: binds pending Pods, runs their apps on loopback, reports their status.
+
+Only Pods bound to this node are handled (a Pod naming another node is left alone, as a kubelet
+would). A Pod's containers serve on ``podIP:containerPort`` after its startup delay; then the Pod is
+reported Running and Ready, and the real ReplicaSet, Deployment and EndpointSlice controllers do
+the rest. On deletion the app stops taking connections, in-flight requests finish within the grace
+period, and the Pod is deleted for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from elasti_istio.kube import Kube, KubeError
+from elasti_istio.kube.informer import Informer
+from elasti_istio.kubelet.apps import PodIdentity, generic_app, inflight
+from elasti_istio.kubelet.ipam import PodAddresses
+from elasti_istio.resources import ANN_SIM_STARTUP, NODES, PODS
+
+log = logging.getLogger("elasti.kubelet")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def container_ports(pod: dict[str, Any]) -> list[tuple[str, int]]:
+    out = []
+    for c in pod.get("spec", {}).get("containers", []):
+        for p in c.get("ports") or []:
+            if (p.get("protocol") or "TCP") == "TCP" and p.get("containerPort"):
+                out.append((c["name"], int(p["containerPort"])))
+    return out
+
+
+class PodRuntime:
+    """The life of one Pod on this node, driven by the latest object seen for it."""
+
+    def __init__(self, kubelet: Kubelet, pod: dict[str, Any]) -> None:
+        self.kubelet = kubelet
+        self.latest = pod
+        meta = pod["metadata"]
+        self.uid: str = meta["uid"]
+        self.namespace: str = meta["namespace"]
+        self.name: str = meta["name"]
+        self.ip: str | None = None
+        self.runners: list[web.AppRunner] = []
+        self.changed = asyncio.Event()
+        self.gone = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def deleting(self) -> bool:
+        return self.gone or bool(self.latest["metadata"].get("deletionTimestamp"))
+
+    def startup_seconds(self) -> float:
+        raw = (self.latest["metadata"].get("annotations") or {}).get(ANN_SIM_STARTUP)
+        try:
+            return max(0.0, float(raw)) if raw is not None else self.kubelet.startup_seconds
+        except ValueError:
+            log.warning("%s/%s: bad %s %r, using the default", self.namespace, self.name, ANN_SIM_STARTUP, raw)
+            return self.kubelet.startup_seconds
+
+    async def run(self) -> None:
+        kl = self.kubelet
+        try:
+            status = self.latest.get("status") or {}
+            restarted = status.get("podIP") and kl.addresses.claim(status["podIP"])
+            self.ip = status["podIP"] if restarted else kl.addresses.allocate()
+            if not self.deleting:
+                if not restarted:
+                    await self.patch_status(ready=False)
+                    await self._wait_or_deleted(self.startup_seconds())
+                if not self.deleting:
+                    await self.start_apps()
+                    await self.patch_status(ready=True)
+            while not self.deleting:
+                self.changed.clear()
+                await self.changed.wait()
+            await self.terminate()
+        except asyncio.CancelledError:
+            await self.stop_apps(0)
+            raise
+        except Exception:
+            log.exception("%s/%s: pod runtime failed", self.namespace, self.name)
+            await self.stop_apps(0)
+        finally:
+            kl.addresses.release(self.ip)
+            kl.pods.pop(self.uid, None)
+
+    async def _wait_or_deleted(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self.deleting:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+
+    async def start_apps(self) -> None:
+        assert self.ip is not None
+        for container, port in container_ports(self.latest):
+            app = generic_app(PodIdentity(self.namespace, self.name, self.ip, port, container))
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=30)
+            await runner.setup()
+            site = web.TCPSite(runner, self.ip, port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                log.error("%s/%s: cannot listen on %s:%s: %s", self.namespace, self.name, self.ip, port, exc)
+                await runner.cleanup()
+                continue
+            self.runners.append(runner)
+        log.info(
+            "%s/%s: serving on %s ports %s",
+            self.namespace,
+            self.name,
+            self.ip,
+            [p for _, p in container_ports(self.latest)],
+        )
+
+    async def stop_apps(self, grace: float) -> None:
+        runners, self.runners = self.runners, []
+        for runner in runners:
+            # Closes the listening sockets first (no new connections), then waits for handlers.
+            for site in list(runner.sites):
+                with contextlib.suppress(Exception):
+                    await site.stop()
+        if grace > 0:
+            await _wait_idle(runners, grace)
+        for runner in runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+
+    async def terminate(self) -> None:
+        grace = self.latest["metadata"].get("deletionGracePeriodSeconds")
+        grace = 30.0 if grace is None else float(grace)
+        await self.stop_apps(grace)
+        log.info("%s/%s: stopped", self.namespace, self.name)
+        if not self.gone:
+            with contextlib.suppress(KubeError):
+                await self.kubelet.kube.request(
+                    "DELETE",
+                    PODS.path(self.namespace, self.name),
+                    body={
+                        "kind": "DeleteOptions",
+                        "apiVersion": "v1",
+                        "gracePeriodSeconds": 0,
+                        "preconditions": {"uid": self.uid},
+                    },
+                )
+
+    async def patch_status(self, *, ready: bool) -> None:
+        t = now()
+        rd = "True" if ready else "False"
+        conds = [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+            {"type": "ContainersReady", "status": rd, "lastTransitionTime": t},
+            {"type": "Ready", "status": rd, "lastTransitionTime": t},
+        ]
+        containers = [
+            {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": "",
+                "ready": ready,
+                "started": ready,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": t}} if ready else {"waiting": {"reason": "ContainerCreating"}},
+            }
+            for c in self.latest["spec"].get("containers", [])
+        ]
+        status = {
+            "phase": "Running" if ready else "Pending",
+            "hostIP": "127.0.0.1",
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
+            "conditions": conds,
+            "containerStatuses": containers,
+            "startTime": self.latest.get("status", {}).get("startTime") or t,
+        }
+        await self.kubelet.retry(
+            lambda: self.kubelet.kube.patch(PODS, self.name, {"status": status}, self.namespace, sub="status"),
+            f"status of {self.namespace}/{self.name}",
+            stop=lambda: self.deleting,
+        )
+
+
+async def _wait_idle(runners: list[web.AppRunner], grace: float) -> None:
+    """Waits until the runners have no request in flight, at most ``grace`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while loop.time() < deadline and any(inflight(r.app) for r in runners):
+        await asyncio.sleep(0.05)
+
+
+class Kubelet:
+    def __init__(self, kube: Kube, node_name: str, pod_cidr: str, startup_seconds: float = 1.0) -> None:
+        self.kube = kube
+        self.node_name = node_name
+        self.addresses = PodAddresses(pod_cidr)
+        self.startup_seconds = startup_seconds
+        self.pods: dict[str, PodRuntime] = {}
+        self._binding: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.informer = Informer(kube, PODS, self.on_pod, relist_seconds=120, name="pods")
+
+    async def retry(self, fn: Any, what: str, stop: Any = None, attempts: int = 20) -> Any:
+        delay = 0.1
+        for i in range(attempts):
+            try:
+                return await fn()
+            except KubeError as exc:
+                if exc.not_found or (stop is not None and stop()) or i == attempts - 1:
+                    log.debug("%s: giving up (%s)", what, exc)
+                    return None
+                log.warning("%s failed (%s); retrying", what, exc)
+            except OSError as exc:
+                log.warning("%s failed (%s); retrying", what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+        return None
+
+    async def register_node(self) -> None:
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.node_name,
+                "labels": {
+                    "kubernetes.io/hostname": self.node_name,
+                    "kubernetes.io/os": "linux",
+                    "elasti.truefoundry.com/simulated": "true",
+                },
+            },
+        }
+        try:
+            await self.kube.create(NODES, node)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        t = now()
+        status = {
+            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "1000"},
+            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "1000"},
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": self.node_name},
+            ],
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "elasti-istio kubelet stand-in",
+                    "lastHeartbeatTime": t,
+                    "lastTransitionTime": t,
+                }
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "v1.20.2-elasti-sim",
+                "kubeProxyVersion": "",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+                "kernelVersion": "",
+                "osImage": "",
+                "containerRuntimeVersion": "sim://1",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+            },
+        }
+        await self.kube.patch(NODES, self.node_name, {"status": status}, sub="status")
+
+    async def on_pod(self, etype: str, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        if etype == "DELETED":
+            rt = self.pods.get(uid)
+            if rt is not None:
+                rt.gone = True
+                rt.changed.set()
+            return
+        node = pod.get("spec", {}).get("nodeName")
+        if not node:
+            if not meta.get("deletionTimestamp") and uid not in self._binding:
+                self._binding.add(uid)
+                task = asyncio.create_task(self.bind(pod))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return
+        if node != self.node_name:
+            return
+        rt = self.pods.get(uid)
+        if rt is None:
+            if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                return
+            rt = PodRuntime(self, pod)
+            self.pods[uid] = rt
+            rt.task = asyncio.create_task(rt.run(), name=f"pod-{meta['namespace']}/{meta['name']}")
+        else:
+            rt.latest = pod
+            rt.changed.set()
+
+    async def bind(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name},
+        }
+
+        async def create() -> None:
+            try:
+                await self.kube.create(PODS, body, meta["namespace"], name=meta["name"], sub="binding")
+            except KubeError as exc:
+                if exc.status != 409:  # 409: already bound
+                    raise
+
+        try:
+            await self.retry(create, f"binding {meta['namespace']}/{meta['name']}")
+        finally:
+            self._binding.discard(meta["uid"])
+
+    async def run(self) -> None:
+        await self.retry(self.register_node, "node registration", attempts=50)
+        self.informer.start()
+        await asyncio.Event().wait()
+
+    async def shutdown(self) -> None:
+        await self.informer.stop()
+        tasks = [rt.task for rt in self.pods.values() if rt.task]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,18 @@
+"""Readable logs: one line per event, time, level, component, message."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup(level: str = "info", component: str = "elasti") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)-7s {component} %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("aiohttp.access", "kubernetes", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,38 @@
+"""API resources and well-known names used across the project."""
+
+from __future__ import annotations
+
+from elasti_istio.kube.client import Resource
+
+GROUP = "elasti.truefoundry.com"
+VERSION = "v1alpha1"
+
+ELASTISERVICES = Resource(GROUP, VERSION, "elastiservices", kind="ElastiService")
+VIRTUALSERVICES = Resource("networking.istio.io", "v1beta1", "virtualservices", kind="VirtualService")
+DESTINATIONRULES = Resource("networking.istio.io", "v1beta1", "destinationrules", kind="DestinationRule")
+DEPLOYMENTS = Resource("apps", "v1", "deployments", kind="Deployment")
+STATEFULSETS = Resource("apps", "v1", "statefulsets", kind="StatefulSet")
+REPLICASETS = Resource("apps", "v1", "replicasets", kind="ReplicaSet")
+ROLLOUTS = Resource("argoproj.io", "v1alpha1", "rollouts", kind="Rollout")
+SCALEDOBJECTS = Resource("keda.sh", "v1alpha1", "scaledobjects", kind="ScaledObject")
+SERVICES = Resource("", "v1", "services", kind="Service")
+PODS = Resource("", "v1", "pods", kind="Pod")
+EVENTS = Resource("", "v1", "events", kind="Event")
+NAMESPACES = Resource("", "v1", "namespaces", namespaced=False, kind="Namespace")
+NODES = Resource("", "v1", "nodes", namespaced=False, kind="Node")
+LEASES = Resource("coordination.k8s.io", "v1", "leases", kind="Lease")
+CRDS = Resource(
+    "apiextensions.k8s.io", "v1", "customresourcedefinitions", namespaced=False, kind="CustomResourceDefinition"
+)
+# 1.20 serves discovery.k8s.io/v1beta1 only; v1 from 1.21. Simulators pick what the server serves.
+ENDPOINTSLICES_V1BETA1 = Resource("discovery.k8s.io", "v1beta1", "endpointslices", kind="EndpointSlice")
+ENDPOINTSLICES_V1 = Resource("discovery.k8s.io", "v1", "endpointslices", kind="EndpointSlice")
+
+# Annotations and labels.
+ANN_BIND = f"{GROUP}/elastiservice"
+ANN_ORIGINAL_ROUTES = f"{GROUP}/original-routes"
+ANN_SIM_STARTUP = f"{GROUP}/sim-startup-seconds"
+ANN_SIM_FORWARD = f"{GROUP}/sim-forward"
+ANN_SIM_READINESS_URL = f"{GROUP}/sim-readiness-url"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+HEADER = "elasti-service"

@@ -1,0 +1,122 @@
+"""Test harness: one local cluster per session, a fresh namespace per test.
+
+Any test that uses the ``cluster`` fixture (directly or through ``k8s``/``namespace``) is marked
+``cluster``, so ``pytest -m "not cluster"`` runs the rest without any control-plane binary.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from elasti_istio.localcluster.cluster import ClusterInfo, LocalCluster
+
+CLUSTER_FIXTURES = {"cluster", "local_cluster", "k8s", "namespace"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    state_dir = tmp_path_factory.mktemp("cluster")
+    lc = LocalCluster(state_dir, attached=True, startup_seconds=float(os.environ.get("ELASTI_TEST_STARTUP", "0.5")))
+    lc.up()
+    try:
+        yield lc
+    finally:
+        lc.down(quiet=True, keep_logs=bool(os.environ.get("ELASTI_KEEP_LOGS")))
+
+
+@pytest.fixture(scope="session")
+def cluster(local_cluster: LocalCluster) -> ClusterInfo:
+    return local_cluster.info()
+
+
+@dataclass
+class K8s:
+    """Ready clients of the official library, authenticated as the cluster admin."""
+
+    api: object
+    core: object
+    apps: object
+    custom: object
+    rbac: object
+    kubeconfig: Path
+
+    def endpoint_addresses(self, namespace: str, service: str) -> list[str]:
+        slices = self.custom.list_namespaced_custom_object(  # type: ignore[attr-defined]
+            "discovery.k8s.io",
+            "v1beta1",
+            namespace,
+            "endpointslices",
+            label_selector=f"kubernetes.io/service-name={service}",
+        )["items"]
+        out = []
+        for s in slices:
+            for ep in s.get("endpoints") or []:
+                if (ep.get("conditions") or {}).get("ready"):
+                    out.extend(ep.get("addresses") or [])
+        return sorted(out)
+
+
+@pytest.fixture(scope="session")
+def k8s(cluster: ClusterInfo) -> K8s:
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(cluster.admin_kubeconfig), client_configuration=cfg)
+    api = client.ApiClient(cfg)
+    return K8s(
+        api,
+        client.CoreV1Api(api),
+        client.AppsV1Api(api),
+        client.CustomObjectsApi(api),
+        client.RbacAuthorizationV1Api(api),
+        cluster.admin_kubeconfig,
+    )
+
+
+@pytest.fixture
+def namespace(k8s: K8s, request: pytest.FixtureRequest) -> Iterator[str]:
+    from kubernetes import client
+
+    base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:40].strip("-")
+    name = f"t-{base}-{uuid.uuid4().hex[:5]}"
+    k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))  # type: ignore[attr-defined]
+    try:
+        yield name
+    finally:
+        _cleanup_namespace(k8s, name)
+
+
+def _cleanup_namespace(k8s: K8s, name: str) -> None:
+    """Removes finalizers a test left on ElastiServices, then deletes the namespace."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        items = k8s.custom.list_namespaced_custom_object(  # type: ignore[attr-defined]
+            "elasti.truefoundry.com", "v1alpha1", name, "elastiservices"
+        )["items"]
+        for es in items:
+            if es["metadata"].get("finalizers"):
+                k8s.custom.patch_namespaced_custom_object(  # type: ignore[attr-defined]
+                    "elasti.truefoundry.com",
+                    "v1alpha1",
+                    name,
+                    "elastiservices",
+                    es["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                )
+        k8s.core.delete_namespace(name)  # type: ignore[attr-defined]
+    except ApiException as exc:
+        if exc.status != 404:
+            raise

@@ -1,0 +1,119 @@
+"""The ElastiService CRD file and the sanitizing of third-party CRDs for old API servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from elasti_istio.localcluster import crds
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def schema() -> dict:
+    doc = crds.load_documents(ROOT / "crds" / "elastiservice.yaml")[0]
+    return doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_packaged_crd_is_the_repository_file() -> None:
+    assert crds.elastiservice_crd_path().read_bytes() == (ROOT / "crds" / "elastiservice.yaml").read_bytes()
+
+
+def test_crd_names_and_columns() -> None:
+    doc = crds.load_documents(ROOT / "crds" / "elastiservice.yaml")[0]
+    assert doc["apiVersion"] == "apiextensions.k8s.io/v1"
+    spec = doc["spec"]
+    assert (spec["group"], spec["scope"], spec["names"]["plural"], spec["names"]["kind"]) == (
+        "elasti.truefoundry.com",
+        "Namespaced",
+        "elastiservices",
+        "ElastiService",
+    )
+    assert spec["names"]["shortNames"] == ["es"]
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Service", "Phase", "Mode", "Ready", "Age"]
+
+
+def test_spec_schema() -> None:
+    spec = schema()["properties"]["spec"]
+    assert set(spec["required"]) == {"service", "scaleTargetRef"}
+    props = spec["properties"]
+    assert props["scaleTargetRef"]["properties"]["kind"]["enum"] == [
+        "Deployment",
+        "StatefulSet",
+        "ReplicaSet",
+        "Rollout",
+        "ScaledObject",
+    ]
+    assert props["minTargetReplicas"]["minimum"] == 1 and props["minTargetReplicas"]["default"] == 1
+    act = props["activator"]["properties"]
+    assert (act["holdTimeout"]["default"], act["retryInterval"]["default"], act["queueLimit"]["default"]) == (
+        "60s",
+        "100ms",
+        1000,
+    )
+    assert props["autoscaler"]["properties"]["type"]["enum"] == ["keda", "hpa"]
+
+
+def test_status_schema() -> None:
+    st = schema()["properties"]["status"]["properties"]
+    assert st["phase"]["enum"] == ["Serving", "ScalingToZero", "ScaledToZero", "ScalingUp"]
+    assert st["mode"]["enum"] == ["serve", "proxy"]
+    for field in (
+        "readyReplicas",
+        "origin",
+        "lastScaledToZeroTime",
+        "lastWakeTime",
+        "boundVirtualServices",
+        "conditions",
+        "observedGeneration",
+    ):
+        assert field in st
+
+
+def _find(node: object, key: str) -> bool:
+    if isinstance(node, dict):
+        return key in node or any(_find(v, key) for v in node.values())
+    if isinstance(node, list):
+        return any(_find(v, key) for v in node)
+    return False
+
+
+def test_sanitize_drops_cel_rules_and_empty_defaults_only_for_old_servers() -> None:
+    docs = {d["metadata"]["name"]: d for d in crds.third_party_documents()}
+    rollout = docs["rollouts.argoproj.io"]
+    assert _find(rollout, "x-kubernetes-validations")
+    old = crds.sanitize(rollout, 20)
+    assert not _find(old, "x-kubernetes-validations")
+    assert rollout is not old and _find(rollout, "x-kubernetes-validations")  # the input is untouched
+    new = crds.sanitize(rollout, 30)
+    assert new == rollout
+
+
+def test_sanitize_makes_list_map_keys_required_when_their_default_goes() -> None:
+    doc = {
+        "spec": {
+            "versions": [
+                {
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "l": {
+                                    "type": "array",
+                                    "x-kubernetes-list-type": "map",
+                                    "x-kubernetes-list-map-keys": ["name"],
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {"name": {"type": "string", "default": ""}},
+                                    },
+                                }
+                            },
+                        }
+                    }
+                }
+            ]
+        }
+    }
+    items = crds.sanitize(doc, 20)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["l"]["items"]
+    assert items["required"] == ["name"] and "default" not in items["properties"]["name"]

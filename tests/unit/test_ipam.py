@@ -1,0 +1,23 @@
+import pytest
+
+from elasti_istio.kubelet.ipam import PodAddresses
+
+
+def test_allocates_distinct_loopback_addresses_and_reuses_released() -> None:
+    a = PodAddresses("127.42.0.0/30")
+    first, second = a.allocate(), a.allocate()
+    assert {first, second} == {"127.42.0.1", "127.42.0.2"}
+    with pytest.raises(RuntimeError):
+        a.allocate()
+    a.release(first)
+    assert a.allocate() == first
+
+
+def test_claim_only_inside_the_range() -> None:
+    a = PodAddresses("127.42.0.0/24")
+    assert a.claim("127.42.0.9") and not a.claim("127.42.0.9") and not a.claim("127.43.0.1")
+
+
+def test_range_must_be_loopback() -> None:
+    with pytest.raises(ValueError):
+        PodAddresses("10.0.0.0/24")
