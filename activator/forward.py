@@ -1,0 +1,317 @@
+"""Forwarding to the origin Service: header rewriting, request bodies, streamed responses, websockets.
+
+``Host`` becomes the origin's authority (a request that kept ``Host: details`` would be routed by
+the sidecar back to the activator), the client's Host moves to ``X-Forwarded-Host``. In a mesh the
+connection always reaches the local sidecar; when the origin has no ready endpoint the sidecar
+answers by itself with 503 ``no healthy upstream``, which :func:`mesh_not_ready` recognises as
+"not ready yet, nothing was sent to the workload".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from activator.registry import Target
+from elasti_istio.resources import HEADER
+
+log = logging.getLogger(__name__)
+
+COLD_START_HEADER = "X-Elasti-Cold-Start"
+CHUNK = 64 * 1024
+# Hop-by-hop (RFC 9110 7.6.1) plus what the activator sets itself or must not pass on.
+_REQUEST_DROP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "host",
+        HEADER,
+    )
+)
+_RESPONSE_DROP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+_WS_DROP = frozenset(
+    ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "origin")
+)
+# The sidecar's own replies when no upstream was reached: no ready endpoint, or the connect failed.
+_MESH_REPLY_MAX = 512
+
+
+class UpstreamError(Exception):
+    """No response from upstream (connection refused, reset, malformed): answered 502."""
+
+
+def mesh_not_ready(status: int, body: bytes) -> bool:
+    """Envoy's local reply for "no ready endpoint" or "could not connect": safe to send again."""
+    if status != 503:
+        return False
+    return body.startswith(b"no healthy upstream") or (
+        body.startswith(b"upstream connect error") and b"connection failure" in body
+    )
+
+
+def upstream_headers(
+    request: web.BaseRequest, target: Target, drop: frozenset[str] = _REQUEST_DROP
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, with Host and X-Forwarded-* set for the origin."""
+    h = request.headers
+    conn = h.get("Connection")
+    extra = {t.strip().lower() for t in conn.split(",")} if conn else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in h.items():
+        lk = k.lower()
+        if lk in drop or lk in extra:
+            continue
+        out.add(k, v)
+    remote = request.remote or ""
+    xff = h.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{xff}, {remote}" if xff else remote
+    if "X-Forwarded-Proto" not in out:
+        out["X-Forwarded-Proto"] = request.scheme
+    if "X-Forwarded-Host" not in out and "Host" in h:
+        out["X-Forwarded-Host"] = h["Host"]
+    out["Host"] = target.authority or ""
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    conn = headers.get("Connection")
+    extra = {t.strip().lower() for t in conn.split(",")} if conn else ()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk not in _RESPONSE_DROP and lk not in extra:
+            out.add(k, v)
+    return out
+
+
+def upstream_url(request: web.BaseRequest, target: Target) -> URL:
+    path = request.raw_path
+    if not path.startswith("/"):  # absolute-form request target
+        path = request.rel_url.raw_path_qs
+    return URL(f"{target.base_url}{path}", encoded=True)
+
+
+class RequestBody:
+    """The request body, read only when first forwarded.
+
+    Up to ``limit`` bytes it is kept in memory so that a "not ready yet" forward can be sent again;
+    a larger body is streamed through once, never whole in memory, and cannot be retried.
+    """
+
+    __slots__ = ("_loaded", "_prefix", "_request", "data", "limit", "retryable")
+
+    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+        self._request = request
+        self.limit = limit
+        self._loaded = False
+        self.data: bytes | None = None
+        self._prefix = b""
+        self.retryable = True
+
+    async def load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        req = self._request
+        if not req.body_exists:
+            return
+        if req.version >= (1, 1) and req.headers.get("Expect", "").lower() == "100-continue":
+            # Asked only now, so a held client does not send its body before it can go anywhere.
+            await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        length = req.content_length
+        if length is not None:
+            if length <= self.limit:
+                self.data = await req.read()
+            else:
+                self.retryable = False
+            return
+        buf = bytearray()  # chunked: keep it if it ends within the limit
+        while len(buf) <= self.limit:
+            chunk = await req.content.readany()
+            if not chunk:
+                self.data = bytes(buf)
+                return
+            buf += chunk
+        self._prefix = bytes(buf)
+        self.retryable = False
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        if self.retryable:
+            return self.data
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        if self._prefix:
+            yield self._prefix
+            self._prefix = b""
+        async for chunk in self._request.content.iter_chunked(CHUNK):
+            yield chunk
+
+
+@dataclass(slots=True)
+class Upstream:
+    """An upstream response whose body is still to be streamed (``prefetched`` when it was read to classify it)."""
+
+    response: aiohttp.ClientResponse
+    prefetched: bytes | None = None
+
+
+class Forwarder:
+    def __init__(self, session: aiohttp.ClientSession, proxy: str | None, cold_start_header: bool) -> None:
+        self.session = session
+        self.proxy = proxy
+        self.cold_start_header = cold_start_header
+
+    async def send(self, request: web.BaseRequest, target: Target, body: RequestBody) -> Upstream | None:
+        """Sends the request once; None when the mesh says the origin is not ready (nothing reached it)."""
+        try:
+            resp = await self.session.request(
+                request.method,
+                upstream_url(request, target),
+                headers=upstream_headers(request, target),
+                data=body.payload(),
+                allow_redirects=False,
+                proxy=self.proxy,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise UpstreamError(str(exc) or type(exc).__name__) from exc
+        if resp.status != 503:
+            return Upstream(resp)
+        length = resp.content_length
+        if length is not None and length > _MESH_REPLY_MAX:
+            return Upstream(resp)
+        try:
+            data = await resp.content.read(_MESH_REPLY_MAX + 1) if length is None else await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            resp.release()
+            raise UpstreamError(str(exc) or type(exc).__name__) from exc
+        if length is None and not resp.content.at_eof():
+            return Upstream(resp, data)  # longer than any mesh reply: the workload's own 503
+        if mesh_not_ready(resp.status, data):
+            resp.release()
+            return None
+        return Upstream(resp, data)
+
+    async def relay(self, request: web.BaseRequest, up: Upstream, cold: bool) -> web.StreamResponse:
+        """Streams the upstream response to the client chunk by chunk, status and headers untouched."""
+        resp = up.response
+        try:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp.headers))
+            if cold and self.cold_start_header:
+                out.headers[COLD_START_HEADER] = "true"
+            await out.prepare(request)
+            try:
+                if up.prefetched:
+                    await out.write(up.prefetched)
+                if up.prefetched is None or not resp.content.at_eof():
+                    async for chunk in resp.content.iter_any():
+                        await out.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Headers are out: the only honest signal of a truncated body is a dropped connection.
+                log.debug("upstream broke off mid-response: %s", exc)
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
+            await out.write_eof()
+            return out
+        finally:
+            resp.release()
+
+    async def connect_websocket(
+        self, request: web.BaseRequest, target: Target
+    ) -> aiohttp.ClientWebSocketResponse | web.Response | None:
+        """Opens the upstream websocket: None when the mesh says the origin is not ready, a Response
+        when the upstream refused the handshake (its status, passed on)."""
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            return await self.session.ws_connect(
+                upstream_url(request, target),
+                headers=upstream_headers(request, target, _REQUEST_DROP | _WS_DROP),
+                protocols=protocols,
+                origin=request.headers.get("Origin"),
+                proxy=self.proxy,
+                max_msg_size=0,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 503 and _looks_like_mesh_reply(exc.headers):
+                return None
+            return web.json_response(
+                {"error": "websocket handshake refused by upstream", "detail": f"{exc.status} {exc.message}"},
+                status=exc.status if exc.status >= 200 else 502,
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise UpstreamError(str(exc) or type(exc).__name__) from exc
+
+    async def relay_websocket(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientWebSocketResponse, cold: bool
+    ) -> web.StreamResponse:
+        """Relays messages both ways until one side closes, then closes the other with the same code."""
+        try:
+            ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0)
+            if cold and self.cold_start_header:
+                ws.headers[COLD_START_HEADER] = "true"
+            await ws.prepare(request)
+            to_up = asyncio.create_task(_pump(ws, upstream))
+            to_client = asyncio.create_task(_pump(upstream, ws))
+            try:
+                done, _ = await asyncio.wait((to_up, to_client), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (to_up, to_client):
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+            if to_up in done:  # the client closed first
+                await upstream.close(code=ws.close_code or aiohttp.WSCloseCode.OK)
+            else:
+                await ws.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
+            return ws
+        finally:
+            await upstream.close()
+
+
+def _looks_like_mesh_reply(headers: object) -> bool:
+    """A websocket handshake refusal has no readable body: Envoy's local reply is short and text/plain."""
+    get = getattr(headers, "get", None)
+    if get is None:
+        return True
+    ctype = (get("Content-Type") or "").lower()
+    length = get("Content-Length")
+    return ctype.startswith("text/plain") and (length is None or (length.isdigit() and int(length) <= _MESH_REPLY_MAX))
+
+
+async def _pump(src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, dst: object) -> None:
+    async for msg in src:
+        if msg.type == WSMsgType.TEXT:
+            await dst.send_str(msg.data)  # type: ignore[attr-defined]
+        elif msg.type == WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)  # type: ignore[attr-defined]
+        elif msg.type == WSMsgType.ERROR:
+            break

@@ -1,0 +1,94 @@
+"""Prometheus metrics. Labels are the ElastiService's namespace and name and a fixed outcome/result only;
+a request whose header names no known ElastiService is counted with empty namespace and name, so
+nothing a client sends can create a series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from activator.routing import Key
+
+OUTCOMES = ("forwarded", "timeout", "overflow", "rejected", "client_gone", "upstream_error", "wake_failed")
+WAKE_RESULTS = ("accepted", "not_found", "refused", "error")
+HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
+
+
+class TargetMetrics:
+    """Label children of one ElastiService, looked up once rather than per request."""
+
+    __slots__ = ("held", "hold_seconds", "outcomes")
+
+    def __init__(self, m: Metrics, ns: str, name: str) -> None:
+        self.held = m.held.labels(ns, name)
+        self.hold_seconds = m.hold_seconds.labels(ns, name)
+        self.outcomes = {o: m.requests.labels(ns, name, o) for o in OUTCOMES}
+
+    def outcome(self, outcome: str) -> None:
+        self.outcomes[outcome].inc()
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.held = Gauge(
+            "elasti_activator_held_requests",
+            "Requests held now, waiting for their target",
+            ["namespace", "name"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "elasti_activator_requests", "Requests by how they ended", ["namespace", "name", "outcome"], registry=r
+        )
+        self.hold_seconds = Histogram(
+            "elasti_activator_hold_duration_seconds",
+            "Time requests spent held",
+            ["namespace", "name"],
+            buckets=HOLD_BUCKETS,
+            registry=r,
+        )
+        self.wakes = Counter(
+            "elasti_activator_wake_notifications",
+            "Wake requests to the controller by result (error: one failed attempt, retried)",
+            ["namespace", "name", "result"],
+            registry=r,
+        )
+        self._targets: dict[Key, TargetMetrics] = {}
+        self._unrouted = self.requests.labels("", "", "rejected")
+
+    def target(self, key: Key) -> TargetMetrics:
+        tm = self._targets.get(key)
+        if tm is None:
+            tm = self._targets[key] = TargetMetrics(self, *key)
+        return tm
+
+    def rejected_unrouted(self) -> None:
+        """A request without a usable header or for an unknown ElastiService."""
+        self._unrouted.inc()
+
+    def wake(self, ns: str, name: str, result: str) -> None:
+        self.wakes.labels(ns, name, result).inc()
+
+    def forget(self, key: Key) -> None:
+        """The ElastiService was deleted: drop its series so that churn does not grow the output."""
+        if self._targets.pop(key, None) is None:
+            return
+        for metric in (self.held, self.hold_seconds):
+            try:
+                metric.remove(*key)
+            except KeyError:
+                pass
+        for o in OUTCOMES:
+            try:
+                self.requests.remove(*key, o)
+            except KeyError:
+                pass
+        for res in WAKE_RESULTS:
+            try:
+                self.wakes.remove(*key, res)
+            except KeyError:
+                pass
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,206 @@
+"""The two HTTP faces of the activator: the proxy (requests routed by the mesh) and the admin endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+from aiohttp import hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from activator.config import Config
+from activator.forward import Forwarder, RequestBody, Upstream, UpstreamError
+from activator.hold import Holds
+from activator.metrics import Metrics
+from activator.queue import Admission
+from activator.registry import Registry, Target
+from activator.routing import Rejection, route
+from elasti_istio.resources import HEADER
+
+log = logging.getLogger(__name__)
+
+SYNC_WAIT = 5.0  # a request that arrives before the first list completed waits this long for it
+RETRY_AFTER = "1"
+
+
+def error(status: int, err: str, detail: str, retry_after: bool = False) -> web.Response:
+    headers = {hdrs.RETRY_AFTER: RETRY_AFTER} if retry_after else None
+    return web.json_response({"error": err, "detail": detail}, status=status, headers=headers)
+
+
+def _is_websocket(request: web.BaseRequest) -> bool:
+    return request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+
+
+class Proxy:
+    """Routes each request by its ``elasti-service`` header; forwards it at once or holds it until ready."""
+
+    def __init__(self, cfg: Config, registry: Registry, holds: Holds, forwarder: Forwarder, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.holds = holds
+        self.forwarder = forwarder
+        self.metrics = metrics
+        self.drain_deadline: float | None = None
+
+    def start_drain(self, timeout: float) -> None:
+        """Held requests get an answer before ``timeout`` runs out: forwarded if ready by then, else 503."""
+        margin = min(1.0, timeout * 0.1)
+        self.drain_deadline = asyncio.get_running_loop().time() + max(0.0, timeout - margin)
+        self.holds.wake_all()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        routed = route(request.headers.getall(HEADER, []))
+        if isinstance(routed, Rejection):
+            self.metrics.rejected_unrouted()
+            return error(400, routed.error, routed.detail)
+        target = self.registry.get(routed)
+        if target is None and not self.registry.synced and await self.registry.wait_synced(SYNC_WAIT):
+            target = self.registry.get(routed)
+        if target is None:
+            self.metrics.rejected_unrouted()
+            if not self.registry.synced:
+                return error(503, "not ready", "ElastiServices have not been listed yet", retry_after=True)
+            return error(404, "unknown ElastiService", f"no ElastiService {routed[0]}/{routed[1]} is known here")
+        return await self._serve(request, target)
+
+    async def _serve(self, request: web.BaseRequest, target: Target) -> web.StreamResponse:
+        key = target.key
+        tm = self.metrics.target(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + target.hold_timeout
+        websocket = _is_websocket(request)
+        body = None if websocket else RequestBody(request, self.cfg.retry_body_limit)
+        held = was_held = False
+        held_at = 0.0
+        mark = 0
+        outcome = "client_gone"  # unless something else is decided before the handler ends
+        try:
+            while True:
+                if target.forwardable:
+                    if body is not None:
+                        await body.load()
+                    try:
+                        if websocket:
+                            up = await self.forwarder.connect_websocket(request, target)
+                        else:
+                            up = await self.forwarder.send(request, target, body)  # type: ignore[arg-type]
+                    except UpstreamError as exc:
+                        outcome = "upstream_error"
+                        return error(502, "upstream unreachable", f"{target.authority}: {exc}")
+                    if up is not None:
+                        outcome = "forwarded"
+                        if held:
+                            held = False
+                            self.holds.leave(key, tm)
+                            tm.hold_seconds.observe(loop.time() - held_at)
+                        if isinstance(up, web.StreamResponse):
+                            return up  # a refused websocket handshake
+                        if isinstance(up, Upstream):
+                            return await self.forwarder.relay(request, up, was_held)
+                        return await self.forwarder.relay_websocket(request, up, was_held)
+                    if body is not None and not body.retryable:
+                        outcome = "upstream_error"
+                        return error(
+                            503,
+                            "upstream not ready",
+                            f"the mesh found no ready endpoint for {target.authority}; the request body was larger "
+                            f"than the retry limit ({self.cfg.retry_body_limit} bytes), so it was not kept for a retry",
+                            retry_after=True,
+                        )
+                    step = target.retry_interval
+                else:
+                    step = math.inf
+                now = loop.time()
+                limit = deadline if self.drain_deadline is None else min(deadline, self.drain_deadline)
+                if now >= limit:
+                    outcome = "timeout"
+                    if limit < deadline:
+                        return error(
+                            503, "shutting down", "the activator stopped before the target was ready", retry_after=True
+                        )
+                    return error(
+                        504,
+                        "hold timeout",
+                        f"{key[0]}/{key[1]} was not ready within {target.hold_timeout:g}s (spec.activator.holdTimeout)",
+                    )
+                if not held:
+                    admission = self.holds.admit(target, tm)
+                    if admission is not Admission.ADMITTED:
+                        outcome = "overflow"
+                        what = "queueLimit" if admission is Admission.QUEUE_FULL else "--max-held"
+                        return error(
+                            503, "too many held requests", f"{key[0]}/{key[1]}: {what} reached", retry_after=True
+                        )
+                    held = was_held = True
+                    held_at = now
+                    mark = self.holds.failures(key)
+                if not target.ready:
+                    self.holds.want_wake(target)
+                await self.holds.wait(key, min(step, limit - now))
+                failure = self.holds.failed_since(key, mark)
+                if failure is not None:
+                    outcome = "wake_failed"
+                    return error(
+                        503,
+                        "wake failed",
+                        failure.message or failure.reason or "the controller could not wake the target",
+                    )
+                fresh = self.registry.get(key)
+                if fresh is None:
+                    outcome = "rejected"
+                    return error(
+                        503,
+                        "ElastiService deleted",
+                        f"{key[0]}/{key[1]} was deleted while the request was held",
+                        retry_after=True,
+                    )
+                target = fresh
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            outcome = "upstream_error"
+            raise
+        finally:
+            if held:
+                self.holds.leave(key, tm)
+                tm.hold_seconds.observe(loop.time() - held_at)
+            tm.outcome(outcome)
+
+
+class Admin:
+    """``/healthz``, ``/readyz``, ``/metrics`` and ``/v1/pending/<namespace>/<name>`` (for KEDA's metrics-api)."""
+
+    def __init__(self, registry: Registry, holds: Holds, metrics: Metrics) -> None:
+        self.registry = registry
+        self.holds = holds
+        self.metrics = metrics
+        self.draining = False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/v1/pending/{namespace}/{name}", self.pending)
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"ready": False, "reason": "draining"}, status=503)
+        if not self.registry.synced:
+            return web.json_response({"ready": False, "reason": "ElastiServices not listed yet"}, status=503)
+        return web.json_response({"ready": True})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+    async def pending(self, request: web.Request) -> web.Response:
+        key = (request.match_info["namespace"], request.match_info["name"])
+        if self.registry.get(key) is None:
+            return error(404, "unknown ElastiService", f"no ElastiService {key[0]}/{key[1]} is known here")
+        return web.json_response({"pending": self.holds.pending(key)})

@@ -1,0 +1,83 @@
+"""Telling the controller to wake a workload: ``POST <controller>/v1/wake {"namespace", "name"}``.
+
+Retried with backoff while the controller is unreachable or answers 5xx; a 4xx is final. The
+caller cancels the task when the wake cycle ends another way (target ready, nothing held).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from pathlib import Path
+
+import aiohttp
+
+from activator.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class WakeNotifier:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        controller_url: str,
+        metrics: Metrics,
+        *,
+        token_file: str | None = None,
+        attempt_timeout: float = 5.0,
+        backoff: float = 0.1,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.session = session
+        self.url = controller_url.rstrip("/") + "/v1/wake"
+        self.metrics = metrics
+        self.token_file = token_file
+        self.attempt_timeout = attempt_timeout
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _headers(self) -> dict[str, str]:
+        """A bearer token read per call, so that a rotated (projected) token file is picked up."""
+        if not self.token_file:
+            return {}
+        try:
+            token = Path(self.token_file).read_text().strip()
+        except OSError as exc:
+            log.warning("wake token file %s unreadable: %s", self.token_file, exc)
+            return {}
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def notify(self, namespace: str, name: str) -> str:
+        """Returns the final result: ``accepted``, ``not_found`` or ``refused``; retries ``error`` forever."""
+        delay = self.backoff
+        body = {"namespace": namespace, "name": name}
+        while True:
+            try:
+                async with self.session.post(
+                    self.url,
+                    json=body,
+                    headers=self._headers(),
+                    timeout=aiohttp.ClientTimeout(total=self.attempt_timeout),
+                ) as resp:
+                    text = (await resp.read())[:500].decode("utf-8", "replace")
+                    if resp.status < 300:
+                        self.metrics.wake(namespace, name, "accepted")
+                        log.info("%s/%s: wake requested (%d %s)", namespace, name, resp.status, text.strip())
+                        return "accepted"
+                    if resp.status == 404:
+                        self.metrics.wake(namespace, name, "not_found")
+                        log.warning("%s/%s: controller does not know this ElastiService: %s", namespace, name, text)
+                        return "not_found"
+                    if resp.status < 500:
+                        self.metrics.wake(namespace, name, "refused")
+                        log.warning("%s/%s: controller refused the wake (%d): %s", namespace, name, resp.status, text)
+                        return "refused"
+                    problem = f"{resp.status}: {text}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                problem = str(exc) or type(exc).__name__
+            self.metrics.wake(namespace, name, "error")
+            log.warning("%s/%s: wake request failed (%s); retrying in %.1fs", namespace, name, problem, delay)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.max_backoff)

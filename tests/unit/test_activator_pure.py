@@ -1,0 +1,179 @@
+"""The activator's pure parts: durations, header routing, hold policy, ElastiService parsing, header rewriting."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
+
+from activator.duration import parse_duration
+from activator.forward import mesh_not_ready, response_headers, upstream_headers
+from activator.queue import Admission, Change, HoldQueues
+from activator.registry import Target, WakeFailure, target_from
+from activator.routing import Rejection, route
+from activator.testing import elastiservice
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("60s", 60), ("100ms", 0.1), ("1m30s", 90), ("1.5h", 5400), ("0", 0), ("250us", 0.00025), ("2h45m", 9900)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "60", "s", "1x", "-1s", "1s 2s", "sixty"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_route_by_header() -> None:
+    assert route(["shop/details"]) == ("shop", "details")
+    assert route([" shop/details-v1.x "]) == ("shop", "details-v1.x")
+    for values, err in [
+        ([], "missing"),
+        (["shop/a", "shop/b"], "duplicate"),
+        (["shop/a, shop/b"], "duplicate"),
+        (["details"], "malformed"),
+        (["Shop/details"], "malformed"),
+        (["shop/"], "malformed"),
+        (["/details"], "malformed"),
+        (["a/b/c"], "malformed"),
+        (["x" * 64 + "/a"], "malformed"),
+    ]:
+        r = route(values)
+        assert isinstance(r, Rejection) and err in r.error, (values, r)
+
+
+def test_queue_limits() -> None:
+    q = HoldQueues(max_held=3)
+    a, b = ("ns", "a"), ("ns", "b")
+    assert q.admit(a, 2) is Admission.ADMITTED
+    assert q.admit(a, 2) is Admission.ADMITTED
+    assert q.admit(a, 2) is Admission.QUEUE_FULL
+    assert q.admit(b, 5) is Admission.ADMITTED
+    assert q.admit(b, 5) is Admission.GLOBAL_FULL
+    assert (q.pending(a), q.pending(b), q.total) == (2, 1, 3)
+    q.leave(a)
+    assert q.admit(b, 5) is Admission.ADMITTED
+    assert q.total == 3
+
+
+def test_one_wake_per_cycle_namespace_qualified() -> None:
+    q = HoldQueues(100)
+    one, other = ("ns1", "web"), ("ns2", "web")
+    for key in (one, one, other):
+        q.admit(key, 10)
+    assert q.open_cycle(one, None) is True
+    assert q.open_cycle(one, None) is False  # same cycle: no second notification
+    assert q.open_cycle(other, None) is True  # same name, other namespace: its own cycle
+    assert q.observe(one, ready=True, failure=None) is Change.READY
+    assert q.open_cycle(one, None) is True  # after ready, the next held request starts a new cycle
+
+
+def test_cycle_ends_when_nothing_is_held() -> None:
+    q = HoldQueues(100)
+    k = ("ns", "a")
+    q.admit(k, 10)
+    q.open_cycle(k, None)
+    assert q.leave(k) is True
+    assert q.cycle_open(k) is False
+
+
+def test_wake_failure_fails_only_a_fresh_failure() -> None:
+    q = HoldQueues(100)
+    k = ("ns", "a")
+    old = WakeFailure("Refused", "quota exceeded", "t1")
+    q.admit(k, 10)
+    mark = q.failures(k)
+    q.open_cycle(k, old)  # the condition is left over from an earlier cycle
+    assert q.observe(k, ready=False, failure=old) is Change.NONE
+    assert q.failed_since(k, mark) is None
+    q.observe(k, ready=False, failure=None)  # the controller started the new wake
+    assert q.observe(k, ready=False, failure=old) is Change.FAILED  # the same failure again is fresh now
+    assert q.failed_since(k, mark) == old
+    q.admit(k, 10)  # a later request opens a new cycle with that failure as stale
+    assert q.open_cycle(k, old) is True
+    new = WakeFailure("Refused", "still no quota", "t2")
+    assert q.observe(k, ready=False, failure=new) is Change.FAILED
+
+
+def test_target_from_elastiservice() -> None:
+    obj = elastiservice(
+        "shop",
+        "details",
+        ready=True,
+        origin=("details-elasti-origin", 9080),
+        hold_timeout="1m30s",
+        retry_interval="250ms",
+        queue_limit=7,
+        wake_failed=("Refused", "no quota", "t"),
+    )
+    t = target_from(obj, "example.org")
+    assert t == Target(
+        "shop",
+        "details",
+        90.0,
+        0.25,
+        7,
+        True,
+        "http://details-elasti-origin.shop.svc.example.org:9080",
+        "details-elasti-origin.shop.svc.example.org:9080",
+        WakeFailure("Refused", "no quota", "t"),
+    )
+    assert t.forwardable
+    bare = target_from({"metadata": {"namespace": "shop", "name": "x"}, "spec": {}})
+    assert (bare.hold_timeout, bare.retry_interval, bare.queue_limit, bare.ready, bare.base_url) == (
+        60.0,
+        0.1,
+        1000,
+        False,
+        None,
+    )
+    no_origin = target_from(elastiservice("shop", "x", ready=True))
+    assert no_origin.ready and not no_origin.forwardable  # held until status.origin appears
+
+
+def test_header_rewrite() -> None:
+    headers = CIMultiDict(
+        [
+            ("Host", "details:9080"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Proxy-Authorization", "Basic x"),
+            ("elasti-service", "shop/details"),
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("Cookie", "a=1"),
+            ("Cookie", "b=2"),
+        ]
+    )
+    req = make_mocked_request("GET", "/p?q=1", headers=headers)
+    t = Target(
+        "shop", "details", authority="o.shop.svc.cluster.local:9080", base_url="http://o.shop.svc.cluster.local:9080"
+    )
+    out = upstream_headers(req, t)
+    assert out["Host"] == "o.shop.svc.cluster.local:9080"
+    assert out["X-Forwarded-Host"] == "details:9080"
+    assert out["X-Forwarded-For"].startswith("10.0.0.1, ")
+    assert out["X-Forwarded-Proto"] == "http"
+    assert out.getall("Cookie") == ["a=1", "b=2"]
+    for gone in ("Connection", "X-Hop", "Keep-Alive", "TE", "Proxy-Authorization", "elasti-service"):
+        assert gone not in out
+    resp = response_headers(CIMultiDict([("Transfer-Encoding", "chunked"), ("Set-Cookie", "a"), ("Set-Cookie", "b")]))
+    assert resp.getall("Set-Cookie") == ["a", "b"] and "Transfer-Encoding" not in resp
+
+
+def test_mesh_reply_recognised() -> None:
+    assert mesh_not_ready(503, b"no healthy upstream")
+    assert mesh_not_ready(
+        503, b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+    )
+    # reached the workload (or may have): never resent
+    assert not mesh_not_ready(
+        503, b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+    )
+    assert not mesh_not_ready(503, b"the app is overloaded")
+    assert not mesh_not_ready(502, b"no healthy upstream")
