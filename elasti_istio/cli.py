@@ -12,6 +12,7 @@ from elasti_istio import __version__, options
 COMMANDS = (
     "elasti_istio.localcluster.main",
     "elasti_istio.kubelet.main",
+    "elasti_istio.mesh.main",
 )
 
 

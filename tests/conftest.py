@@ -7,6 +7,10 @@ Any test that uses the ``cluster`` fixture (directly or through ``k8s``/``namesp
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from elasti_istio.localcluster.cluster import ClusterInfo, LocalCluster
+from elasti_istio.localcluster.cluster import ClusterInfo, LocalCluster, free_port
 
-CLUSTER_FIXTURES = {"cluster", "local_cluster", "k8s", "namespace"}
+CLUSTER_FIXTURES = {"cluster", "local_cluster", "k8s", "namespace", "mesh"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,10 +29,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.cluster)
 
 
+@dataclass
+class MeshInfo:
+    """Where the mesh stand-in listens (``mesh`` fixture); the kubelet's apps already use ``outbound``."""
+
+    ingress_port: int
+    outbound_port: int
+    metrics_port: int
+
+    @property
+    def ingress(self) -> str:
+        return f"http://127.0.0.1:{self.ingress_port}"
+
+    @property
+    def outbound(self) -> str:
+        return f"http://127.0.0.1:{self.outbound_port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+
 @pytest.fixture(scope="session")
-def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def mesh_ports() -> MeshInfo:
+    """Chosen before the cluster starts, so that the kubelet stand-in can be told the outbound address."""
+    return MeshInfo(free_port(), free_port(), free_port())
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory, mesh_ports: MeshInfo) -> Iterator[LocalCluster]:
     state_dir = tmp_path_factory.mktemp("cluster")
-    lc = LocalCluster(state_dir, attached=True, startup_seconds=float(os.environ.get("ELASTI_TEST_STARTUP", "0.5")))
+    lc = LocalCluster(
+        state_dir,
+        attached=True,
+        startup_seconds=float(os.environ.get("ELASTI_TEST_STARTUP", "0.5")),
+        mesh_proxy=mesh_ports.outbound,
+    )
     lc.up()
     try:
         yield lc
@@ -39,6 +75,54 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 @pytest.fixture(scope="session")
 def cluster(local_cluster: LocalCluster) -> ClusterInfo:
     return local_cluster.info()
+
+
+@pytest.fixture(scope="session")
+def mesh(cluster: ClusterInfo, mesh_ports: MeshInfo) -> Iterator[MeshInfo]:
+    """The mesh stand-in (``elasti-istio mesh``) as a process, ready once its watches have synced."""
+    log = (cluster.state_dir / "logs" / "mesh.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "elasti_istio",
+            "mesh",
+            "--kubeconfig",
+            str(cluster.admin_kubeconfig),
+            "--ingress-listen",
+            f"127.0.0.1:{mesh_ports.ingress_port}",
+            "--outbound-listen",
+            f"127.0.0.1:{mesh_ports.outbound_port}",
+            "--metrics-listen",
+            f"127.0.0.1:{mesh_ports.metrics_port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    log.close()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mesh exited with {proc.returncode}; see {cluster.state_dir}/logs/mesh.log")
+            try:
+                with urllib.request.urlopen(f"{mesh_ports.metrics}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mesh not ready after 60s; see {cluster.state_dir}/logs/mesh.log")
+            time.sleep(0.1)
+        yield mesh_ports
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @dataclass

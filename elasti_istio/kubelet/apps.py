@@ -10,8 +10,10 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 from aiohttp import WSMsgType, web
 
 
@@ -142,6 +144,67 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+class Caller:
+    """Calls other services through the mesh proxy, from the pod's address."""
+
+    def __init__(self, ident: PodIdentity, mesh_proxy: str | None, timeout: float) -> None:
+        self.ident = ident
+        self.mesh_proxy = mesh_proxy
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(local_addr=(self.ident.ip, 0), limit=0, use_dns_cache=False),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """``(status, headers, body)``; status 0 when the call failed before any answer."""
+        if self.mesh_proxy is None:
+            return 0, {}, b"no mesh proxy configured: service names do not resolve"
+        try:
+            async with self.session.request(
+                method, url, headers=dict(headers), data=body, proxy=self.mesh_proxy, allow_redirects=False
+            ) as resp:
+                return resp.status, dict(resp.headers), await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return 0, {}, f"{type(exc).__name__}: {exc}".encode()
+
+    async def get_json(self, url: str, headers: Mapping[str, str]) -> tuple[int, Any]:
+        """``(status, json)``; status 0 when the call failed before any answer."""
+        status, _headers, body = await self.call("GET", url, headers)
+        try:
+            return status, json.loads(body) if status and body else None
+        except ValueError:
+            return status, None
+
+
+async def call(request: web.Request) -> web.StreamResponse:
+    """East-west call through the mesh: ``/call?url=http://svc:port/path`` (method and body are passed on)."""
+    caller: Caller | None = request.app.get("caller")
+    url = request.query.get("url")
+    if caller is None or not url:
+        return web.json_response({"error": "usage: /call?url=http://service:port/path"}, status=400)
+    fwd = {k: v for k, v in request.headers.items() if k.lower().startswith("x-") or k.lower() == "end-user"}
+    body = await request.read() if request.can_read_body else None
+    status, headers, data = await caller.call(request.method, url, fwd, body)
+    return web.json_response(
+        {"status": status, "headers": headers, "body": data.decode(errors="replace")},
+        headers=_pod_headers(_ident(request)),
+    )
+
+
 @web.middleware
 async def track_inflight(request: web.Request, handler: Any) -> web.StreamResponse:
     """Counts requests in flight so that a terminating pod can let them finish."""
@@ -156,11 +219,15 @@ def inflight(app: web.Application) -> int:
     return int(app["inflight"][0])
 
 
-def generic_app(ident: PodIdentity) -> web.Application:
+def generic_app(ident: PodIdentity, caller: Caller | None = None) -> web.Application:
     app = web.Application(client_max_size=1 << 31, middlewares=[track_inflight])
     app["pod"] = ident
     app["inflight"] = [0]
+    if caller is not None:
+        app["caller"] = caller
+        app.on_cleanup.append(lambda _app: caller.close())
     r = app.router
+    r.add_route("*", "/call", call)
     r.add_route("*", "/status/{code:\\d{3}}", status)
     r.add_route("*", "/delay/{seconds:[0-9.]+}", delay)
     r.add_get("/drip", drip)

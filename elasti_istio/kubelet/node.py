@@ -5,6 +5,11 @@ would). A Pod's containers serve on ``podIP:containerPort`` after its startup de
 reported Running and Ready, and the real ReplicaSet, Deployment and EndpointSlice controllers do
 the rest. On deletion the app stops taking connections, in-flight requests finish within the grace
 period, and the Pod is deleted for good.
+
+What a container runs: a Bookinfo stand-in for ``examples-bookinfo-*`` images, the generic test app
+for any other image, or — for a Pod annotated ``elasti.truefoundry.com/sim-forward`` — a TCP
+forwarder to a local process. A Pod annotated ``elasti.truefoundry.com/sim-readiness-url`` is
+Ready exactly while that URL answers 200 (polled every ``readiness_interval`` seconds).
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ import datetime as dt
 import logging
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from elasti_istio.kube import Kube, KubeError
 from elasti_istio.kube.informer import Informer
-from elasti_istio.kubelet.apps import PodIdentity, generic_app, inflight
+from elasti_istio.kubelet.apps import Caller, PodIdentity, generic_app, inflight
+from elasti_istio.kubelet.bookinfo import bookinfo_app, bookinfo_kind
+from elasti_istio.kubelet.forward import TcpForwarder, parse_forward
 from elasti_istio.kubelet.ipam import PodAddresses
-from elasti_istio.resources import ANN_SIM_STARTUP, NODES, PODS
+from elasti_istio.resources import ANN_SIM_FORWARD, ANN_SIM_READINESS_URL, ANN_SIM_STARTUP, NODES, PODS
 
 log = logging.getLogger("elasti.kubelet")
 
@@ -39,6 +47,11 @@ def container_ports(pod: dict[str, Any]) -> list[tuple[str, int]]:
     return out
 
 
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """Literal ``env`` values of a container (``valueFrom`` is not resolved)."""
+    return {e["name"]: str(e.get("value", "")) for e in container.get("env") or [] if "name" in e and "value" in e}
+
+
 class PodRuntime:
     """The life of one Pod on this node, driven by the latest object seen for it."""
 
@@ -51,6 +64,9 @@ class PodRuntime:
         self.name: str = meta["name"]
         self.ip: str | None = None
         self.runners: list[web.AppRunner] = []
+        self.forwarders: list[TcpForwarder] = []
+        self.ready: bool | None = None
+        self.readiness: asyncio.Task[None] | None = None
         self.changed = asyncio.Event()
         self.gone = False
         self.task: asyncio.Task[None] | None = None
@@ -67,6 +83,9 @@ class PodRuntime:
             log.warning("%s/%s: bad %s %r, using the default", self.namespace, self.name, ANN_SIM_STARTUP, raw)
             return self.kubelet.startup_seconds
 
+    def annotation(self, name: str) -> str | None:
+        return (self.latest["metadata"].get("annotations") or {}).get(name)
+
     async def run(self) -> None:
         kl = self.kubelet
         try:
@@ -75,24 +94,49 @@ class PodRuntime:
             self.ip = status["podIP"] if restarted else kl.addresses.allocate()
             if not self.deleting:
                 if not restarted:
-                    await self.patch_status(ready=False)
+                    await self.patch_status(ready=False, running=False)
                     await self._wait_or_deleted(self.startup_seconds())
                 if not self.deleting:
                     await self.start_apps()
-                    await self.patch_status(ready=True)
+                    if self.annotation(ANN_SIM_READINESS_URL):
+                        self.readiness = asyncio.create_task(self._readiness_loop())
+                    else:
+                        self.ready = True
+                        await self.patch_status(ready=True)
             while not self.deleting:
                 self.changed.clear()
                 await self.changed.wait()
+            await self._stop_readiness()
             await self.terminate()
         except asyncio.CancelledError:
+            await self._stop_readiness()
             await self.stop_apps(0)
             raise
         except Exception:
             log.exception("%s/%s: pod runtime failed", self.namespace, self.name)
+            await self._stop_readiness()
             await self.stop_apps(0)
         finally:
             kl.addresses.release(self.ip)
             kl.pods.pop(self.uid, None)
+
+    async def _stop_readiness(self) -> None:
+        if self.readiness is not None:
+            self.readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.readiness
+            self.readiness = None
+
+    async def _readiness_loop(self) -> None:
+        """Ready exactly while the annotated URL answers 200; both transitions are reported."""
+        while not self.deleting:
+            url = self.annotation(ANN_SIM_READINESS_URL)
+            ok = True if not url else await self.kubelet.probe(url)
+            if ok != self.ready and not self.deleting:
+                log.info("%s/%s: readiness %s (%s)", self.namespace, self.name, "passed" if ok else "failed", url)
+                self.ready = ok
+                await self.patch_status(ready=ok)
+            await asyncio.sleep(self.kubelet.readiness_interval)
 
     async def _wait_or_deleted(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -105,11 +149,46 @@ class PodRuntime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), left)
 
+    def _app(self, container: dict[str, Any], port: int) -> web.Application:
+        assert self.ip is not None
+        kl = self.kubelet
+        ident = PodIdentity(self.namespace, self.name, self.ip, port, container["name"])
+        kind = bookinfo_kind(container.get("image") or "")
+        if kind is not None:
+            return bookinfo_app(kind, ident, container_env(container), kl.mesh_proxy, kl.app_timeout)
+        return generic_app(ident, Caller(ident, kl.mesh_proxy, kl.app_timeout))
+
+    async def _start_forwarders(self, spec: str) -> None:
+        assert self.ip is not None
+        ports = [p for _, p in container_ports(self.latest)]
+        try:
+            targets = parse_forward(spec, ports)
+        except ValueError as exc:
+            log.error("%s/%s: bad %s: %s", self.namespace, self.name, ANN_SIM_FORWARD, exc)
+            return
+        for port in ports:
+            target = targets.get(port)
+            if target is None:
+                continue
+            fwd = TcpForwarder(self.ip, port, target)
+            try:
+                await fwd.start()
+            except OSError as exc:
+                log.error("%s/%s: cannot listen on %s:%s: %s", self.namespace, self.name, self.ip, port, exc)
+                continue
+            self.forwarders.append(fwd)
+        log.info("%s/%s: forwarding %s", self.namespace, self.name, {p: f"{h}:{tp}" for p, (h, tp) in targets.items()})
+
     async def start_apps(self) -> None:
         assert self.ip is not None
+        forward = self.annotation(ANN_SIM_FORWARD)
+        if forward:
+            await self._start_forwarders(forward)
+            return
+        containers = {c["name"]: c for c in self.latest.get("spec", {}).get("containers", [])}
         for container, port in container_ports(self.latest):
-            app = generic_app(PodIdentity(self.namespace, self.name, self.ip, port, container))
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=30)
+            app = self._app(containers[container], port)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=30, handler_cancellation=True)
             await runner.setup()
             site = web.TCPSite(runner, self.ip, port, reuse_address=True)
             try:
@@ -129,16 +208,22 @@ class PodRuntime:
 
     async def stop_apps(self, grace: float) -> None:
         runners, self.runners = self.runners, []
+        forwarders, self.forwarders = self.forwarders, []
         for runner in runners:
             # Closes the listening sockets first (no new connections), then waits for handlers.
             for site in list(runner.sites):
                 with contextlib.suppress(Exception):
                     await site.stop()
+        for fwd in forwarders:
+            fwd.stop_accepting()
         if grace > 0:
-            await _wait_idle(runners, grace)
+            await _wait_idle(runners, forwarders, grace)
         for runner in runners:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
+        for fwd in forwarders:
+            with contextlib.suppress(Exception):
+                await fwd.close()
 
     async def terminate(self) -> None:
         grace = self.latest["metadata"].get("deletionGracePeriodSeconds")
@@ -158,7 +243,9 @@ class PodRuntime:
                     },
                 )
 
-    async def patch_status(self, *, ready: bool) -> None:
+    async def patch_status(self, *, ready: bool, running: bool = True) -> None:
+        """``running``: containers started (a running pod may be unready while its readiness probe fails)."""
+        running = running or ready
         t = now()
         rd = "True" if ready else "False"
         conds = [
@@ -173,14 +260,14 @@ class PodRuntime:
                 "image": c.get("image", ""),
                 "imageID": "",
                 "ready": ready,
-                "started": ready,
+                "started": running,
                 "restartCount": 0,
-                "state": {"running": {"startedAt": t}} if ready else {"waiting": {"reason": "ContainerCreating"}},
+                "state": {"running": {"startedAt": t}} if running else {"waiting": {"reason": "ContainerCreating"}},
             }
             for c in self.latest["spec"].get("containers", [])
         ]
         status = {
-            "phase": "Running" if ready else "Pending",
+            "phase": "Running" if running else "Pending",
             "hostIP": "127.0.0.1",
             "podIP": self.ip,
             "podIPs": [{"ip": self.ip}],
@@ -195,20 +282,34 @@ class PodRuntime:
         )
 
 
-async def _wait_idle(runners: list[web.AppRunner], grace: float) -> None:
-    """Waits until the runners have no request in flight, at most ``grace`` seconds."""
+async def _wait_idle(runners: list[web.AppRunner], forwarders: list[TcpForwarder], grace: float) -> None:
+    """Waits until no request or forwarded connection is in flight, at most ``grace`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    while loop.time() < deadline and any(inflight(r.app) for r in runners):
+    while loop.time() < deadline and (any(inflight(r.app) for r in runners) or any(f.inflight() for f in forwarders)):
         await asyncio.sleep(0.05)
 
 
 class Kubelet:
-    def __init__(self, kube: Kube, node_name: str, pod_cidr: str, startup_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        node_name: str,
+        pod_cidr: str,
+        startup_seconds: float = 1.0,
+        *,
+        mesh_proxy: str | None = None,
+        app_timeout: float = 30.0,
+        readiness_interval: float = 0.15,
+    ) -> None:
         self.kube = kube
         self.node_name = node_name
         self.addresses = PodAddresses(pod_cidr)
         self.startup_seconds = startup_seconds
+        self.mesh_proxy = mesh_proxy or None
+        self.app_timeout = app_timeout
+        self.readiness_interval = readiness_interval
+        self._probe_session: aiohttp.ClientSession | None = None
         self.pods: dict[str, PodRuntime] = {}
         self._binding: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -229,6 +330,18 @@ class Kubelet:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5)
         return None
+
+    async def probe(self, url: str) -> bool:
+        """One readiness probe: True when ``url`` answers 200 within a second."""
+        if self._probe_session is None or self._probe_session.closed:
+            self._probe_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=1.0), cookie_jar=aiohttp.DummyCookieJar()
+            )
+        try:
+            async with self._probe_session.get(url, allow_redirects=False) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return False
 
     async def register_node(self) -> None:
         node = {
@@ -343,3 +456,5 @@ class Kubelet:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._probe_session is not None:
+            await self._probe_session.close()

@@ -109,8 +109,10 @@ class LocalCluster:
         startup_seconds: float = 1.0,
         attached: bool = False,
         log: Callable[[str], None] | None = None,
+        mesh_proxy: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
+        self.mesh_proxy = mesh_proxy  # the kubelet's apps call other services through it
         self.apiserver_port = apiserver_port
         self.node_name = node_name
         self.startup_seconds = startup_seconds
@@ -309,6 +311,7 @@ class LocalCluster:
                 state["pod_cidr"],
                 "--startup-seconds",
                 str(self.startup_seconds),
+                *(["--mesh-proxy", self.mesh_proxy] if self.mesh_proxy else []),
             ],
             match="elasti_istio",
         )

@@ -1,0 +1,100 @@
+"""TCP forwarding for pods that stand for a process running outside the cluster (the activator in the playground).
+
+A Pod annotated ``elasti.truefoundry.com/sim-forward`` gets, instead of an app, a listener on each
+``podIP:containerPort`` that relays bytes both ways to the named address, so that Services,
+EndpointSlices and the mesh see an ordinary pod while the real program runs as a local process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+log = logging.getLogger("elasti.kubelet")
+
+
+def parse_forward(value: str, ports: list[int]) -> dict[int, tuple[str, int]]:
+    """``host:port`` (every container port) or ``8080=host:port,9090=host:9091`` (per port) → targets."""
+    out: dict[int, tuple[str, int]] = {}
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    for part in parts:
+        src, eq, target = part.rpartition("=")
+        host, sep, port = target.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"expected host:port or containerPort=host:port, got {part!r}")
+        addr = (host.strip("[]"), int(port))
+        if eq:
+            if not src.isdigit():
+                raise ValueError(f"bad container port in {part!r}")
+            out[int(src)] = addr
+        else:
+            for p in ports:
+                out.setdefault(p, addr)
+    return out
+
+
+class TcpForwarder:
+    def __init__(self, listen_ip: str, listen_port: int, target: tuple[str, int]) -> None:
+        self.listen = (listen_ip, listen_port)
+        self.target = target
+        self.server: asyncio.Server | None = None
+        self.active: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, *self.listen, reuse_address=True)
+
+    def inflight(self) -> int:
+        return len(self.active)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.active.add(task)  # type: ignore[arg-type]
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
+            except OSError as exc:
+                log.warning("forward %s:%s → %s:%s failed: %s", *self.listen, *self.target, exc)
+                return
+            try:
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            finally:
+                up_writer.close()
+                with contextlib.suppress(Exception):
+                    await up_writer.wait_closed()
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self.active.discard(task)  # type: ignore[arg-type]
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def close(self) -> None:
+        """Stops listening and cuts the connections still open."""
+        self.stop_accepting()
+        for t in list(self.active):
+            t.cancel()
+        await asyncio.gather(*self.active, return_exceptions=True)
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
