@@ -10,9 +10,11 @@ from elasti_istio import __version__, options
 
 # Subcommand modules, each with register(subparsers) setting ``func``.
 COMMANDS = (
+    "elasti_istio.controller.main",
     "elasti_istio.localcluster.main",
     "elasti_istio.kubelet.main",
     "elasti_istio.mesh.main",
+    "activator.main",
 )
 
 

@@ -16,3 +16,6 @@ def setup(level: str = "info", component: str = "elasti") -> None:
     )
     for noisy in ("aiohttp.access", "kubernetes", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kopf logs every handler call on every watched object; keep its warnings and errors only.
+    for chatty in ("kopf.objects", "kopf._core", "kopf._cogs", "kopf.activities"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))

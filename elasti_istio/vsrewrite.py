@@ -24,6 +24,8 @@ inserted or deleted by someone else while in proxy mode do not misalign it. An e
 
 * ``weights``: the original weights of the target's destinations of that route, in order, ``None``
   where the field was absent;
+* ``at``: where those destinations are in the route, with their host and subset, so that serve mode
+  finds them again without having to know which subsets are the target's (its workload may be gone);
 * ``others`` (left out when empty): the other destinations (neither the target's nor this target's
   activator), by their position ``i`` among those, whose weight proxy mode made explicit, with the
   original value ``w`` (``None`` when absent).
@@ -287,7 +289,10 @@ def to_proxy(
             continue
         live = [i for i in sorted(matched) if eff[i] > 0]
         source_headers = route[live[0]].get("headers") if len(live) == 1 else None
-        entry: RestoreEntry = {"weights": [copy.deepcopy(route[i].get("weight")) for i in sorted(matched)]}
+        entry: RestoreEntry = {
+            "weights": [copy.deepcopy(route[i].get("weight")) for i in sorted(matched)],
+            "at": [[i, _dest_id(route[i])] for i in sorted(matched)],
+        }
         others: list[list[Any]] = []
         position = 0
         for i, d in enumerate(route):
@@ -351,9 +356,12 @@ def _serve_route(
     own = [_is_own_activator(d, target, activator, vs_namespace, cluster_domain) for d in route]
     share = sum(_current(d) for d, is_own in zip(route, own, strict=True) if is_own)
     rest = [d for d, is_own in zip(route, own, strict=True) if not is_own]
-    matched = [d for d in rest if _dest_matches(d, vs_namespace, target, cluster_domain)]
-    others = [d for d in rest if not _dest_matches(d, vs_namespace, target, cluster_domain)]
     entry = entry if isinstance(entry, dict) else {}
+    positions = _recorded_positions(entry, rest)
+    if positions is None:
+        positions = [j for j, d in enumerate(rest) if _dest_matches(d, vs_namespace, target, cluster_domain)]
+    matched = [rest[j] for j in positions]
+    others = [d for j, d in enumerate(rest) if j not in positions]
     weights = entry.get("weights")
     if isinstance(weights, list) and matched and len(weights) == len(matched):
         for dest, original in zip(matched, weights, strict=True):
@@ -381,6 +389,29 @@ def _serve_route(
             if 0 <= position < len(others) and _written_zero(others[position]):
                 _set_weight(others[position], original)
     return rest
+
+
+def _dest_id(entry: dict) -> list[Any]:
+    dest = entry.get("destination") if isinstance(entry.get("destination"), dict) else {}
+    return [dest.get("host"), dest.get("subset")]
+
+
+def _recorded_positions(entry: dict, rest: list[dict]) -> list[int] | None:
+    """The target's destinations as proxy mode recorded them (position and host/subset), when they are
+    still where they were. Serve mode then needs no knowledge of which subsets are the target's, so a
+    target that has disappeared meanwhile is still restored exactly."""
+    at = entry.get("at")
+    if not isinstance(at, list) or not at:
+        return None
+    out: list[int] = []
+    for item in at:
+        if not (isinstance(item, list) and len(item) == 2 and _is_int(item[0])):
+            return None
+        j, ident = item
+        if not 0 <= j < len(rest) or j in out or _dest_id(rest[j]) != ident:
+            return None
+        out.append(j)
+    return out
 
 
 def to_serve(

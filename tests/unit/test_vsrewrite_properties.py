@@ -304,3 +304,12 @@ def test_edits_in_proxy_mode_become_the_new_original(spec: dict, vs_ns: str, tar
     again, entries2 = to_proxy(served, vs_ns, target, ACT)
     assert without_routes(again) == without_routes(expected)
     assert to_serve(again, vs_ns, target, ACT, entries2) == expected
+
+
+@SETTINGS
+@given(specs(), vs_namespaces, st.sampled_from(TARGETS))
+def test_serve_needs_only_the_service_to_restore(spec: dict, vs_ns: str, target: Target) -> None:
+    """With the restore data, serve mode restores exactly even when the target's subsets are unknown."""
+    proxied, entries = to_proxy(spec, vs_ns, target, ACT)
+    vague = Target(target.namespace, target.name, target.service)
+    assert to_serve(proxied, vs_ns, vague, ACT, entries) == spec

@@ -1,0 +1,1 @@
+"""The elasti-istio controller: a kopf operator for ElastiServices."""

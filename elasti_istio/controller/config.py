@@ -1,0 +1,129 @@
+"""The controller's flags (each with its ELASTI_* environment variable)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from elasti_istio import options
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    namespaces: tuple[str, ...] = ()
+    activator_host: str = "elasti-activator.elasti-system.svc.cluster.local"
+    activator_port: int = 8012
+    activator_deployment: tuple[str, str] | None = ("elasti-system", "elasti-activator")
+    wake_listen: tuple[str, int] = ("0.0.0.0", 8013)
+    metrics_listen: tuple[str, int] = ("0.0.0.0", 8080)
+    kubeconfig: str | None = None
+    leader_election: bool = False
+    leader_election_namespace: str = "elasti-system"
+    leader_election_id: str = "elasti-controller"
+    lease_seconds: float = 15.0
+    cluster_domain: str = "cluster.local"
+    workers: int = 8
+    identity: str = ""
+
+
+def parse_deployment_ref(value: str) -> tuple[str, str] | None:
+    if value.strip().lower() == "none":
+        return None
+    ns, sep, name = value.partition("/")
+    if not sep or not ns or not name:
+        raise argparse.ArgumentTypeError(f"expected NAMESPACE/NAME or none, got {value!r}")
+    return ns, name
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    d = ControllerConfig()
+    options.add(
+        p,
+        "--namespace",
+        repeatable=True,
+        default=[],
+        metavar="NS",
+        help="watch only this namespace; default: all namespaces",
+    )
+    options.add(
+        p,
+        "--activator-host",
+        default=d.activator_host,
+        help="host of the activator Service that proxy-mode routes send traffic to",
+    )
+    options.add(p, "--activator-port", type=int, default=d.activator_port, help="port of the activator Service")
+    options.add(
+        p,
+        "--activator-deployment",
+        type=parse_deployment_ref,
+        default="elasti-system/elasti-activator",
+        metavar="NS/NAME",
+        help="the activator Deployment; without a ready replica routes stay in serve mode and sleeping "
+        "targets are woken (fail open); 'none' disables the check",
+    )
+    options.add(
+        p,
+        "--wake-listen",
+        type=options.host_port,
+        default="0.0.0.0:8013",
+        metavar="HOST:PORT",
+        help="where POST /v1/wake is served",
+    )
+    options.add(
+        p,
+        "--metrics-listen",
+        type=options.host_port,
+        default="0.0.0.0:8080",
+        metavar="HOST:PORT",
+        help="where /metrics, /healthz and /readyz are served",
+    )
+    options.add(
+        p,
+        "--kubeconfig",
+        default=None,
+        metavar="PATH",
+        help="kubeconfig file; default: in-cluster, then $KUBECONFIG or ~/.kube/config",
+    )
+    options.add(
+        p,
+        "--leader-election",
+        boolean=True,
+        default=False,
+        help="act only while holding a coordination.k8s.io Lease (run several replicas)",
+    )
+    options.add(
+        p, "--leader-election-namespace", default=d.leader_election_namespace, help="namespace of the leader Lease"
+    )
+    options.add(p, "--leader-election-id", default=d.leader_election_id, help="name of the leader Lease")
+    options.add(
+        p,
+        "--lease-seconds",
+        type=float,
+        default=d.lease_seconds,
+        help="how long a Lease is held without renewal before another replica takes over",
+    )
+    options.add(p, "--cluster-domain", default=d.cluster_domain, help="DNS suffix of Service hosts")
+    options.add(p, "--workers", type=int, default=d.workers, help="ElastiServices reconciled concurrently")
+    options.add(p, "--log-level", default="info", help="debug, info, warning or error")
+
+
+def from_args(args: argparse.Namespace) -> ControllerConfig:
+    import os
+    import socket
+
+    return ControllerConfig(
+        namespaces=tuple(args.namespace or ()),
+        activator_host=args.activator_host,
+        activator_port=args.activator_port,
+        activator_deployment=args.activator_deployment,
+        wake_listen=args.wake_listen,
+        metrics_listen=args.metrics_listen,
+        kubeconfig=args.kubeconfig,
+        leader_election=args.leader_election,
+        leader_election_namespace=args.leader_election_namespace,
+        leader_election_id=args.leader_election_id,
+        lease_seconds=args.lease_seconds,
+        cluster_domain=args.cluster_domain,
+        workers=max(1, args.workers),
+        identity=f"{os.environ.get('POD_NAME') or socket.gethostname()}_{os.getpid()}",
+    )

@@ -1,0 +1,147 @@
+"""Which ElastiServices an event on another object concerns: in-memory indexes fed by watch events.
+
+The indexes only decide what to reconcile; a reconcile always reads the objects it acts on from the
+API server, so an index that lags a little costs a reconcile, never a wrong write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+from elasti_istio.controller import spec as es_spec
+from elasti_istio.resources import ANN_BIND, ANN_ORIGINAL_ROUTES
+
+Key = str  # "namespace/name" of an ElastiService
+ObjKey = tuple[str, str]  # (namespace, name)
+
+
+def es_key(namespace: str, name: str) -> Key:
+    return f"{namespace}/{name}"
+
+
+def split_key(key: Key) -> ObjKey:
+    ns, _, name = key.partition("/")
+    return ns, name
+
+
+def _restore_keys(annotations: dict[str, str]) -> set[Key]:
+    import json
+
+    raw = annotations.get(ANN_ORIGINAL_ROUTES)
+    if not raw:
+        return set()
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return set()
+    return {k for k in doc if isinstance(k, str)} if isinstance(doc, dict) else set()
+
+
+@dataclasses.dataclass
+class Indexes:
+    # ElastiService key -> what it refers to
+    es_service: dict[Key, ObjKey] = dataclasses.field(default_factory=dict)
+    es_targets: dict[Key, set[tuple[str, str, str]]] = dataclasses.field(default_factory=dict)  # (ns, kind, name)
+    es_vs: dict[Key, set[ObjKey]] = dataclasses.field(default_factory=dict)  # from spec.virtualServices
+    # VirtualService -> ElastiServices that bind it by annotation / that have restore data on it
+    vs_annotated: dict[ObjKey, set[Key]] = dataclasses.field(default_factory=dict)
+    vs_restore: dict[ObjKey, set[Key]] = dataclasses.field(default_factory=dict)
+    vs_rv: dict[ObjKey, int] = dataclasses.field(default_factory=dict)
+    # namespace -> ElastiServices in it
+    by_namespace: dict[str, set[Key]] = dataclasses.field(default_factory=lambda: defaultdict(set))
+    # namespace -> bumped when DestinationRules or workloads change (invalidates cached subset analysis)
+    routing_generation: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
+    workload_labels: dict[tuple[str, str, str], tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+
+    # ---- ElastiServices ----------------------------------------------------------------------
+    def update_es(self, obj: dict[str, Any], deleted: bool = False) -> Key:
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        key = es_key(ns, name)
+        if deleted:
+            self.forget_es(key)
+            return key
+        self.by_namespace[ns].add(key)
+        spec = obj.get("spec") or {}
+        self.es_service[key] = (ns, spec.get("service", ""))
+        ref = spec.get("scaleTargetRef") or {}
+        targets = self.es_targets.setdefault(key, set())
+        # Keep resolved targets (a ScaledObject's workload) added by the reconciler; refresh the declared one.
+        targets.add((ns, ref.get("kind", ""), ref.get("name", "")))
+        autoscaler = spec.get("autoscaler") or {}
+        if autoscaler.get("type") == "keda" and autoscaler.get("name"):
+            targets.add((ns, "ScaledObject", autoscaler["name"]))
+        self.es_vs[key] = {es_spec.parse_vs_ref(v, ns) for v in spec.get("virtualServices") or []}
+        return key
+
+    def set_resolved_targets(self, key: Key, targets: set[tuple[str, str, str]]) -> None:
+        self.es_targets[key] = set(targets)
+
+    def forget_es(self, key: Key) -> None:
+        ns, _ = split_key(key)
+        self.es_service.pop(key, None)
+        self.es_targets.pop(key, None)
+        self.es_vs.pop(key, None)
+        self.by_namespace.get(ns, set()).discard(key)
+
+    def all_es(self) -> set[Key]:
+        return {k for keys in self.by_namespace.values() for k in keys}
+
+    # ---- what an event concerns --------------------------------------------------------------
+    def for_target(self, namespace: str, kind: str, name: str) -> set[Key]:
+        t = (namespace, kind, name)
+        return {k for k in self.by_namespace.get(namespace, set()) if t in self.es_targets.get(k, set())}
+
+    def for_service(self, namespace: str, name: str) -> set[Key]:
+        return {k for k in self.by_namespace.get(namespace, set()) if self.es_service.get(k) == (namespace, name)}
+
+    def update_vs(self, obj: dict[str, Any], deleted: bool = False) -> set[Key]:
+        """Records a VirtualService's bindings; returns every ElastiService concerned (before and after)."""
+        meta = obj.get("metadata") or {}
+        vk = (meta.get("namespace", ""), meta.get("name", ""))
+        rv_raw = meta.get("resourceVersion") or "0"
+        rv = int(rv_raw) if str(rv_raw).isdigit() else 0
+        if not deleted and rv and self.vs_rv.get(vk, 0) > rv:
+            return set()  # older than what we have (a seed listing racing a watch event)
+        before = self.vs_annotated.get(vk, set()) | self.vs_restore.get(vk, set())
+        if deleted:
+            self.vs_annotated.pop(vk, None)
+            self.vs_restore.pop(vk, None)
+            self.vs_rv.pop(vk, None)
+            after: set[Key] = set()
+        else:
+            ann = meta.get("annotations") or {}
+            bound = {es_key(ns, n) for ns, n in es_spec.parse_binding_annotation(ann.get(ANN_BIND), vk[0])}
+            self.vs_annotated[vk] = bound
+            self.vs_restore[vk] = _restore_keys(ann)
+            self.vs_rv[vk] = rv
+            after = bound | self.vs_restore[vk]
+        listed = {k for k, refs in self.es_vs.items() if vk in refs}
+        return before | after | listed
+
+    def bound_vs(self, key: Key) -> set[ObjKey]:
+        return set(self.es_vs.get(key, set())) | {vk for vk, keys in self.vs_annotated.items() if key in keys}
+
+    def vs_with_restore(self, key: Key) -> set[ObjKey]:
+        return {vk for vk, keys in self.vs_restore.items() if key in keys}
+
+    # ---- routing inputs ----------------------------------------------------------------------
+    def bump_routing(self, namespace: str) -> None:
+        self.routing_generation[namespace] += 1
+
+    def update_workload(self, namespace: str, kind: str, obj: dict[str, Any], deleted: bool = False) -> bool:
+        """Tracks pod template labels; True when they changed (subset analysis must be redone)."""
+        name = (obj.get("metadata") or {}).get("name", "")
+        wk = (namespace, kind, name)
+        if deleted:
+            changed = self.workload_labels.pop(wk, None) is not None
+        else:
+            labels = ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
+            frozen = tuple(sorted(labels.items()))
+            changed = self.workload_labels.get(wk) != frozen
+            self.workload_labels[wk] = frozen
+        if changed:
+            self.bump_routing(namespace)
+        return changed

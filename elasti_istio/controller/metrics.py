@@ -1,0 +1,43 @@
+"""Controller metrics. Labels are the ElastiService's namespace and name plus small fixed sets."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+TRANSITIONS = Counter(
+    "elasti_controller_phase_transitions_total",
+    "ElastiService phase transitions, by the phase entered.",
+    ["namespace", "name", "phase"],
+    registry=REGISTRY,
+)
+SWITCH_SECONDS = Histogram(
+    "elasti_controller_switch_seconds",
+    "From the target event that called for a switch to the last VirtualService patched.",
+    ["namespace", "name", "mode"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+WAKES = Counter(
+    "elasti_controller_wakes_total",
+    "Wake requests, by outcome: scaled, already_awake, failed, not_found.",
+    ["namespace", "name", "outcome"],
+    registry=REGISTRY,
+)
+RECONCILE_ERRORS = Counter(
+    "elasti_controller_reconcile_errors_total",
+    "Reconciles that failed and were retried.",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+LEADER = Gauge("elasti_controller_leader", "1 while this replica holds the leader Lease.", registry=REGISTRY)
+QUEUE_DEPTH = Gauge("elasti_controller_queue_depth", "ElastiServices waiting to be reconciled.", registry=REGISTRY)
+
+
+def forget(namespace: str, name: str) -> None:
+    """Drops the series of a deleted ElastiService so that label sets stay bounded by what exists."""
+    for metric in (TRANSITIONS, SWITCH_SECONDS, WAKES, RECONCILE_ERRORS):
+        for labels in list(metric._metrics):
+            if labels[0] == namespace and labels[1] == name:
+                metric.remove(*labels)

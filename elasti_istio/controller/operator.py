@@ -1,0 +1,334 @@
+"""Wires the controller together: kopf watches feed the indexes and the work queue; the reconciler,
+wake server, metrics server, activator watch and leader election run beside kopf on one event loop.
+
+kopf watches third-party objects (workloads, VirtualServices, DestinationRules, Services,
+ScaledObjects) only through ``on.event`` handlers, which keep no state on them: users' objects are
+never annotated by the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import kopf
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from elasti_istio.controller import metrics
+from elasti_istio.controller.config import ControllerConfig
+from elasti_istio.controller.events import Recorder
+from elasti_istio.controller.indexes import Indexes, es_key
+from elasti_istio.controller.leader import LeaderElector
+from elasti_istio.controller.reconciler import Reconciler
+from elasti_istio.controller.waker import Waker
+from elasti_istio.controller.workqueue import WorkQueue
+from elasti_istio.kube import Kube, KubeConnection, load_connection
+from elasti_istio.kube.informer import Informer
+from elasti_istio.resources import DEPLOYMENTS, GROUP, VERSION, VIRTUALSERVICES
+
+log = logging.getLogger("elasti.controller")
+
+WORKLOADS = (
+    ("apps", "v1", "deployments", "Deployment"),
+    ("apps", "v1", "statefulsets", "StatefulSet"),
+    ("apps", "v1", "replicasets", "ReplicaSet"),
+    ("argoproj.io", "v1alpha1", "rollouts", "Rollout"),
+)
+
+
+class Controller:
+    def __init__(self, cfg: ControllerConfig, conn: KubeConnection | None = None) -> None:
+        self.cfg = cfg
+        self.conn = conn or load_connection(cfg.kubeconfig)
+        self.kube = Kube(self.conn, user_agent="elasti-controller", limit=64)
+        self.idx = Indexes()
+        self.recorder = Recorder(self.kube, host=cfg.identity)
+        self.reconciler = Reconciler(self.kube, cfg, self.idx, self.recorder)
+        self.queue = WorkQueue(self._process, workers=cfg.workers)
+        self.reconciler._requeue = self.queue.add  # type: ignore[method-assign]
+        self.waker = Waker(self.reconciler.wake, self.is_leader)
+        self.seeded = asyncio.Event()
+        self.elector: LeaderElector | None = None
+        if cfg.leader_election:
+            self.elector = LeaderElector(
+                self.kube,
+                cfg.leader_election_namespace,
+                cfg.leader_election_id,
+                cfg.identity,
+                cfg.lease_seconds,
+                on_change=self._leadership,
+            )
+        self.activator_informer: Informer | None = None
+        if cfg.activator_deployment:
+            ans, aname = cfg.activator_deployment
+            self.activator_informer = Informer(
+                self.kube,
+                DEPLOYMENTS,
+                self._on_activator,
+                namespace=ans,
+                field_selector=f"metadata.name={aname}",
+                relist_seconds=120,
+                name="activator-deployment",
+            )
+        self.stop_flag = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+
+    # ---- state -------------------------------------------------------------------------------
+    def is_leader(self) -> bool:
+        return self.elector is None or self.elector.leader
+
+    def ready(self) -> bool:
+        return self.seeded.is_set() and self.is_leader()
+
+    def _leadership(self, leader: bool) -> None:
+        metrics.LEADER.set(1 if leader else 0)
+        if leader and self.seeded.is_set():
+            self.queue.enabled.set()
+            for key in self.idx.all_es():
+                self.queue.add(key)
+        elif not leader:
+            self.queue.enabled.clear()
+
+    async def _process(self, key: str) -> float | None:
+        metrics.QUEUE_DEPTH.set(len(self.queue))
+        return await self.reconciler.reconcile(key)
+
+    def enqueue(self, keys: set[str] | list[str], *, target_event: bool = False) -> None:
+        now = time.monotonic()
+        for key in keys:
+            if target_event:
+                self.reconciler.event_time.setdefault(key, now)
+            self.queue.add(key)
+
+    # ---- events ------------------------------------------------------------------------------
+    def on_es(self, etype: str | None, obj: dict[str, Any]) -> None:
+        key = self.idx.update_es(obj, deleted=etype == "DELETED")
+        if etype != "DELETED":
+            self.queue.add(key)
+
+    def on_workload(self, kind: str, etype: str | None, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        if self.idx.update_workload(ns, kind, obj, deleted=etype == "DELETED"):
+            self.enqueue(self.idx.by_namespace.get(ns, set()))
+        self.enqueue(self.idx.for_target(ns, kind, name), target_event=True)
+
+    def on_vs(self, etype: str | None, obj: dict[str, Any]) -> None:
+        self.enqueue(self.idx.update_vs(obj, deleted=etype == "DELETED"))
+
+    def on_dr(self, etype: str | None, obj: dict[str, Any]) -> None:
+        ns = (obj.get("metadata") or {}).get("namespace", "")
+        self.idx.bump_routing(ns)
+        self.enqueue(self.idx.by_namespace.get(ns, set()))
+
+    def on_service(self, etype: str | None, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace", "")
+        keys = self.idx.for_service(ns, meta.get("name", ""))
+        for ref in meta.get("ownerReferences") or []:
+            if ref.get("kind") == "ElastiService" and ref.get("apiVersion", "").startswith(GROUP):
+                keys.add(es_key(ns, ref["name"]))
+        self.enqueue(keys)
+
+    def on_scaled_object(self, etype: str | None, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        self.enqueue(
+            self.idx.for_target(meta.get("namespace", ""), "ScaledObject", meta.get("name", "")), target_event=True
+        )
+
+    def _on_activator(self, etype: str, obj: dict[str, Any]) -> None:
+        self._update_activator(None if etype == "DELETED" else obj)
+
+    def _update_activator(self, obj: dict[str, Any] | None) -> None:
+        assert self.cfg.activator_deployment is not None
+        ans, aname = self.cfg.activator_deployment
+        if obj is None:
+            state = (
+                False,
+                "ActivatorMissing",
+                f"Deployment {ans}/{aname} not found: routes stay in serve mode and sleeping targets are "
+                "woken (fail open)",
+            )
+        else:
+            ready = int((obj.get("status") or {}).get("readyReplicas") or 0)
+            if ready >= 1:
+                state = (True, "ActivatorReady", f"Deployment {ans}/{aname} has {ready} ready replica(s)")
+            else:
+                state = (
+                    False,
+                    "ActivatorNotReady",
+                    f"Deployment {ans}/{aname} has no ready replica: routes stay in serve mode and sleeping "
+                    "targets are woken (fail open)",
+                )
+        if state[0] != self.reconciler.activator_available[0] or state[1] != self.reconciler.activator_available[1]:
+            self.reconciler.activator_available = state
+            if self.seeded.is_set():
+                log.info("activator availability: %s", state[2])
+                self.enqueue(self.idx.all_es())
+        else:
+            self.reconciler.activator_available = state
+
+    # ---- kopf --------------------------------------------------------------------------------
+    def registry(self) -> kopf.OperatorRegistry:
+        reg = kopf.OperatorRegistry()
+        conn = self.conn
+
+        @kopf.on.login(registry=reg)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(
+                server=conn.server,
+                ca_path=conn.ca_file,
+                insecure=conn.insecure,
+                token=conn.bearer(),
+                scheme="Bearer" if conn.bearer() else None,
+                certificate_path=conn.cert_file,
+                private_key_path=conn.key_file,
+            )
+
+        @kopf.on.event(GROUP, VERSION, "elastiservices", registry=reg)
+        def es_event(event: dict[str, Any], **_: Any) -> None:
+            self.on_es(event.get("type"), event["object"])
+
+        for group, version, plural, kind in WORKLOADS:
+
+            def workload_event(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
+                self.on_workload(_kind, event.get("type"), event["object"])
+
+            kopf.on.event(group, version, plural, registry=reg, id=f"workload-{plural}")(workload_event)
+
+        @kopf.on.event("networking.istio.io", "v1beta1", "virtualservices", registry=reg)
+        def vs_event(event: dict[str, Any], **_: Any) -> None:
+            self.on_vs(event.get("type"), event["object"])
+
+        @kopf.on.event("networking.istio.io", "v1beta1", "destinationrules", registry=reg)
+        def dr_event(event: dict[str, Any], **_: Any) -> None:
+            self.on_dr(event.get("type"), event["object"])
+
+        @kopf.on.event("", "v1", "services", registry=reg)
+        def service_event(event: dict[str, Any], **_: Any) -> None:
+            self.on_service(event.get("type"), event["object"])
+
+        @kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", registry=reg)
+        def so_event(event: dict[str, Any], **_: Any) -> None:
+            self.on_scaled_object(event.get("type"), event["object"])
+
+        return reg
+
+    def settings(self) -> kopf.OperatorSettings:
+        s = kopf.OperatorSettings()
+        s.posting.enabled = False  # Events are ours (events.py), never on users' objects
+        s.scanning.disabled = True  # no need to list namespaces and CRDs (least privilege)
+        s.peering.standalone = True  # high availability is the Lease's job
+        s.watching.server_timeout = 300
+        s.watching.client_timeout = 330
+        s.watching.reconnect_backoff = 1.0
+        s.networking.request_timeout = 30
+        return s
+
+    # ---- servers -----------------------------------------------------------------------------
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        metrics.QUEUE_DEPTH.set(len(self.queue))
+        return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        if self.ready():
+            return web.json_response({"status": "ready", "leader": self.is_leader()})
+        why = "not the leader" if self.seeded.is_set() else "caches not filled yet"
+        return web.json_response({"status": "not ready", "reason": why}, status=503)
+
+    async def _serve(self, app: web.Application, host: str, port: int) -> None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        self._runners.append(runner)
+
+    async def start_servers(self) -> None:
+        admin = web.Application()
+        admin.router.add_get("/metrics", self._metrics)
+        admin.router.add_get("/healthz", self._healthz)
+        admin.router.add_get("/readyz", self._readyz)
+        await self._serve(admin, *self.cfg.metrics_listen)
+        await self._serve(self.waker.app(), *self.cfg.wake_listen)
+        log.info("wake endpoint on %s:%d, metrics on %s:%d", *self.cfg.wake_listen, *self.cfg.metrics_listen)
+
+    # ---- run ---------------------------------------------------------------------------------
+    async def seed(self) -> None:
+        """Fills what a reconcile must know before it may restore anything: VirtualService bindings
+        (a restore on an incomplete view would flap routes) and the activator's availability."""
+        delay = 0.2
+        while True:
+            try:
+                namespaces = list(self.cfg.namespaces) or [None]
+                for ns in namespaces:
+                    listed = await self.kube.list(VIRTUALSERVICES, ns)
+                    for vs in listed.get("items") or []:
+                        self.idx.update_vs(vs)
+                if self.activator_informer is not None:
+                    self.activator_informer.start()
+                    await asyncio.wait_for(self.activator_informer.synced.wait(), 30)
+                    ans, aname = self.cfg.activator_deployment  # type: ignore[misc]
+                    self._update_activator(self.activator_informer.get(ans, aname))
+                else:
+                    self.reconciler.activator_available = (
+                        True,
+                        "CheckDisabled",
+                        "fail-open check disabled (--activator-deployment none)",
+                    )
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("initial listing failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+        self.seeded.set()
+        if self.is_leader():
+            self.queue.enabled.set()
+            self.enqueue(self.idx.all_es())
+
+    async def run(self) -> None:
+        await self.start_servers()
+        self.queue.start()
+        tasks = [asyncio.create_task(self.seed(), name="seed")]
+        if self.elector is not None:
+            tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
+        kopf_task = asyncio.create_task(
+            kopf.operator(
+                registry=self.registry(),
+                settings=self.settings(),
+                standalone=True,
+                clusterwide=not self.cfg.namespaces,
+                namespaces=list(self.cfg.namespaces),
+                stop_flag=self.stop_flag,
+            ),
+            name="kopf",
+        )
+        try:
+            await kopf_task
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        self.queue.enabled.clear()
+        await self.queue.stop()
+        if self.activator_informer is not None:
+            await self.activator_informer.stop()
+        if self.elector is not None:
+            await self.elector.release()
+        await self.recorder.flush(2.0)
+        for runner in self._runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        await self.kube.close()

@@ -1,0 +1,762 @@
+"""Reconciles one ElastiService: reads the target, Service, DestinationRules and VirtualServices from
+the API server, decides the routing mode, applies it, and writes a status that tells the truth.
+
+Everything it decides is derived from the cluster (the VirtualServices carry their own restore data),
+so a controller restarted at any point converges without memory of what it was doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from elasti_istio import vsrewrite
+from elasti_istio.controller import conditions as C
+from elasti_istio.controller import metrics
+from elasti_istio.controller import spec as es_spec
+from elasti_istio.controller.config import ControllerConfig
+from elasti_istio.controller.events import Recorder
+from elasti_istio.controller.indexes import Indexes, Key, es_key, split_key
+from elasti_istio.controller.workloads import (
+    WORKLOAD_RESOURCES,
+    WorkloadState,
+    origin_selector,
+    owns_whole_service,
+    scaled_object_target,
+    target_subsets,
+    workload_state,
+)
+from elasti_istio.kube import Kube, KubeError
+from elasti_istio.kube.client import retry_on_conflict
+from elasti_istio.resources import (
+    ANN_BIND,
+    DEPLOYMENTS,
+    DESTINATIONRULES,
+    ELASTISERVICES,
+    GROUP,
+    PODS,
+    REPLICASETS,
+    SCALEDOBJECTS,
+    SERVICES,
+    STATEFULSETS,
+    VIRTUALSERVICES,
+)
+
+log = logging.getLogger("elasti.controller")
+
+FINALIZER = f"{GROUP}/finalizer"
+KEDA_PAUSED_REPLICAS = "autoscaling.keda.sh/paused-replicas"
+KEDA_PAUSED = "autoscaling.keda.sh/paused"
+PAUSED_BY_US = f"{GROUP}/paused-keda"
+MANAGED_LABEL = f"{GROUP}/elastiservice"
+
+
+class Blocked(Exception):
+    """The ElastiService cannot be acted on as it stands; a condition says why."""
+
+    def __init__(self, ctype: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.ctype, self.reason, self.message = ctype, reason, message
+
+
+@dataclasses.dataclass
+class Resolved:
+    """What a reconcile found out about an ElastiService's world."""
+
+    spec: es_spec.ElastiSpec
+    workload_kind: str
+    workload: dict[str, Any]
+    state: WorkloadState
+    scaled_object: dict[str, Any] | None
+    service: dict[str, Any]
+    origin_name: str
+    origin_port: int
+    target: vsrewrite.Target
+    subset_labels: dict[str, dict[str, str]]
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, cfg: ControllerConfig, indexes: Indexes, recorder: Recorder) -> None:
+        self.kube = kube
+        self.cfg = cfg
+        self.idx = indexes
+        self.recorder = recorder
+        self.activator = vsrewrite.ActivatorRef(cfg.activator_host, cfg.activator_port)
+        self.activator_available: tuple[bool, str, str] = (True, "NotChecked", "")
+        self.event_time: dict[Key, float] = {}
+        self.last_wake: dict[Key, str] = {}
+        self.wake_failure: dict[Key, tuple[str, str]] = {}
+        self.waking: set[Key] = set()
+        self._routing_cache: dict[Key, tuple[int, Any]] = {}
+        self._reported: dict[tuple[Key, str], tuple[str, str]] = {}
+
+    # ---- entry point -------------------------------------------------------------------------
+    async def reconcile(self, key: Key) -> float | None:
+        ns, name = split_key(key)
+        try:
+            es = await self.kube.get_or_none(ELASTISERVICES, name, ns)
+            if es is None:
+                self.forget(key)
+                return None
+            if es["metadata"].get("deletionTimestamp"):
+                return await self.finalize(es)
+            es = await self.ensure_finalizer(es)
+            return await self._reconcile(es)
+        except Exception:
+            metrics.RECONCILE_ERRORS.labels(ns, name).inc()
+            raise
+
+    def forget(self, key: Key) -> None:
+        ns, name = split_key(key)
+        self.idx.forget_es(key)
+        for d in (self.event_time, self.last_wake, self.wake_failure, self._routing_cache):
+            d.pop(key, None)  # type: ignore[attr-defined]
+        self.waking.discard(key)
+        self._reported = {k: v for k, v in self._reported.items() if k[0] != key}
+        metrics.forget(ns, name)
+
+    async def ensure_finalizer(self, es: dict[str, Any]) -> dict[str, Any]:
+        fins = es["metadata"].get("finalizers") or []
+        if FINALIZER in fins:
+            return es
+        meta = es["metadata"]
+        patched = await self.kube.patch(
+            ELASTISERVICES,
+            meta["name"],
+            {"metadata": {"finalizers": [*fins, FINALIZER], "resourceVersion": meta["resourceVersion"]}},
+            meta["namespace"],
+        )
+        return dict(patched)
+
+    # ---- resolution --------------------------------------------------------------------------
+    async def resolve_workload(self, spec: es_spec.ElastiSpec) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+        ns = spec.namespace
+        so = None
+        kind, name = spec.target.kind, spec.target.name
+        if kind == "ScaledObject":
+            so = await self.kube.get_or_none(SCALEDOBJECTS, name, ns)
+            if so is None:
+                raise Blocked(C.TARGET_FOUND, "TargetNotFound", f"ScaledObject {name} not found in namespace {ns}")
+            kind, _, name = scaled_object_target(so)
+            if kind not in WORKLOAD_RESOURCES:
+                raise Blocked(
+                    C.TARGET_FOUND,
+                    "UnsupportedKind",
+                    f"ScaledObject {spec.target.name} scales a {kind}, which elasti-istio cannot wake",
+                )
+        elif spec.autoscaler_type == "keda" and spec.autoscaler_name:
+            so = await self.kube.get_or_none(SCALEDOBJECTS, spec.autoscaler_name, ns)
+        workload = await self.kube.get_or_none(WORKLOAD_RESOURCES[kind], name, ns)
+        targets = {(ns, kind, name), (ns, spec.target.kind, spec.target.name)}
+        if spec.autoscaler_type == "keda" and spec.autoscaler_name:
+            targets.add((ns, "ScaledObject", spec.autoscaler_name))
+        self.idx.set_resolved_targets(spec.key, targets)
+        if workload is None:
+            via = f" (scaled by ScaledObject {spec.target.name})" if spec.target.kind == "ScaledObject" else ""
+            raise Blocked(C.TARGET_FOUND, "TargetNotFound", f"{kind} {name}{via} not found in namespace {ns}")
+        return kind, workload, so
+
+    async def resolve(self, es: dict[str, Any]) -> Resolved:
+        try:
+            spec = es_spec.parse(es)
+        except es_spec.SpecError as exc:
+            raise Blocked(C.TARGET_FOUND, exc.reason, exc.message) from exc
+        kind, workload, so = await self.resolve_workload(spec)
+        state = workload_state(kind, workload)
+        ns = spec.namespace
+        service = await self.kube.get_or_none(SERVICES, spec.service, ns)
+        if service is None:
+            raise Blocked("ServiceFound", "ServiceNotFound", f"Service {spec.service} not found in namespace {ns}")
+        ports = (service.get("spec") or {}).get("ports") or []
+        if not ports:
+            raise Blocked("ServiceFound", "ServiceHasNoPorts", f"Service {spec.service} has no ports")
+        port = ports[0]
+        if spec.port is not None:
+            match = [p for p in ports if p.get("port") == spec.port or p.get("name") == spec.port]
+            if not match:
+                names = ", ".join(f"{p.get('name') or '-'}:{p.get('port')}" for p in ports)
+                raise Blocked(
+                    "ServiceFound", "PortNotFound", f"Service {spec.service} has no port {spec.port!r} (it has {names})"
+                )
+            port = match[0]
+        target, subset_labels = await self.routing_target(spec, state, service)
+        return Resolved(
+            spec=spec,
+            workload_kind=kind,
+            workload=workload,
+            state=state,
+            scaled_object=so,
+            service=service,
+            origin_name=es_spec.origin_service_name(spec.name),
+            origin_port=int(port["port"]),
+            target=target,
+            subset_labels=subset_labels,
+        )
+
+    async def routing_target(
+        self, spec: es_spec.ElastiSpec, state: WorkloadState, service: dict[str, Any]
+    ) -> tuple[vsrewrite.Target, dict[str, dict[str, str]]]:
+        """Which destinations are the target's: subsets whose labels select its pods, and whether a
+        destination without subset is all its own. Cached until DestinationRules or workloads change."""
+        ns = spec.namespace
+        gen = self.idx.routing_generation[ns]
+        labels_key = tuple(sorted(state.template_labels.items()))
+        sel = (service.get("spec") or {}).get("selector") or {}
+        cache_key = (gen, labels_key, tuple(sorted(sel.items())), spec.service)
+        cached = self._routing_cache.get(spec.key)
+        if cached and cached[0] == hash(cache_key):
+            return cached[1]  # type: ignore[no-any-return]
+        probe = vsrewrite.Target(namespace=ns, name=spec.name, service=spec.service, whole_service=True)
+        drs = (await self.kube.list(DESTINATIONRULES, ns)).get("items") or []
+        subsets, subset_labels = target_subsets(
+            drs,
+            lambda host, dr_ns: vsrewrite.matches(host, None, dr_ns, probe, self.cfg.cluster_domain),
+            state.template_labels,
+        )
+        workloads: list[tuple[str, dict[str, Any]]] = []
+        for kind, res in (("Deployment", DEPLOYMENTS), ("StatefulSet", STATEFULSETS), ("ReplicaSet", REPLICASETS)):
+            workloads.extend((kind, o) for o in (await self.kube.list(res, ns)).get("items") or [])
+        whole = owns_whole_service(sel, state.kind, state.name, workloads)
+        target = vsrewrite.Target(
+            namespace=ns, name=spec.name, service=spec.service, subsets=subsets, whole_service=whole
+        )
+        self._routing_cache[spec.key] = (hash(cache_key), (target, subset_labels))
+        return target, subset_labels
+
+    # ---- the reconcile -----------------------------------------------------------------------
+    async def _reconcile(self, es: dict[str, Any]) -> float | None:
+        meta = es["metadata"]
+        key = es_key(meta["namespace"], meta["name"])
+        status = dict(es.get("status") or {})
+        conds: list[dict[str, Any]] = list(status.get("conditions") or [])
+        requeue: float | None = None
+        try:
+            r = await self.resolve(es)
+        except Blocked as blk:
+            # Nothing can be woken or proxied: make sure no route points at the activator.
+            restored = await self.restore_all(key, es)
+            conds = self._problem(es, conds, blk.ctype, blk.reason, blk.message)
+            if blk.ctype == "ServiceFound":
+                conds = C.set_condition(conds, C.TARGET_FOUND, True, "TargetFound", "scale target found")
+            conds = C.set_condition(conds, C.READY, False, blk.reason, blk.message)
+            new_status = dict(
+                status,
+                mode="serve",
+                conditions=conds,
+                observedGeneration=meta.get("generation"),
+                boundVirtualServices=sorted(f"{a}/{b}" for a, b in restored),
+            )
+            new_status.pop("origin", None)
+            await self.write_status(es, status, new_status)
+            return None
+
+        spec, state = r.spec, r.state
+        conds = C.set_condition(
+            conds,
+            C.TARGET_FOUND,
+            True,
+            "TargetFound",
+            f"{r.workload_kind} {state.name}"
+            + (f" via ScaledObject {spec.target.name}" if spec.target.kind == "ScaledObject" else ""),
+        )
+        conds = C.set_condition(
+            conds, "ServiceFound", True, "ServiceFound", f"Service {spec.service}, port {r.origin_port}"
+        )
+        await self.ensure_origin_service(es, r)
+
+        # Bound VirtualServices, read fresh.
+        refs = self.idx.bound_vs(key)
+        vss: dict[tuple[str, str], dict[str, Any]] = {}
+        missing: list[str] = []
+        for vns, vname in sorted(refs):
+            vs = await self.kube.get_or_none(VIRTUALSERVICES, vname, vns)
+            if vs is None:
+                missing.append(f"{vns}/{vname}")
+            else:
+                vss[(vns, vname)] = vs
+        # VirtualServices holding our restore data that are no longer bound go back to serve mode.
+        for stale in sorted(self.idx.vs_with_restore(key) - set(vss)):
+            await self.switch_vs(stale, r.target, "serve", key)
+
+        routing = {
+            k: v
+            for k, v in vss.items()
+            if vsrewrite.routes_to(v.get("spec") or {}, k[0], r.target, self.cfg.cluster_domain)
+            or vsrewrite.is_proxied(v.get("spec") or {}, r.target, self.activator)
+        }
+        no_route = sorted(f"{a}/{b}" for a, b in set(vss) - set(routing))
+        if missing or no_route or not refs:
+            parts = []
+            if not refs:
+                parts.append(
+                    "no VirtualService is bound: list one in spec.virtualServices or annotate it "
+                    f"{ANN_BIND}={spec.name}"
+                )
+            if missing:
+                parts.append(f"VirtualService {', '.join(missing)} not found")
+            if no_route:
+                subset = (
+                    f" subset {', '.join(sorted(r.target.subsets))}"
+                    if r.target.subsets
+                    else (
+                        " (without a subset)"
+                        if r.target.whole_service
+                        else " (no DestinationRule subset selects the target's pods, and the Service also "
+                        "selects other workloads)"
+                    )
+                )
+                parts.append(
+                    f"VirtualService {', '.join(no_route)} has no http route to Service {spec.service}{subset}"
+                )
+            reason = "VirtualServiceNotFound" if missing else "NoRouteToTarget" if no_route else "NoVirtualService"
+            conds = self._problem(es, conds, C.VS_BOUND, reason, "; ".join(parts))
+            requeue = 30.0 if missing else None
+        else:
+            conds = self._ok(
+                es,
+                conds,
+                C.VS_BOUND,
+                "Bound",
+                f"{len(routing)} VirtualService(s): " + ", ".join(f"{a}/{b}" for a, b in sorted(routing)),
+            )
+
+        # Route timeouts shorter than the hold time cut held requests.
+        short = []
+        for (vns, vname), vs in routing.items():
+            for t in vsrewrite.route_timeouts(vs.get("spec") or {}, vns, r.target, self.cfg.cluster_domain):
+                try:
+                    secs = vsrewrite.parse_duration(t)
+                except ValueError:
+                    continue
+                if secs < spec.hold_timeout:
+                    short.append(f"{vns}/{vname} has a route timeout of {t}")
+        if short:
+            conds = self._problem(
+                es,
+                conds,
+                C.TIMEOUTS,
+                "RouteTimeoutShorterThanHold",
+                f"{'; '.join(short)}, shorter than activator.holdTimeout "
+                f"({spec.hold_timeout:g}s): held requests are cut by the mesh first",
+            )
+        else:
+            conds = C.set_condition(
+                conds, C.TIMEOUTS, True, "Compatible", "no route timeout is shorter than the hold timeout"
+            )
+
+        # Fail open when the activator cannot take traffic.
+        act_ok, act_reason, act_msg = self.activator_available
+        if act_ok:
+            conds = self._ok(es, conds, C.ACTIVATOR, act_reason, act_msg)
+        else:
+            conds = self._problem(es, conds, C.ACTIVATOR, act_reason, act_msg)
+
+        proxied_now = any(vsrewrite.is_proxied(v.get("spec") or {}, r.target, self.activator) for v in routing.values())
+        if not act_ok:
+            desired = "serve"
+            if state.at_zero:
+                await self.scale_up(
+                    es, r, reason="FailOpen", why="the activator is unavailable, so the target is woken"
+                )
+        elif state.at_zero:
+            desired = "proxy"
+        elif state.ready >= 1:
+            desired = "serve"
+        else:
+            desired = "proxy" if proxied_now else "serve"
+
+        # Release held requests as early as possible: readyReplicas first, routes after.
+        if state.ready != status.get("readyReplicas") and state.ready >= 1 and proxied_now:
+            await self.patch_status(es, {"readyReplicas": state.ready})
+            status["readyReplicas"] = state.ready
+
+        changed = False
+        for vk in sorted(routing):
+            changed |= await self.switch_vs(vk, r.target, desired, key)
+        mode = desired if routing else "serve"
+        if routing and desired == "proxy":
+            # Truth from what the VirtualServices now say.
+            mode = "proxy"
+        started = self.event_time.pop(key, None)
+        if changed:
+            if started is not None:
+                metrics.SWITCH_SECONDS.labels(spec.namespace, spec.name, desired).observe(time.monotonic() - started)
+            n = len(routing)
+            if desired == "proxy":
+                self.recorder.emit(
+                    es,
+                    "Normal",
+                    "SwitchedToProxy",
+                    f"{state.kind} {state.name} is at 0 replicas: {n} VirtualService(s) route to the activator",
+                )
+            else:
+                self.recorder.emit(
+                    es,
+                    "Normal",
+                    "SwitchedToServe",
+                    f"{n} VirtualService(s) route to Service {spec.service} again ({state.ready} ready replica(s))",
+                )
+            log.info("%s: VirtualServices switched to %s mode", key, desired)
+
+        # Phase.
+        pods_left = 0
+        if state.at_zero:
+            pods_left = await self.count_pods(
+                spec.namespace,
+                origin_selector(state, (r.service.get("spec") or {}).get("selector") or {}, r.subset_labels),
+            )
+            if pods_left or state.current:
+                requeue = 1.0 if requeue is None else min(requeue, 1.0)
+        phase = C.phase_for(state, pods_left)
+
+        # Wake outcome.
+        failure = self.wake_failure.get(key)
+        if failure is None and state.stuck and state.replicas > 0 and state.ready == 0:
+            failure = ("TargetNotProgressing", state.stuck)
+        if failure is not None:
+            conds = self._problem(es, conds, C.WAKE_FAILED, failure[0], failure[1], positive=True)
+        elif key in self.waking or C.get_condition(conds, C.WAKE_FAILED):
+            if state.ready >= 1:
+                self.waking.discard(key)
+                conds = C.set_condition(
+                    conds,
+                    C.WAKE_FAILED,
+                    False,
+                    "Woken",
+                    f"{state.kind} {state.name} has {state.ready} ready replica(s)",
+                )
+            else:
+                conds = C.set_condition(
+                    conds,
+                    C.WAKE_FAILED,
+                    False,
+                    "Waking",
+                    f"waiting for {state.kind} {state.name} to report a ready replica",
+                )
+
+        ready_problem = next(
+            (c for c in conds if c["type"] in (C.VS_BOUND, C.ACTIVATOR) and c["status"] == "False"), None
+        )
+        if ready_problem:
+            conds = C.set_condition(conds, C.READY, False, ready_problem["reason"], ready_problem["message"])
+        else:
+            conds = C.set_condition(
+                conds,
+                C.READY,
+                True,
+                "Proxying" if mode == "proxy" else "Serving",
+                "requests are held by the activator while the target wakes"
+                if mode == "proxy"
+                else "routes go straight to the target",
+            )
+
+        new_status = dict(status)
+        new_status.update(
+            phase=phase,
+            mode=mode,
+            readyReplicas=state.ready,
+            origin={"service": r.origin_name, "port": r.origin_port},
+            boundVirtualServices=sorted(f"{a}/{b}" for a, b in routing),
+            observedGeneration=meta.get("generation"),
+            conditions=conds,
+        )
+        if key in self.last_wake:
+            new_status["lastWakeTime"] = self.last_wake[key]
+        old_phase = status.get("phase")
+        if phase != old_phase:
+            if phase in ("ScalingToZero", "ScaledToZero") and old_phase not in ("ScalingToZero", "ScaledToZero"):
+                new_status["lastScaledToZeroTime"] = C.now_iso()
+        await self.write_status(es, status, new_status)
+        if phase != old_phase:
+            metrics.TRANSITIONS.labels(spec.namespace, spec.name, phase).inc()
+            self.recorder.emit(es, "Normal", phase, self._phase_message(phase, state, pods_left))
+            log.info("%s: phase %s -> %s", key, old_phase or "-", phase)
+        return requeue
+
+    @staticmethod
+    def _phase_message(phase: str, state: WorkloadState, pods_left: int) -> str:
+        target = f"{state.kind} {state.name}"
+        return {
+            "Serving": f"{target} has {state.ready} ready replica(s)",
+            "ScalingUp": f"{target} is scaling up to {state.replicas} replica(s)",
+            "ScalingToZero": f"{target} scaled to 0; {max(pods_left, state.current)} pod(s) still terminating",
+            "ScaledToZero": f"{target} has no replica left",
+        }[phase]
+
+    def _problem(
+        self,
+        es: dict[str, Any],
+        conds: list[dict[str, Any]],
+        ctype: str,
+        reason: str,
+        message: str,
+        positive: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Sets a failing condition and emits a Warning Event when its reason or message is new."""
+        key = es_key(es["metadata"]["namespace"], es["metadata"]["name"])
+        if self._reported.get((key, ctype)) != (reason, message):
+            self._reported[(key, ctype)] = (reason, message)
+            self.recorder.emit(es, "Warning", reason, message)
+            log.warning("%s: %s", key, message)
+        return C.set_condition(conds, ctype, positive, reason, message)
+
+    def _ok(
+        self, es: dict[str, Any], conds: list[dict[str, Any]], ctype: str, reason: str, message: str
+    ) -> list[dict[str, Any]]:
+        key = es_key(es["metadata"]["namespace"], es["metadata"]["name"])
+        self._reported.pop((key, ctype), None)
+        return C.set_condition(conds, ctype, True, reason, message)
+
+    # ---- writes ------------------------------------------------------------------------------
+    async def write_status(self, es: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        new = {k: v for k, v in new.items() if v is not None}
+        if new == {k: v for k, v in old.items() if v is not None}:
+            return
+        patch: dict[str, Any] = dict(new)
+        for k in old:
+            if k not in new:
+                patch[k] = None
+        await self.patch_status(es, patch)
+
+    async def patch_status(self, es: dict[str, Any], patch: dict[str, Any]) -> None:
+        meta = es["metadata"]
+        try:
+            await self.kube.patch(ELASTISERVICES, meta["name"], {"status": patch}, meta["namespace"], sub="status")
+        except KubeError as exc:
+            if not exc.not_found:
+                raise
+
+    async def switch_vs(self, vk: tuple[str, str], target: vsrewrite.Target, mode: str, key: Key) -> bool:
+        """Puts one VirtualService in ``mode`` for this target; True when it had to change.
+
+        An edit made by someone else while in proxy mode is kept: the current spec is first brought
+        back to serve mode with the stored restore data, then proxied again.
+        """
+        vns, vname = vk
+        changed = False
+
+        async def attempt() -> None:
+            nonlocal changed
+            vs = await self.kube.get_or_none(VIRTUALSERVICES, vname, vns)
+            if vs is None:
+                return
+            meta = vs["metadata"]
+            ann = dict(meta.get("annotations") or {})
+            entries = vsrewrite.read_restore(ann).get(key)
+            spec = vs.get("spec") or {}
+            base = vsrewrite.to_serve(spec, vns, target, self.activator, entries, self.cfg.cluster_domain)
+            if mode == "proxy":
+                new, new_entries = vsrewrite.to_proxy(base, vns, target, self.activator, None, self.cfg.cluster_domain)
+            else:
+                new, new_entries = base, None
+            value = vsrewrite.write_restore(ann, key, new_entries if new_entries else None)
+            if new == spec and value == ann.get(vsrewrite.RESTORE_ANNOTATION):
+                return
+            patch: dict[str, Any] = {
+                "metadata": {
+                    "resourceVersion": meta["resourceVersion"],
+                    "annotations": {vsrewrite.RESTORE_ANNOTATION: value},
+                },
+            }
+            if new.get("http") != spec.get("http"):
+                patch["spec"] = {"http": new.get("http")}
+            await self.kube.patch(VIRTUALSERVICES, vname, patch, vns)
+            changed = True
+
+        await retry_on_conflict(attempt)
+        return changed
+
+    async def restore_all(
+        self, key: Key, es: dict[str, Any], target: vsrewrite.Target | None = None
+    ) -> set[tuple[str, str]]:
+        """Serve mode on every VirtualService this ElastiService may have touched."""
+        ns, name = split_key(key)
+        if target is None:
+            cached = self._routing_cache.get(key)
+            svc = (es.get("spec") or {}).get("service", "")
+            target = cached[1][0] if cached else vsrewrite.Target(namespace=ns, name=name, service=svc)
+        touched = self.idx.bound_vs(key) | self.idx.vs_with_restore(key)
+        for vk in sorted(touched):
+            await self.switch_vs(vk, target, "serve", key)
+        return touched
+
+    async def ensure_origin_service(self, es: dict[str, Any], r: Resolved) -> None:
+        ns = r.spec.namespace
+        svc_spec = r.service.get("spec") or {}
+        selector = origin_selector(r.state, svc_spec.get("selector") or {}, r.subset_labels)
+        ports = []
+        for p in svc_spec.get("ports") or []:
+            port = {k: p[k] for k in ("name", "port", "targetPort", "protocol", "appProtocol") if k in p}
+            ports.append(port)
+        meta = es["metadata"]
+        desired_meta = {
+            "name": r.origin_name,
+            "namespace": ns,
+            "labels": {"app.kubernetes.io/managed-by": "elasti-istio", MANAGED_LABEL: meta["name"]},
+            "ownerReferences": [
+                {
+                    "apiVersion": es.get("apiVersion", f"{GROUP}/v1alpha1"),
+                    "kind": "ElastiService",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        }
+
+        async def attempt() -> None:
+            current = await self.kube.get_or_none(SERVICES, r.origin_name, ns)
+            if current is None:
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": desired_meta,
+                    "spec": {"type": "ClusterIP", "selector": selector, "ports": ports},
+                }
+                try:
+                    await self.kube.create(SERVICES, body, ns)
+                    log.info("%s/%s: created origin Service %s", ns, meta["name"], r.origin_name)
+                except KubeError as exc:
+                    if exc.status != 409:
+                        raise
+                    raise KubeError(409, "Conflict", "created concurrently") from exc
+                return
+            cur_spec = current.get("spec") or {}
+            cur_ports = [
+                {k: p[k] for k in ("name", "port", "targetPort", "protocol", "appProtocol") if k in p}
+                for p in cur_spec.get("ports") or []
+            ]
+            if cur_spec.get("selector") == selector and cur_ports == ports:
+                return
+            body = dict(current)
+            body["spec"] = dict(cur_spec, selector=selector, ports=ports)
+            await self.kube.replace(SERVICES, r.origin_name, body, ns)
+            log.info("%s/%s: origin Service %s follows the public Service", ns, meta["name"], r.origin_name)
+
+        await retry_on_conflict(attempt)
+
+    async def count_pods(self, namespace: str, selector: dict[str, str]) -> int:
+        if not selector:
+            return 0
+        sel = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        pods = await self.kube.list(PODS, namespace, labelSelector=sel)
+        return len(pods.get("items") or [])
+
+    # ---- waking ------------------------------------------------------------------------------
+    async def scale_up(self, es: dict[str, Any], r: Resolved, reason: str, why: str) -> bool:
+        """Scales the target to minTargetReplicas (never down); True when a scale call was made."""
+        spec = r.spec
+        key = spec.key
+        await self.unpause_keda(r)
+        res = WORKLOAD_RESOURCES[r.workload_kind]
+        name = r.state.name
+        scale = await self.kube.get(res, name, spec.namespace, sub="scale")
+        current = int((scale.get("spec") or {}).get("replicas") or 0)
+        if current >= spec.min_replicas:
+            return False
+        try:
+            await self.kube.patch(res, name, {"spec": {"replicas": spec.min_replicas}}, spec.namespace, sub="scale")
+        except KubeError as exc:
+            msg = f"scaling {r.workload_kind} {name} to {spec.min_replicas} was refused: {exc.message}"
+            self.wake_failure[key] = ("ScaleRefused", msg)
+            raise
+        self.wake_failure.pop(key, None)
+        self.waking.add(key)
+        self.last_wake[key] = C.now_iso()
+        self.recorder.emit(
+            es, "Normal", reason, f"{why}: {r.workload_kind} {name} scaled {current} -> {spec.min_replicas}"
+        )
+        log.info("%s: %s: %s %s scaled %d -> %d", key, reason, r.workload_kind, name, current, spec.min_replicas)
+        return True
+
+    async def unpause_keda(self, r: Resolved) -> None:
+        """Removes the KEDA pause annotations this controller set, so KEDA resumes from the woken count."""
+        so = r.scaled_object
+        if so is None:
+            return
+        ann = (so.get("metadata") or {}).get("annotations") or {}
+        if PAUSED_BY_US not in ann:
+            return
+        patch = {"metadata": {"annotations": {KEDA_PAUSED_REPLICAS: None, KEDA_PAUSED: None, PAUSED_BY_US: None}}}
+        await self.kube.patch(SCALEDOBJECTS, so["metadata"]["name"], patch, r.spec.namespace)
+        log.info("%s: removed the KEDA pause from ScaledObject %s", r.spec.key, so["metadata"]["name"])
+
+    # ---- deletion ----------------------------------------------------------------------------
+    async def finalize(self, es: dict[str, Any]) -> float | None:
+        meta = es["metadata"]
+        key = es_key(meta["namespace"], meta["name"])
+        if FINALIZER not in (meta.get("finalizers") or []):
+            return None
+        try:
+            r = await self.resolve(es)
+        except Blocked:
+            r = None
+        restored = await self.restore_all(key, es, r.target if r is not None else None)
+        if r is not None:
+            if r.state.at_zero:
+                await self.scale_up(
+                    es, r, reason="WokenOnDelete", why="the ElastiService is being deleted, so its target is woken"
+                )
+        await self.kube.delete(SERVICES, es_spec.origin_service_name(meta["name"]), meta["namespace"])
+        self.recorder.emit(
+            es, "Normal", "Finalized", f"restored {len(restored)} VirtualService(s) and removed the origin Service"
+        )
+        await self.recorder.flush(2.0)
+
+        async def drop() -> None:
+            cur = await self.kube.get_or_none(ELASTISERVICES, meta["name"], meta["namespace"])
+            if cur is None:
+                return
+            fins = [f for f in cur["metadata"].get("finalizers") or [] if f != FINALIZER]
+            await self.kube.patch(
+                ELASTISERVICES,
+                meta["name"],
+                {"metadata": {"finalizers": fins or None, "resourceVersion": cur["metadata"]["resourceVersion"]}},
+                meta["namespace"],
+            )
+
+        await retry_on_conflict(drop)
+        log.info("%s: finalized", key)
+        self.forget(key)
+        return None
+
+    # ---- helpers for the wake server ---------------------------------------------------------
+    async def wake(self, namespace: str, name: str) -> str:
+        """Scales the target up if it is below minTargetReplicas; returns the resulting phase.
+
+        Raises LookupError when the ElastiService does not exist and Blocked/KubeError when the target
+        cannot be woken (a condition and an Event say so too).
+        """
+        key = es_key(namespace, name)
+        es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
+        if es is None:
+            metrics.WAKES.labels(namespace, name, "not_found").inc()
+            raise LookupError(f"ElastiService {namespace}/{name} not found")
+        try:
+            r = await self.resolve(es)
+        except Blocked as blk:
+            self.wake_failure[key] = (blk.reason, blk.message)
+            metrics.WAKES.labels(namespace, name, "failed").inc()
+            asyncio.get_running_loop().call_soon(self._requeue, key)
+            raise
+        self.wake_failure.pop(key, None)
+        try:
+            scaled = await self.scale_up(es, r, reason="Woken", why="a request arrived for the sleeping target")
+        except KubeError:
+            metrics.WAKES.labels(namespace, name, "failed").inc()
+            asyncio.get_running_loop().call_soon(self._requeue, key)
+            raise
+        metrics.WAKES.labels(namespace, name, "scaled" if scaled else "already_awake").inc()
+        if scaled:
+            self.event_time.setdefault(key, time.monotonic())
+        self._requeue(key)
+        if scaled or r.state.ready == 0:
+            return "ScalingUp"
+        return "Serving"
+
+    def _requeue(self, key: Key) -> None:
+        """Set by the operator to the work queue's ``add``."""

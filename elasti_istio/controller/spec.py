@@ -1,0 +1,142 @@
+"""Reading an ElastiService: pure functions, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from typing import Any
+
+from elasti_istio.kube.client import Resource
+from elasti_istio.resources import DEPLOYMENTS, REPLICASETS, ROLLOUTS, SCALEDOBJECTS, STATEFULSETS
+
+KINDS: dict[str, Resource] = {
+    "Deployment": DEPLOYMENTS,
+    "StatefulSet": STATEFULSETS,
+    "ReplicaSet": REPLICASETS,
+    "Rollout": ROLLOUTS,
+    "ScaledObject": SCALEDOBJECTS,
+}
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "Rollout")
+DEFAULT_API_VERSION = {k: r.api_version for k, r in KINDS.items()}
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class SpecError(ValueError):
+    """The ElastiService asks for something that cannot work; the message says what."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def parse_duration(text: str) -> float:
+    """Go-style durations as in the CRD: ``60s``, ``100ms``, ``1m30s``."""
+    pos, total = 0, 0.0
+    text = text.strip()
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 60s, 100ms, 1m30s)")
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetRef:
+    kind: str
+    name: str
+    api_version: str
+
+    @property
+    def resource(self) -> Resource:
+        return KINDS[self.kind]
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ElastiSpec:
+    namespace: str
+    name: str
+    service: str
+    port: int | str | None
+    target: TargetRef
+    virtual_services: tuple[tuple[str, str], ...]
+    min_replicas: int
+    autoscaler_type: str | None
+    autoscaler_name: str | None
+    hold_timeout: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def parse(obj: dict[str, Any]) -> ElastiSpec:
+    meta = obj.get("metadata") or {}
+    ns, name = meta.get("namespace", ""), meta.get("name", "")
+    spec = obj.get("spec") or {}
+    ref = spec.get("scaleTargetRef") or {}
+    kind = ref.get("kind", "")
+    if kind not in KINDS:
+        raise SpecError("UnsupportedKind", f"scaleTargetRef.kind {kind!r} is not one of {', '.join(KINDS)}")
+    api_version = ref.get("apiVersion") or DEFAULT_API_VERSION[kind]
+    expected_group = KINDS[kind].group
+    group = api_version.split("/", 1)[0] if "/" in api_version else ""
+    if group != expected_group:
+        raise SpecError(
+            "UnsupportedKind",
+            f"scaleTargetRef apiVersion {api_version!r} does not serve kind {kind} (expected {expected_group}/...)",
+        )
+    activator = spec.get("activator") or {}
+    try:
+        hold = parse_duration(str(activator.get("holdTimeout", "60s")))
+    except ValueError as exc:
+        raise SpecError("InvalidSpec", f"activator.holdTimeout: {exc}") from exc
+    autoscaler = spec.get("autoscaler") or {}
+    return ElastiSpec(
+        namespace=ns,
+        name=name,
+        service=spec.get("service", ""),
+        port=spec.get("port"),
+        target=TargetRef(kind=kind, name=ref.get("name", ""), api_version=api_version),
+        virtual_services=tuple(parse_vs_ref(v, ns) for v in spec.get("virtualServices") or []),
+        min_replicas=max(1, int(spec.get("minTargetReplicas") or 1)),
+        autoscaler_type=autoscaler.get("type"),
+        autoscaler_name=autoscaler.get("name"),
+        hold_timeout=hold,
+    )
+
+
+def parse_vs_ref(ref: str, default_ns: str) -> tuple[str, str]:
+    """``name`` or ``namespace/name`` -> (namespace, name)."""
+    ns, sep, name = ref.strip().partition("/")
+    return (ns, name) if sep else (default_ns, ns)
+
+
+def parse_binding_annotation(value: str | None, vs_namespace: str) -> set[tuple[str, str]]:
+    """The VirtualService annotation ``elasti.truefoundry.com/elastiservice``: ``a, ns/b`` -> {(ns, a), ...}."""
+    out: set[tuple[str, str]] = set()
+    for part in (value or "").split(","):
+        part = part.strip()
+        if part:
+            ns, name = parse_vs_ref(part, vs_namespace)
+            if ns and name:
+                out.add((ns, name))
+    return out
+
+
+def origin_service_name(es_name: str) -> str:
+    """``<name>-elasti-origin``, truncated with a short hash when longer than a DNS label allows."""
+    full = f"{es_name}-elasti-origin"
+    if len(full) <= 63:
+        return full
+    digest = hashlib.sha256(es_name.encode()).hexdigest()[:8]
+    return f"{full[: 63 - 9].rstrip('-')}-{digest}"

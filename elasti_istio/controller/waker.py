@@ -1,0 +1,78 @@
+"""The wake endpoint the activator calls: ``POST /v1/wake`` with ``{"namespace", "name"}``.
+
+Concurrent and repeated wakes of one ElastiService share a single scale call; keys are namespace
+qualified, so equal names in two namespaces never wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from elasti_istio.controller.reconciler import Blocked
+from elasti_istio.kube import KubeError
+
+log = logging.getLogger("elasti.wake")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+class Waker:
+    def __init__(self, wake: Callable[[str, str], Awaitable[str]], is_leader: Callable[[], bool]) -> None:
+        self._wake = wake
+        self._is_leader = is_leader
+        self._inflight: dict[str, asyncio.Future[str]] = {}
+
+    async def wake(self, namespace: str, name: str) -> str:
+        key = f"{namespace}/{name}"
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._wake(namespace, name))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        return await asyncio.shield(fut)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if not self._is_leader():
+            return error(503, "this controller replica is not the leader; retry", retry=True)
+        try:
+            body = json.loads(await request.read() or b"null")
+        except ValueError:
+            return error(400, 'the body must be JSON: {"namespace": ..., "name": ...}')
+        if not isinstance(body, dict):
+            return error(400, "the body must be a JSON object with namespace and name")
+        ns, name = body.get("namespace"), body.get("name")
+        bad = [f for f, v in (("namespace", ns), ("name", name)) if not isinstance(v, str) or not _NAME.match(v)]
+        if bad:
+            return error(400, f"missing or invalid {' and '.join(bad)}: expected Kubernetes object names")
+        try:
+            phase = await self.wake(ns, name)
+        except LookupError as exc:
+            return error(404, str(exc), namespace=ns, name=name)
+        except Blocked as exc:
+            return error(409, exc.message, reason=exc.reason, namespace=ns, name=name)
+        except KubeError as exc:
+            if exc.status in (403, 404, 409, 422):
+                return error(
+                    409, f"the target cannot be woken: {exc.message}", reason="ScaleRefused", namespace=ns, name=name
+                )
+            log.warning("wake %s/%s failed: %s", ns, name, exc)
+            return error(503, f"the API server failed: {exc.message}", retry=True)
+        except (TimeoutError, OSError) as exc:
+            log.warning("wake %s/%s failed: %s", ns, name, exc)
+            return error(503, f"the API server is unreachable: {exc}", retry=True)
+        return web.json_response({"namespace": ns, "name": name, "phase": phase}, status=202)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_post("/v1/wake", self.handle)
+        return app

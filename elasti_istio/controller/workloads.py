@@ -1,0 +1,135 @@
+"""What a scale target says about itself, and which pods and subsets are its: pure functions."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from elasti_istio.kube.client import Resource
+from elasti_istio.resources import DEPLOYMENTS, REPLICASETS, ROLLOUTS, STATEFULSETS
+
+WORKLOAD_RESOURCES: dict[str, Resource] = {
+    "Deployment": DEPLOYMENTS,
+    "StatefulSet": STATEFULSETS,
+    "ReplicaSet": REPLICASETS,
+    "Rollout": ROLLOUTS,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadState:
+    kind: str
+    name: str
+    replicas: int  # desired (spec.replicas; absent means 1, as the API server defaults it)
+    ready: int
+    current: int  # pods the workload controller still counts
+    template_labels: dict[str, str]
+    match_labels: dict[str, str]
+    has_expressions: bool
+    stuck: str | None  # why the workload cannot progress, when it says so
+
+    @property
+    def at_zero(self) -> bool:
+        return self.replicas == 0
+
+
+def workload_state(kind: str, obj: dict[str, Any]) -> WorkloadState:
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    selector = spec.get("selector") or {}
+    if isinstance(selector, str):  # the scale subresource's string form; not used for workloads
+        selector = {}
+    template = spec.get("template") or {}
+    labels = dict((template.get("metadata") or {}).get("labels") or {})
+    replicas = spec.get("replicas")
+    return WorkloadState(
+        kind=kind,
+        name=(obj.get("metadata") or {}).get("name", ""),
+        replicas=1 if replicas is None else int(replicas),
+        ready=int(status.get("readyReplicas") or 0),
+        current=int(status.get("replicas") or 0),
+        template_labels=labels,
+        match_labels=dict(selector.get("matchLabels") or {}),
+        has_expressions=bool(selector.get("matchExpressions")),
+        stuck=stuck_reason(kind, obj),
+    )
+
+
+def stuck_reason(kind: str, obj: dict[str, Any]) -> str | None:
+    """A Deployment (or Rollout) that reports ``Progressing=False`` cannot reach its replicas."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("status") == "False":
+            reason = cond.get("reason") or "NotProgressing"
+            return f"{kind} {obj['metadata']['name']} is not progressing ({reason}): {cond.get('message', '')}".strip()
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return f"{kind} {obj['metadata']['name']} cannot create pods: {cond.get('message', '')}".strip()
+    return None
+
+
+def scaled_object_target(so: dict[str, Any]) -> tuple[str, str, str]:
+    """(kind, apiVersion, name) of the workload a KEDA ScaledObject scales."""
+    ref = (so.get("spec") or {}).get("scaleTargetRef") or {}
+    kind = ref.get("kind") or "Deployment"
+    api_version = ref.get("apiVersion") or ("argoproj.io/v1alpha1" if kind == "Rollout" else "apps/v1")
+    return kind, api_version, ref.get("name", "")
+
+
+def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def target_subsets(
+    destination_rules: list[dict[str, Any]], host_matches: Any, template_labels: dict[str, str]
+) -> tuple[frozenset[str], dict[str, dict[str, str]]]:
+    """Subsets (of DestinationRules whose host is the Service) whose labels select the target's pods.
+
+    ``host_matches(host, dr_namespace)`` tells whether a DestinationRule host is the Service.
+    Returns the subset names and their labels.
+    """
+    names: set[str] = set()
+    labels: dict[str, dict[str, str]] = {}
+    for dr in destination_rules:
+        spec = dr.get("spec") or {}
+        if not host_matches(spec.get("host", ""), dr["metadata"].get("namespace", "")):
+            continue
+        for subset in spec.get("subsets") or []:
+            sl = subset.get("labels") or {}
+            if sl and all(template_labels.get(k) == v for k, v in sl.items()):
+                names.add(subset["name"])
+                labels[subset["name"]] = dict(sl)
+    return frozenset(names), labels
+
+
+def owns_whole_service(
+    service_selector: dict[str, str], target_kind: str, target_name: str, workloads: list[tuple[str, dict[str, Any]]]
+) -> bool:
+    """True when no other workload's pods are selected by the Service: then a destination without a
+    subset sends all its traffic to this target."""
+    for kind, obj in workloads:
+        meta = obj.get("metadata") or {}
+        if kind == target_kind and meta.get("name") == target_name:
+            continue
+        if kind == "ReplicaSet" and meta.get("ownerReferences"):
+            continue  # owned by a Deployment or Rollout, judged through its owner
+        labels = ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
+        if labels_match(service_selector, labels):
+            return False
+    return True
+
+
+def origin_selector(
+    state: WorkloadState, service_selector: dict[str, str], subset_labels: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """The origin Service's selector: the target's own pod selector; where that selector uses expressions
+    (a Service cannot), the public Service's selector plus the labels of the target's subset, or plus the
+    target's template labels when no subset names it."""
+    if state.match_labels and not state.has_expressions:
+        return dict(state.match_labels)
+    sel = dict(service_selector)
+    if subset_labels:
+        for labels in subset_labels.values():
+            sel.update(labels)
+            break
+    else:
+        sel.update({k: v for k, v in state.template_labels.items() if k != "pod-template-hash"})
+    return sel
