@@ -1,7 +1,7 @@
 """The HTTP app a simulated container serves on ``podIP:containerPort``.
 
 It answers like a small httpbin and always says which pod answered, so tests can tell where a
-request landed.
+request landed. ``/call?url=`` makes an east-west call through the mesh, from the pod's address.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ async def redirect(request: web.Request) -> web.StreamResponse:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    ws = web.WebSocketResponse(headers=_pod_headers(_ident(request)))
+    ws = web.WebSocketResponse()
+    ws.headers.update(_pod_headers(_ident(request)))
     await ws.prepare(request)
     async for msg in ws:
         if msg.type == WSMsgType.TEXT:

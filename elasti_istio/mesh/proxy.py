@@ -117,6 +117,9 @@ class Proxy:
         return meta.get("namespace"), dict(meta.get("labels") or {})
 
     async def _handle(self, request: web.BaseRequest, rec: RequestRecord, t0: float) -> web.StreamResponse:
+        if request.method == "CONNECT":  # no tunnels here, as Envoy without CONNECT routes
+            rec.response_flags = "NR"
+            return local_reply(404)
         target = request.message.url
         if target.absolute:  # proxy (absolute-form) request: the URI's authority wins over Host
             host = (target.raw_host or "").lower()
@@ -186,6 +189,8 @@ class Proxy:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             rec.request_protocol = "websocket"
             return await self._websocket(request, rec, decision, cluster, endpoints, headers, path, timeout)
+        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # we will read the body
         return await self._forward(request, rec, decision, cluster, endpoints, headers, path, timeout, t0)
 
     def _upstream_headers(self, request: web.BaseRequest, decision: Decision, authority: str) -> CIMultiDict[str]:
