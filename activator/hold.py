@@ -14,7 +14,7 @@ from activator.metrics import Metrics, TargetMetrics
 from activator.queue import Admission, Change, HoldQueues
 from activator.registry import Registry, Target, WakeFailure
 from activator.routing import Key
-from activator.wake import WakeNotifier
+from activator.wake import WakeNotifier, WakeResult
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class Holds:
         self.notifier = notifier
         self.metrics = metrics
         self._waiters: dict[Key, set[asyncio.Future[None]]] = {}
-        self._notify: dict[Key, asyncio.Task[str]] = {}
+        self._notify: dict[Key, asyncio.Task[WakeResult]] = {}
         registry.subscribe(self._on_change)
 
     def pending(self, key: Key) -> int:
@@ -56,15 +56,27 @@ class Holds:
         if not self.queues.open_cycle(key, target.wake_failure):
             return
         log.info("%s/%s: wake cycle opened", *key)
+        cycle = self.queues.cycle_id(key)
         task = asyncio.create_task(self.notifier.notify(*key), name=f"wake-{key[0]}/{key[1]}")
         self._notify[key] = task
-        task.add_done_callback(lambda t, key=key: self._notify_done(key, t))
+        task.add_done_callback(lambda t, key=key, cycle=cycle: self._notify_done(key, cycle, t))
 
-    def _notify_done(self, key: Key, task: asyncio.Task[str]) -> None:
+    def _notify_done(self, key: Key, cycle: int, task: asyncio.Task[WakeResult]) -> None:
         if self._notify.get(key) is task:
             del self._notify[key]
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             log.error("%s/%s: wake notification crashed: %r", *key, task.exception())
+            return
+        answer = task.result()
+        # A refusal may leave an unchanged WakeFailed condition behind (it was True already), so the
+        # answer itself fails the cycle's held requests rather than letting them run into holdTimeout.
+        if answer.result == "refused":
+            failure = WakeFailure(answer.reason or "WakeRefused", answer.message, "")
+            if self.queues.fail_cycle(key, cycle, failure):
+                log.warning("%s/%s: wake refused (%s); failing %d held", *key, answer.message, self.queues.pending(key))
+                self._signal(key)
 
     def _cancel_notify(self, key: Key) -> None:
         task = self._notify.pop(key, None)

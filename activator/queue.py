@@ -11,6 +11,7 @@ A ``WakeFailed`` condition already present when a cycle opens belongs to an earl
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass
 
 from activator.registry import WakeFailure
@@ -33,6 +34,7 @@ class Change(enum.Enum):
 class _Entry:
     held: int = 0
     cycle: bool = False
+    cycle_id: int = 0
     stale: WakeFailure | None = None
     failures: int = 0  # bumped each time held requests are failed
     failure: WakeFailure | None = None
@@ -43,6 +45,7 @@ class HoldQueues:
         self.max_held = max_held
         self.total = 0
         self._entries: dict[Key, _Entry] = {}
+        self._cycle_ids = itertools.count(1)
 
     def pending(self, key: Key) -> int:
         e = self._entries.get(key)
@@ -96,7 +99,23 @@ class HoldQueues:
         if e.cycle:
             return False
         e.cycle = True
+        e.cycle_id = next(self._cycle_ids)
         e.stale = current_failure
+        return True
+
+    def cycle_id(self, key: Key) -> int:
+        """The open cycle's id (unique over all keys), 0 when none is open."""
+        e = self._entries.get(key)
+        return e.cycle_id if e and e.cycle else 0
+
+    def fail_cycle(self, key: Key, cycle_id: int, failure: WakeFailure) -> bool:
+        """The controller refused the wake of cycle ``cycle_id``: True when that cycle was still open."""
+        e = self._entries.get(key)
+        if e is None or not e.cycle or e.cycle_id != cycle_id:
+            return False
+        e.cycle = False
+        e.failures += 1
+        e.failure = failure
         return True
 
     def observe(self, key: Key, ready: bool, failure: WakeFailure | None) -> Change:

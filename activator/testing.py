@@ -140,12 +140,14 @@ class MeshProxy:
 
 
 class WakeEndpoint:
-    """The controller's ``POST /v1/wake``: records each call and answers 202 (or ``fail_first`` times 503)."""
+    """The controller's ``POST /v1/wake``: records each call and answers 202 (or ``fail_first`` times 503,
+    or ``refuse = (status, body)``)."""
 
     def __init__(self, known: set[tuple[str, str]] | None = None, fail_first: int = 0) -> None:
         self.calls: list[dict[str, Any]] = []
         self.known = known
         self.fail_first = fail_first
+        self.refuse: tuple[int, dict[str, Any]] | None = None
         self.on_wake: Callable[[str, str], Any] | None = None
         self.port = 0
         self._runner: web.BaseRunner | None = None
@@ -178,6 +180,8 @@ class WakeEndpoint:
         if self.fail_first > 0:
             self.fail_first -= 1
             return web.json_response({"error": "try again"}, status=503)
+        if self.refuse is not None:
+            return web.json_response(self.refuse[1], status=self.refuse[0])
         key = (body["namespace"], body["name"])
         if self.known is not None and key not in self.known:
             return web.json_response({"error": "unknown"}, status=404)

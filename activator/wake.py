@@ -1,14 +1,17 @@
 """Telling the controller to wake a workload: ``POST <controller>/v1/wake {"namespace", "name"}``.
 
-Retried with backoff while the controller is unreachable or answers 5xx; a 4xx is final. The
-caller cancels the task when the wake cycle ends another way (target ready, nothing held).
+Retried with backoff while the controller is unreachable or answers 5xx; a 4xx is final (a refusal,
+409 for example, fails the cycle's held requests). The caller cancels the task when the wake cycle
+ends another way (target ready, nothing held).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +19,15 @@ import aiohttp
 from activator.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WakeResult:
+    """``accepted``, ``not_found`` or ``refused``, with the controller's reason and message."""
+
+    result: str
+    reason: str = ""
+    message: str = ""
 
 
 class WakeNotifier:
@@ -49,8 +61,8 @@ class WakeNotifier:
             return {}
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    async def notify(self, namespace: str, name: str) -> str:
-        """Returns the final result: ``accepted``, ``not_found`` or ``refused``; retries ``error`` forever."""
+    async def notify(self, namespace: str, name: str) -> WakeResult:
+        """The controller's final answer; unreachable or 5xx (``error``) is retried until cancelled."""
         delay = self.backoff
         body = {"namespace": namespace, "name": name}
         while True:
@@ -61,23 +73,38 @@ class WakeNotifier:
                     headers=self._headers(),
                     timeout=aiohttp.ClientTimeout(total=self.attempt_timeout),
                 ) as resp:
-                    text = (await resp.read())[:500].decode("utf-8", "replace")
+                    text = (await resp.read())[:2000].decode("utf-8", "replace")
                     if resp.status < 300:
                         self.metrics.wake(namespace, name, "accepted")
                         log.info("%s/%s: wake requested (%d %s)", namespace, name, resp.status, text.strip())
-                        return "accepted"
+                        return WakeResult("accepted")
+                    reason, message = _explain(text, resp.status)
                     if resp.status == 404:
                         self.metrics.wake(namespace, name, "not_found")
-                        log.warning("%s/%s: controller does not know this ElastiService: %s", namespace, name, text)
-                        return "not_found"
+                        log.warning("%s/%s: controller does not know this ElastiService: %s", namespace, name, message)
+                        return WakeResult("not_found", reason, message)
                     if resp.status < 500:
                         self.metrics.wake(namespace, name, "refused")
-                        log.warning("%s/%s: controller refused the wake (%d): %s", namespace, name, resp.status, text)
-                        return "refused"
-                    problem = f"{resp.status}: {text}"
+                        log.warning(
+                            "%s/%s: controller refused the wake (%d): %s", namespace, name, resp.status, message
+                        )
+                        return WakeResult("refused", reason, message)
+                    problem = f"{resp.status}: {message}"
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 problem = str(exc) or type(exc).__name__
             self.metrics.wake(namespace, name, "error")
             log.warning("%s/%s: wake request failed (%s); retrying in %.1fs", namespace, name, problem, delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.max_backoff)
+
+
+def _explain(text: str, status: int) -> tuple[str, str]:
+    """The controller's JSON error (``reason``, ``error``/``message``), or the raw text."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        message = body.get("error") or body.get("message") or text
+        return str(body.get("reason") or ""), str(message)
+    return "", text.strip() or f"HTTP {status}"

@@ -167,6 +167,9 @@ class Env:
         async with self.client.get(f"{self.admin}/v1/pending/{ns}/{name}") as r:
             return (await r.json())["pending"]
 
+    def pending_sync(self, ns: str = NS, name: str = "details") -> int:
+        return self.activator.holds.pending((ns, name))
+
     async def until_pending(self, n: int, name: str = "details", ns: str = NS, timeout: float = 20) -> None:
         async with asyncio.timeout(timeout):
             while await self.pending(name, ns) != n:
@@ -277,6 +280,20 @@ async def test_wake_failure_fails_held_requests_early(env: Env) -> None:
     assert await env.pending() == 0
     assert env.wake.count(NS, "details") == 1
     assert await env.metric("elasti_activator_requests_total", namespace=NS, name="details", outcome="wake_failed") == 3
+
+
+async def test_refused_wake_fails_held_requests_at_once(env: Env) -> None:
+    """The controller refuses (409) while WakeFailed stays as it was: the answer itself fails the cycle."""
+    env.wake.refuse = (409, {"error": "scale-up refused: quota", "reason": "ScaleRefused"})
+    env.put("details", hold_timeout="10m", wake_failed=("ScaleRefused", "scale-up refused: quota", "t1"))
+    status, body, _ = await asyncio.wait_for(_response(env, "/echo"), 30)
+    assert status == 503 and json.loads(body) == {"error": "wake failed", "detail": "scale-up refused: quota"}
+    status, _, _ = await asyncio.wait_for(_response(env, "/echo"), 30)  # the next request tries again
+    assert status == 503 and env.wake.count(NS, "details") == 2
+    assert (
+        await env.metric("elasti_activator_wake_notifications_total", namespace=NS, name="details", result="refused")
+        == 2
+    )
 
 
 async def test_stale_wake_failure_starts_a_new_cycle(env: Env) -> None:
@@ -446,7 +463,8 @@ async def test_1mib_body_both_ways(env: Env) -> None:
         assert await r.read() == payload
 
 
-async def test_upload_larger_than_the_limit_is_streamed() -> None:
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_upload_larger_than_the_limit_is_streamed(chunked: bool) -> None:
     """The backend sees the upload begin before the client has produced the rest: nothing buffers it whole."""
     e = await Env(retry_body_limit=64 * 1024).start()
     try:
@@ -463,7 +481,10 @@ async def test_upload_larger_than_the_limit_is_streamed() -> None:
                 produced += 64 * 1024
                 yield os.urandom(64 * 1024)
 
-        async with e.client.post(e.url + "/upload", data=body(), headers={"elasti-service": f"{NS}/details"}) as r:
+        headers = {"elasti-service": f"{NS}/details"}
+        if not chunked:
+            headers["Content-Length"] = str(64 * 64 * 1024)
+        async with e.client.post(e.url + "/upload", data=body(), headers=headers) as r:
             assert r.status == 200
             assert (await r.json())["length"] == produced == 64 * 64 * 1024
     finally:

@@ -72,6 +72,22 @@ def test_one_wake_per_cycle_namespace_qualified() -> None:
     assert q.open_cycle(one, None) is True  # after ready, the next held request starts a new cycle
 
 
+def test_refusal_fails_only_its_own_cycle() -> None:
+    q = HoldQueues(100)
+    k = ("ns", "a")
+    q.admit(k, 10)
+    mark = q.failures(k)
+    q.open_cycle(k, None)
+    first = q.cycle_id(k)
+    q.observe(k, ready=True, failure=None)  # that cycle ended: ready
+    q.open_cycle(k, None)
+    refusal = WakeFailure("ScaleRefused", "quota", "")
+    assert q.fail_cycle(k, first, refusal) is False  # a late answer for an old cycle changes nothing
+    assert q.failed_since(k, mark) is None
+    assert q.fail_cycle(k, q.cycle_id(k), refusal) is True
+    assert q.failed_since(k, mark) == refusal and not q.cycle_open(k)
+
+
 def test_cycle_ends_when_nothing_is_held() -> None:
     q = HoldQueues(100)
     k = ("ns", "a")
