@@ -120,8 +120,9 @@ class Proxy:
         if request.method == "CONNECT":  # no tunnels here, as Envoy without CONNECT routes
             rec.response_flags = "NR"
             return local_reply(404)
-        target = request.message.url
-        if target.absolute:  # proxy (absolute-form) request: the URI's authority wins over Host
+        if request.raw_path[:1] != "/" and "://" in request.raw_path[:10]:
+            # Proxy (absolute-form) request: the URI's authority wins over Host.
+            target = request.url
             host = (target.raw_host or "").lower()
             port = target.explicit_port
             authority = host if port is None else f"{host}:{port}"
@@ -317,6 +318,9 @@ class Proxy:
                 return local_reply(503, CONNECTION_TERMINATION)
             _abort(request)
             return resp
+        except ConnectionResetError:  # writing to a client that went away
+            rec.response_flags = "DC"
+            return resp if resp is not None else local_reply(503, CONNECTION_TERMINATION)
 
     # ---- websockets ------------------------------------------------------------------------------
     async def _websocket(
