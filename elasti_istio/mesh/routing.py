@@ -38,6 +38,8 @@ def split_authority(authority: str) -> tuple[str, int | None]:
 
 
 def _is_ip(host: str) -> bool:
+    if not (host[:1].isdigit() or ":" in host):
+        return False  # cheap answer for names, which is nearly every request
     try:
         ipaddress.ip_address(host)
         return True

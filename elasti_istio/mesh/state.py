@@ -64,6 +64,8 @@ class MeshState:
         self._ep_cache: dict[tuple[Any, ...], list[Endpoint]] = {}
         self._ep_cache_gen = (-1, -1)
         self._rr: dict[tuple[Any, ...], itertools.count[int]] = {}
+        self._subsets: dict[tuple[str, str, str | None], dict[str, str] | None] = {}
+        self._subset_gen = -1
         self.virtualservices = Informer(kube, VIRTUALSERVICES, self._config_changed, name="virtualservices")
         self.destinationrules = Informer(kube, DESTINATIONRULES, self._config_changed, name="destinationrules")
         self.gateways = Informer(kube, GATEWAYS, self._config_changed, name="gateways")
@@ -159,8 +161,14 @@ class MeshState:
         return None if pod is None else (pod.get("metadata") or {}).get("labels") or {}
 
     def subset_labels(self, fqdn: str, subset: str, source_namespace: str | None) -> dict[str, str] | None:
-        rule = routing.destination_rule_for(self.destinationrules.items(), fqdn, source_namespace, self.domain)
-        return routing.subset_labels(rule, subset)
+        if self._subset_gen != self.config_gen:
+            self._subsets.clear()
+            self._subset_gen = self.config_gen
+        key = (fqdn, subset, source_namespace)
+        if key not in self._subsets:
+            rule = routing.destination_rule_for(self.destinationrules.items(), fqdn, source_namespace, self.domain)
+            self._subsets[key] = routing.subset_labels(rule, subset)
+        return self._subsets[key]
 
     def endpoints(self, namespace: str, name: str, port_name: str, labels: Mapping[str, str] | None) -> list[Endpoint]:
         gens = (self.endpoint_gen, self.config_gen)

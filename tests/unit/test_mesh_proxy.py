@@ -302,3 +302,32 @@ async def test_metrics_labels(env: dict[str, Any]) -> None:
         assert label in ok, ok
     assert any('response_code="404"' in line and 'response_flags="NR"' in line for line in lines)
     assert "made-up-host" not in text
+
+
+def test_state_caches_follow_every_change() -> None:
+    """Tables, subsets and endpoint lists are cached; any event invalidates them."""
+    c = Cluster()
+    st = c.state
+    fqdn = f"web.{NS}.svc.cluster.local"
+    c.put(
+        "destinationrules",
+        {"metadata": {"name": "web"}, "spec": {"host": "web", "subsets": [{"name": "a", "labels": {"v": "1"}}]}},
+    )
+    assert st.subset_labels(fqdn, "a", None) == {"v": "1"}
+    c.put(
+        "destinationrules",
+        {"metadata": {"name": "web"}, "spec": {"host": "web", "subsets": [{"name": "a", "labels": {"v": "2"}}]}},
+    )
+    assert st.subset_labels(fqdn, "a", None) == {"v": "2"}
+
+    c.endpoints("web", [1111], {"v": "2"})
+    assert [e.port for e in st.endpoints(NS, "web", "http", {"v": "2"})] == [1111]
+    c.put("pods", {"metadata": {"name": "web-0", "labels": {"v": "3"}}, "status": {"podIP": "127.0.0.100"}})
+    assert st.endpoints(NS, "web", "http", {"v": "2"}) == []
+    st._slice_event("DELETED", st.endpointslices.store.pop((NS, "web-0")))  # type: ignore[union-attr]
+    assert st.endpoints(NS, "web", "http", None) == []
+
+    assert st.table("mesh").lookup("web", NS) is None
+    c.virtualservice("web", ["web"], [{"route": [{"destination": {"host": "web"}}]}])
+    assert st.table("mesh").lookup("web", NS) is not None
+    assert st.pod_by_ip("127.0.0.100")["metadata"]["name"] == "web-0"  # type: ignore[index]
