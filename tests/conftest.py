@@ -53,7 +53,12 @@ class MeshInfo:
 @pytest.fixture(scope="session")
 def mesh_ports() -> MeshInfo:
     """Chosen before the cluster starts, so that the kubelet stand-in can be told the outbound address."""
-    return MeshInfo(free_port(), free_port(), free_port())
+    ports: list[int] = []
+    while len(ports) < 3:
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    return MeshInfo(*ports)
 
 
 @pytest.fixture(scope="session")
