@@ -415,7 +415,7 @@ class Reconciler:
         # Wake outcome.
         failure = self.wake_failure.get(key)
         if failure is None and state.stuck and state.replicas > 0 and state.ready == 0:
-            failure = ("TargetNotProgressing", state.stuck)
+            failure = state.stuck
         if failure is not None:
             conds = self._problem(es, conds, C.WAKE_FAILED, failure[0], failure[1], positive=True)
         elif key in self.waking or C.get_condition(conds, C.WAKE_FAILED):
@@ -654,15 +654,16 @@ class Reconciler:
         await self.unpause_keda(r)
         res = WORKLOAD_RESOURCES[r.workload_kind]
         name = r.state.name
-        scale = await self.kube.get(res, name, spec.namespace, sub="scale")
-        current = int((scale.get("spec") or {}).get("replicas") or 0)
-        if current >= spec.min_replicas:
-            return False
         try:
+            scale = await self.kube.get(res, name, spec.namespace, sub="scale")
+            current = int((scale.get("spec") or {}).get("replicas") or 0)
+            if current >= spec.min_replicas:
+                return False
             await self.kube.patch(res, name, {"spec": {"replicas": spec.min_replicas}}, spec.namespace, sub="scale")
         except KubeError as exc:
-            msg = f"scaling {r.workload_kind} {name} to {spec.min_replicas} was refused: {exc.message}"
-            self.wake_failure[key] = ("ScaleRefused", msg)
+            if exc.status < 500:  # refused, not a passing server failure
+                msg = f"scaling {r.workload_kind} {name} to {spec.min_replicas} was refused: {exc.message}"
+                self.wake_failure[key] = ("ScaleRefused", msg)
             raise
         self.wake_failure.pop(key, None)
         self.waking.add(key)
@@ -734,7 +735,7 @@ class Reconciler:
         key = es_key(namespace, name)
         es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
         if es is None:
-            metrics.WAKES.labels(namespace, name, "not_found").inc()
+            metrics.WAKES.labels("", "", "not_found").inc()  # never a label value taken from the request
             raise LookupError(f"ElastiService {namespace}/{name} not found")
         try:
             r = await self.resolve(es)

@@ -26,7 +26,7 @@ class WorkloadState:
     template_labels: dict[str, str]
     match_labels: dict[str, str]
     has_expressions: bool
-    stuck: str | None  # why the workload cannot progress, when it says so
+    stuck: tuple[str, str] | None  # (reason, message) when the workload says it cannot progress
 
     @property
     def at_zero(self) -> bool:
@@ -55,14 +55,17 @@ def workload_state(kind: str, obj: dict[str, Any]) -> WorkloadState:
     )
 
 
-def stuck_reason(kind: str, obj: dict[str, Any]) -> str | None:
-    """A Deployment (or Rollout) that reports ``Progressing=False`` cannot reach its replicas."""
+def stuck_reason(kind: str, obj: dict[str, Any]) -> tuple[str, str] | None:
+    """Why the workload says it cannot reach its replicas: a Deployment (or Rollout) reporting
+    ``Progressing=False`` (a rollout past its deadline), or ``ReplicaFailure=True`` (pods cannot be
+    created: quota, admission, a missing ServiceAccount)."""
+    name = obj["metadata"]["name"]
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
             reason = cond.get("reason") or "NotProgressing"
-            return f"{kind} {obj['metadata']['name']} is not progressing ({reason}): {cond.get('message', '')}".strip()
+            return "TargetNotProgressing", f"{kind} {name} is not progressing ({reason}): {cond.get('message', '')}"
         if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
-            return f"{kind} {obj['metadata']['name']} cannot create pods: {cond.get('message', '')}".strip()
+            return "TargetReplicaFailure", f"{kind} {name} cannot create pods: {cond.get('message', '')}"
     return None
 
 
