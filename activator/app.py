@@ -26,7 +26,7 @@ class Activator:
         self.cfg = cfg
         self.registry = registry if registry is not None else Registry(cfg.cluster_domain)
         self._watch = registry is None
-        self.wake_token_file = wake_token_file
+        self.wake_token_file = wake_token_file or cfg.wake_token_file
         self.metrics = Metrics()
         self.kube: Kube | None = None
         self._proxy_runner: web.BaseRunner | None = None

@@ -92,6 +92,13 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         metavar="DOMAIN",
         help="the cluster's DNS domain, for origin addresses <service>.<namespace>.svc.<domain>",
     )
+    options.add(
+        p,
+        "--wake-token-file",
+        metavar="PATH",
+        help="send the token in this file as a bearer token with every wake call (re-read each call, so a "
+        "mounted Secret can rotate); must match the controller's --wake-token-file",
+    )
     options.add(p, "--log-level", default="info", help="debug, info, warning or error")
 
 
@@ -108,6 +115,7 @@ class Config:
     cold_start_header: bool = True
     upstream_proxy: str | None = None
     cluster_domain: str = "cluster.local"
+    wake_token_file: str | None = None
     log_level: str = "info"
 
     @classmethod
@@ -128,5 +136,6 @@ class Config:
             cold_start_header=args.cold_start_header,
             upstream_proxy=args.upstream_proxy or None,
             cluster_domain=args.cluster_domain.strip("."),
+            wake_token_file=args.wake_token_file or None,
             log_level=args.log_level,
         )

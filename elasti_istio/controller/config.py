@@ -24,6 +24,7 @@ class ControllerConfig:
     cluster_domain: str = "cluster.local"
     workers: int = 8
     identity: str = ""
+    wake_token_file: str | None = None
 
 
 def parse_deployment_ref(value: str) -> tuple[str, str] | None:
@@ -103,6 +104,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="how long a Lease is held without renewal before another replica takes over",
     )
     options.add(p, "--cluster-domain", default=d.cluster_domain, help="DNS suffix of Service hosts")
+    options.add(
+        p,
+        "--wake-token-file",
+        default=None,
+        metavar="PATH",
+        help="accept POST /v1/wake only with the bearer token in this file (re-read when it changes, so a "
+        "mounted Secret can rotate); default: no authentication",
+    )
     options.add(p, "--workers", type=int, default=d.workers, help="ElastiServices reconciled concurrently")
     options.add(p, "--log-level", default="info", help="debug, info, warning or error")
 
@@ -125,5 +134,6 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
         lease_seconds=args.lease_seconds,
         cluster_domain=args.cluster_domain,
         workers=max(1, args.workers),
+        wake_token_file=args.wake_token_file or None,
         identity=f"{os.environ.get('POD_NAME') or socket.gethostname()}_{os.getpid()}",
     )

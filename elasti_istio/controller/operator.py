@@ -50,7 +50,7 @@ class Controller:
         self.reconciler = Reconciler(self.kube, cfg, self.idx, self.recorder)
         self.queue = WorkQueue(self._process, workers=cfg.workers)
         self.reconciler._requeue = self.queue.add  # type: ignore[method-assign]
-        self.waker = Waker(self.reconciler.wake, self.is_leader)
+        self.waker = Waker(self.reconciler.wake, self.is_leader, cfg.wake_token_file)
         self.seeded = asyncio.Event()
         self.elector: LeaderElector | None = None
         if cfg.leader_election:

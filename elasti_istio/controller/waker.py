@@ -7,10 +7,13 @@ qualified, so equal names in two namespaces never wait for each other.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -26,11 +29,47 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
+class TokenFile:
+    """A bearer token kept in a file, re-read when the file changes (a mounted Secret rotates by
+    swapping a symlink, so the path's stat is checked on every request)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[float, int, int] | None = None
+        self._token: str | None = None
+
+    def current(self) -> str | None:
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            log.warning("wake token file %s unreadable: %s", self.path, exc)
+            return None
+        stamp = (st.st_mtime, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            try:
+                self._token = Path(self.path).read_text().strip() or None
+            except OSError as exc:
+                log.warning("wake token file %s unreadable: %s", self.path, exc)
+                return None
+            self._stamp = stamp
+        return self._token
+
+    def allows(self, header: str | None) -> bool:
+        token = self.current()
+        if not token or not header:
+            return False
+        scheme, _, value = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
 class Waker:
-    def __init__(self, wake: Callable[[str, str], Awaitable[str]], is_leader: Callable[[], bool]) -> None:
+    def __init__(
+        self, wake: Callable[[str, str], Awaitable[str]], is_leader: Callable[[], bool], token_file: str | None = None
+    ) -> None:
         self._wake = wake
         self._is_leader = is_leader
         self._inflight: dict[str, asyncio.Future[str]] = {}
+        self._token = TokenFile(token_file) if token_file else None
 
     async def wake(self, namespace: str, name: str) -> str:
         key = f"{namespace}/{name}"
@@ -42,6 +81,12 @@ class Waker:
         return await asyncio.shield(fut)
 
     async def handle(self, request: web.Request) -> web.Response:
+        if self._token is not None and not self._token.allows(request.headers.get("Authorization")):
+            return web.json_response(
+                {"error": "a valid bearer token is required (the activator's --wake-token-file)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="elasti-wake"'},
+            )
         if not self._is_leader():
             return error(503, "this controller replica is not the leader; retry", retry=True)
         try:

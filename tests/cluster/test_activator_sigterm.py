@@ -16,10 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from activator.testing import MeshProxy, WakeEndpoint, serve
 from elasti_istio.kube import Kube, load_connection
 from elasti_istio.localcluster.cluster import ClusterInfo, free_port
 from elasti_istio.resources import ELASTISERVICES
+from tests.activator_stubs import MeshProxy, WakeEndpoint, serve
 from tests.cluster.test_activator_registry import es_body
 from tests.unit.test_activator_proxy import backend_app
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from activator.app import Activator
 from activator.config import Config
 from activator.registry import Registry
-from activator.testing import MeshProxy, WakeEndpoint, elastiservice, serve
+from tests.activator_stubs import MeshProxy, WakeEndpoint, elastiservice, serve
 
 NS = "shop"
 _rv = itertools.count(2)

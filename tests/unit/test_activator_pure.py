@@ -11,7 +11,7 @@ from activator.forward import mesh_not_ready, response_headers, upstream_headers
 from activator.queue import Admission, Change, HoldQueues
 from activator.registry import Target, WakeFailure, target_from
 from activator.routing import Rejection, route
-from activator.testing import elastiservice
+from tests.activator_stubs import elastiservice
 
 
 @pytest.mark.parametrize(
