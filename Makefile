@@ -4,12 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help venv binaries test test-unit lint demo bench clean cluster-up cluster-down
 
 help:
 	@echo "make test       create .venv, install, build the control plane once, run every test"
 	@echo "make test-unit  tests that need no cluster"
+	@echo "make demo       Bookinfo on a local cluster: details scaled to zero and woken by a request (DEMO_ARGS=--keep)"
 	@echo "make lint       ruff"
 	@echo "make cluster-up / cluster-down   the local cluster in .elasti/cluster"
 
@@ -35,6 +37,9 @@ test-unit: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+demo: venv binaries
+	$(BIN)/elasti-istio demo $(DEMO_ARGS)
 
 cluster-up: venv binaries
 	$(BIN)/elasti-istio cluster up

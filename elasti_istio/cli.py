@@ -15,6 +15,7 @@ COMMANDS = (
     "elasti_istio.kubelet.main",
     "elasti_istio.mesh.main",
     "activator.main",
+    "elasti_istio.playground.demo",
 )
 
 

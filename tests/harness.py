@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +13,10 @@ from typing import Any
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from elasti_istio.playground.procs import ControllerProc as PlaygroundControllerProc
+from elasti_istio.playground.procs import Proc as Proc  # re-exported: tests run programs with it
+from elasti_istio.playground.procs import ProcError
+from elasti_istio.playground.procs import free_port as free_port
 from tests.conftest import K8s
 from tests.helpers import wait_for
 
@@ -136,12 +136,6 @@ def ready_replicas(k8s: K8s, namespace: str, name: str) -> int:
     return int(k8s.apps.read_namespaced_deployment(name, namespace).status.ready_replicas or 0)  # type: ignore
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def http_json(
     method: str, url: str, body: Any = None, timeout: float = 30, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
@@ -164,56 +158,9 @@ def _maybe_json(raw: bytes) -> Any:
         return raw.decode(errors="replace")
 
 
-class Proc:
-    """A program of the project run as a subprocess, as in production: its own process, its own flags."""
+class ControllerProc(PlaygroundControllerProc):
+    """The controller as tests run it: debug logs, the fail-open check off unless an activator is named."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.args = args
-        self.log_path = log_path
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "elasti_istio", *self.args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(self.env or {})},
-            start_new_session=True,
-        )
-        log.close()
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.alive():
-            assert self.proc is not None
-            os.kill(self.proc.pid, sig)
-            self.proc.wait(30)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-    def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-class ControllerProc(Proc):
     def __init__(
         self,
         kubeconfig: Path,
@@ -222,44 +169,15 @@ class ControllerProc(Proc):
         *extra: str,
         activator_deployment: str | None = None,
     ) -> None:
-        self.wake_port, self.metrics_port = free_port(), free_port()
-        args = [
-            "controller",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--wake-listen",
-            f"127.0.0.1:{self.wake_port}",
-            "--metrics-listen",
-            f"127.0.0.1:{self.metrics_port}",
-            "--activator-host",
-            "elasti-activator.elasti-system.svc.cluster.local",
-            "--activator-deployment",
-            activator_deployment or "none",
-            "--log-level",
-            "debug",
-        ]
-        if namespace:
-            args += ["--namespace", namespace]
-        super().__init__([*args, *extra], log_path)
-
-    @property
-    def wake_url(self) -> str:
-        return f"http://127.0.0.1:{self.wake_port}/v1/wake"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
+        super().__init__(
+            kubeconfig, namespace, log_path, *extra, activator_deployment=activator_deployment, log_level="debug"
+        )
 
     def wait_ready(self, timeout: float = 60) -> ControllerProc:
-        def ready() -> bool:
-            if not self.alive():
-                raise AssertionError(f"controller exited:\n{self.logs()[-4000:]}")
-            try:
-                return http_json("GET", self.metrics_url + "/readyz", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        wait_for(ready, timeout, "controller /readyz")
+        try:
+            super().wait_ready(timeout)
+        except ProcError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()[-4000:]}") from exc
         return self
 
     def wake(self, namespace: str, name: str) -> tuple[int, Any]:

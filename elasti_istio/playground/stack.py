@@ -1,0 +1,193 @@
+"""The whole system on one machine: local cluster, elasti-system, mesh, activator, controller, Bookinfo.
+
+Each part is a method so that a caller can time and narrate it; :meth:`Playground.stop` stops what was
+started, newest first, and is safe to call at any point (also twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elasti_istio.localcluster.cluster import ClusterInfo, LocalCluster
+from elasti_istio.playground import bookinfo, system
+from elasti_istio.playground.manifests import Api
+from elasti_istio.playground.procs import ActivatorProc, ControllerProc, MeshProc, Proc, free_ports
+
+
+class PlaygroundError(RuntimeError):
+    """A part did not come up; the message says which and where its log is."""
+
+
+@dataclass
+class Ports:
+    ingress: int
+    outbound: int
+    mesh_metrics: int
+    activator: int
+    activator_admin: int
+    wake: int
+    controller_metrics: int
+
+    @classmethod
+    def pick(cls, ingress: int = 0) -> Ports:
+        p = free_ports(7, avoid=(ingress,) if ingress else ())
+        return cls(ingress or p[0], *p[1:])
+
+
+@dataclass
+class Playground:
+    state_dir: Path
+    ingress_port: int = 0
+    startup_seconds: float = 1.0
+    namespace: str = "bookinfo"
+    log: Callable[[str], None] = lambda _msg: None
+    ports: Ports = field(init=False)
+    cluster: LocalCluster = field(init=False)
+    info: ClusterInfo | None = field(init=False, default=None)
+    api: Api | None = field(init=False, default=None)
+    mesh: MeshProc | None = field(init=False, default=None)
+    activator: ActivatorProc | None = field(init=False, default=None)
+    controller: ControllerProc | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).absolute()
+        self.ports = Ports.pick(self.ingress_port)
+        self.cluster = LocalCluster(
+            self.state_dir,
+            attached=True,
+            startup_seconds=self.startup_seconds,
+            mesh_proxy=f"http://127.0.0.1:{self.ports.outbound}",
+            log=self.log,
+        )
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.ingress}"
+
+    @property
+    def outbound_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.outbound}"
+
+    def procs(self) -> list[Proc]:
+        return [p for p in (self.mesh, self.activator, self.controller) if p is not None]
+
+    # ---- parts, in order --------------------------------------------------------------------
+    def start_cluster(self) -> ClusterInfo:
+        state = self.cluster.read_state()
+        if state is not None:
+            if all(self.cluster.component_status(state).values()) and self.cluster.apiserver_healthy(state):
+                raise PlaygroundError(
+                    f"a cluster is already running in {self.state_dir} (another demo with --keep?); stop it first "
+                    "or choose another --state-dir"
+                )
+            self.cluster.down(quiet=True)  # what a killed earlier run left behind
+        shutil.rmtree(self.logs_dir, ignore_errors=True)
+        self.info = self.cluster.up()
+        self.api = Api(self.info.admin_kubeconfig)
+        return self.info
+
+    def install_system(self) -> None:
+        system.install(self._api(), self.ports.activator, self.ports.activator_admin)
+
+    def start_mesh(self) -> MeshProc:
+        info = self._info()
+        self.mesh = MeshProc(
+            info.admin_kubeconfig,
+            self.logs_dir / "mesh.log",
+            self.ports.ingress,
+            self.ports.outbound,
+            self.ports.mesh_metrics,
+        ).start()
+        self.mesh.wait_ready()
+        return self.mesh
+
+    def start_activator(self) -> ActivatorProc:
+        info = self._info()
+        self.activator = ActivatorProc(
+            info.activator_kubeconfig,
+            self.logs_dir / "activator.log",
+            controller_url=f"http://127.0.0.1:{self.ports.wake}",
+            upstream_proxy=self.outbound_url,
+            port=self.ports.activator,
+            admin_port=self.ports.activator_admin,
+            drain_timeout=5,
+        ).start()
+        self.activator.wait_ready()
+        self._wait(lambda: system.activator_ready(self._api()), 60, "the elasti-activator Deployment to be ready")
+        return self.activator
+
+    def start_controller(self) -> ControllerProc:
+        info = self._info()
+        self.controller = ControllerProc(
+            info.controller_kubeconfig,
+            None,
+            self.logs_dir / "controller.log",
+            activator_deployment=f"{system.SYSTEM_NAMESPACE}/{system.ACTIVATOR}",
+            wake_port=self.ports.wake,
+            metrics_port=self.ports.controller_metrics,
+        ).start()
+        self.controller.wait_ready()
+        return self.controller
+
+    def deploy_bookinfo(self) -> None:
+        bookinfo.apply(self._api(), self.namespace)
+
+    def bookinfo_status(self) -> str:
+        """What is still missing before Bookinfo serves (empty when everything does)."""
+        api = self._api()
+        ready, total = bookinfo.deployments_ready(api, self.namespace)
+        if not total or ready < total:
+            return f"{ready}/{total} Deployments ready"
+        waiting = [n for n in bookinfo.ELASTISERVICES if bookinfo.phase(api, self.namespace, n) != "Serving"]
+        if waiting:
+            return "ElastiServices not Serving yet: " + ", ".join(waiting)
+        status, headers, body = bookinfo.get_page(self.gateway_url, timeout=10)
+        problem = bookinfo.page_problem(status, headers, body)
+        return f"productpage through the gateway: {problem}" if problem else ""
+
+    # ---- stop --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stops every process, newest first, and the cluster; the logs stay in :attr:`logs_dir`."""
+        for proc in reversed(self.procs()):
+            with contextlib.suppress(Exception):
+                proc.stop(timeout=15)
+        if self.api is not None:
+            with contextlib.suppress(Exception):
+                self.api.close()
+            self.api = None
+        if self.info is not None:  # never another run's cluster found in the state dir
+            with contextlib.suppress(Exception):
+                self.cluster.down(quiet=True, keep_logs=True)
+            self.info = None
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _api(self) -> Api:
+        if self.api is None:
+            raise PlaygroundError("the cluster is not started")
+        return self.api
+
+    def _info(self) -> ClusterInfo:
+        if self.info is None:
+            raise PlaygroundError("the cluster is not started")
+        return self.info
+
+    def _wait(self, probe: Callable[[], object], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                if probe():
+                    return
+            except Exception as exc:
+                last = exc
+            time.sleep(0.1)
+        raise PlaygroundError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({last})" if last else ""))
