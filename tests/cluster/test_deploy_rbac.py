@@ -1,0 +1,367 @@
+"""The rendered manifests on the real API server, RBAC proven rather than claimed.
+
+The rendered RBAC objects are applied unchanged: the local cluster's controller and activator
+identities carry the user names of the ServiceAccounts in elasti-system, so the bindings apply to
+them as they would in a cluster. Both programs run as local processes with the flags of the rendered
+Deployments (only addresses, the token path and the credentials differ), and the activator is reached
+through the mesh via the rendered ``elasti-system/elasti-activator`` Service and Deployment, whose
+Pod forwards to the process (``sim-forward``) and is Ready while the process is (``sim-readiness-url``).
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from elasti_istio.localcluster.cluster import ClusterInfo
+from tests.cluster.test_mesh_bookinfo import via_sidecar
+from tests.conftest import K8s, MeshInfo
+from tests.harness import Proc, apply, es, free_port, get, http_json, load, ready_replicas, scale, wait_until
+from tests.rendered import (
+    RBAC_KINDS,
+    SYSTEM_NS,
+    container,
+    copy_tree,
+    find,
+    kinds,
+    kubectl,
+    parse_args,
+    render,
+    shipped,
+    watch_namespaces,
+    with_flags,
+)
+
+SIM = "elasti.truefoundry.com/"
+ACTIVATOR_HOST = "elasti-activator.elasti-system.svc.cluster.local"
+
+
+# ---- applying rendered objects -------------------------------------------------------------------
+def run_kubectl(kubeconfig: Path, *args: str, docs: list[dict[str, Any]] | None = None) -> str:
+    out = subprocess.run(
+        [kubectl(), "--kubeconfig", str(kubeconfig), *args],
+        input=yaml.safe_dump_all(docs) if docs is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, f"kubectl {' '.join(args)}:\n{out.stderr}"
+    return out.stdout
+
+
+class Installed:
+    """Rendered objects applied with ``kubectl apply`` as the admin, deleted again at the end (the
+    grants are cluster-wide, and other tests rely on the identities having none)."""
+
+    def __init__(self, cluster: ClusterInfo) -> None:
+        self.kubeconfig = cluster.admin_kubeconfig
+        self.docs: list[dict[str, Any]] = []
+
+    def apply(self, docs: list[dict[str, Any]]) -> None:
+        self.docs += docs
+        run_kubectl(self.kubeconfig, "apply", "-f", "-", docs=docs)
+
+    def remove(self) -> None:
+        if self.docs:
+            run_kubectl(self.kubeconfig, "delete", "--ignore-not-found", "--wait=false", "-f", "-", docs=self.docs)
+
+
+@pytest.fixture
+def installed(cluster: ClusterInfo, k8s: K8s) -> Iterator[Installed]:
+    try:
+        k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM_NS)))  # type: ignore[attr-defined]
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    # An activator workload left by another test would have another selector (immutable).
+    for delete in (k8s.apps.delete_namespaced_deployment, k8s.core.delete_namespaced_service):  # type: ignore[attr-defined]
+        try:
+            delete("elasti-activator", SYSTEM_NS)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    wait_until(lambda: not k8s.core.list_namespaced_pod(SYSTEM_NS).items, what="no pod left in elasti-system")  # type: ignore[attr-defined]
+    inst = Installed(cluster)
+    try:
+        yield inst
+    finally:
+        inst.remove()
+
+
+def rbac_and_secret(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return kinds(docs, "ServiceAccount", "Secret", *RBAC_KINDS)
+
+
+def activator_workload(docs: list[dict[str, Any]], port: int | None, admin_port: int | None) -> list[dict[str, Any]]:
+    """The rendered activator Service and Deployment; with ports, its Pod stands for the local process."""
+    dep = find(docs, "Deployment", "elasti-activator")
+    if port and admin_port:
+        dep["spec"]["template"]["metadata"]["annotations"].update(
+            {
+                SIM + "sim-forward": f"8012=127.0.0.1:{port},9091=127.0.0.1:{admin_port}",
+                SIM + "sim-readiness-url": f"http://127.0.0.1:{admin_port}/readyz",
+                SIM + "sim-startup-seconds": "0",
+            }
+        )
+    return [find(docs, "Service", "elasti-activator"), dep]
+
+
+def token_file(docs: list[dict[str, Any]], tmp: Path) -> Path:
+    """The Secret's token where a mount would put it."""
+    secret = find(docs, "Secret", "elasti-wake-token", SYSTEM_NS)
+    path = tmp / "wake-token" / "token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(secret["data"]["token"]))
+    return path
+
+
+def start(kubeconfig: Path, args: list[str], log: Path) -> Proc:
+    parse_args(args)
+    return Proc([*args, "--kubeconfig", str(kubeconfig), "--log-level", "debug"], log).start()
+
+
+def wait_http(proc: Proc, url: str, what: str) -> None:
+    def up() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"{what} exited:\n{proc.logs()[-4000:]}")
+        try:
+            return http_json("GET", url, timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    wait_until(up, timeout=60, what=what)
+
+
+def bookinfo(k8s: K8s, ns: str) -> None:
+    for name in ("bookinfo.yaml", "destination-rule-all.yaml", "virtual-services.yaml", "elastiservices.yaml"):
+        apply(k8s, ns, load(name))
+    wait_until(lambda: ready_replicas(k8s, ns, "details-v1") == 1, what="details-v1 ready")
+
+
+def phase(k8s: K8s, ns: str, name: str) -> str | None:
+    return (es(k8s, ns, name).get("status") or {}).get("phase")
+
+
+def vs_spec(k8s: K8s, ns: str, name: str) -> dict[str, Any]:
+    vs = get(k8s, ns, "VirtualService", name)
+    assert vs is not None
+    return dict(vs["spec"])
+
+
+def proxied(spec: dict[str, Any]) -> bool:
+    return any(d["destination"]["host"] == ACTIVATOR_HOST for r in spec.get("http") or [] for d in r["route"])
+
+
+# ---- calls as an identity ------------------------------------------------------------------------
+class As:
+    """The official client authenticated as one of the local cluster's component identities."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
+        api = client.ApiClient(cfg)
+        self.core, self.apps, self.custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+
+
+def status(call: Callable[[], Any]) -> int:
+    try:
+        call()
+        return 200
+    except ApiException as exc:
+        return int(exc.status)
+
+
+ES = ("elasti.truefoundry.com", "v1alpha1")
+VS = ("networking.istio.io", "v1beta1")
+
+
+# ---- the tests -----------------------------------------------------------------------------------
+def test_rendered_manifests_are_valid_for_the_server(
+    cluster: ClusterInfo, namespace: str, installed: Installed, tmp_path: Path
+) -> None:
+    """Everything the server serves is accepted by it (server-side dry run, after kubectl's schema check)."""
+    served = set(run_kubectl(cluster.admin_kubeconfig, "api-versions").split())
+    tree = copy_tree(tmp_path / "tree")
+    watch_namespaces(tree, [namespace])
+    for docs in (shipped("cluster-wide"), render(tree, "namespace-scoped")):
+        skipped = sorted(d["kind"] for d in docs if d["apiVersion"] not in served)
+        assert skipped == ["HorizontalPodAutoscaler", "PodDisruptionBudget"], skipped  # newer than 1.20
+        docs = [d for d in docs if d["apiVersion"] in served]
+        run_kubectl(cluster.admin_kubeconfig, "apply", "--dry-run=server", "-f", "-", docs=docs)
+
+
+def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
+    cluster: ClusterInfo, k8s: K8s, mesh: MeshInfo, namespace: str, installed: Installed, tmp_path: Path
+) -> None:
+    docs = shipped("cluster-wide")
+    installed.apply(rbac_and_secret(docs))
+    token = token_file(docs, tmp_path)
+    wake_port, metrics_port, port, admin_port = (free_port() for _ in range(4))
+    installed.apply(activator_workload(docs, port, admin_port))
+    act_args = with_flags(
+        container(find(docs, "Deployment", "elasti-activator"))["args"],
+        listen=f"127.0.0.1:{port}",
+        admin_listen=f"127.0.0.1:{admin_port}",
+        controller_url=f"http://127.0.0.1:{wake_port}",
+        wake_token_file=str(token),
+        upstream_proxy=mesh.outbound,
+    )
+    ctrl_args = with_flags(
+        container(find(docs, "Deployment", "elasti-controller"))["args"],
+        wake_listen=f"127.0.0.1:{wake_port}",
+        metrics_listen=f"127.0.0.1:{metrics_port}",
+        wake_token_file=str(token),
+        leader_election_id=f"elasti-controller-{uuid.uuid4().hex[:6]}",
+    )
+    bookinfo(k8s, namespace)
+    original = vs_spec(k8s, namespace, "details")
+    activator = start(cluster.activator_kubeconfig, act_args, tmp_path / "activator.log")
+    controller = start(cluster.controller_kubeconfig, ctrl_args, tmp_path / "controller.log")
+    try:
+        # The probes of the rendered Deployments, on the real programs.
+        for path in ("/healthz", "/readyz"):
+            wait_http(activator, f"http://127.0.0.1:{admin_port}{path}", f"activator {path}")
+            wait_http(controller, f"http://127.0.0.1:{metrics_port}{path}", f"controller {path} (leader)")
+        wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="details Serving")
+        assert es(k8s, namespace, "details")["status"]["origin"]["service"] == "details-elasti-origin"
+
+        scale(k8s, namespace, "details-v1", 0)
+        wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="ScaledToZero")
+        assert proxied(vs_spec(k8s, namespace, "details"))
+        # A request through the mesh is held by the activator, which wakes details with the token.
+        code, headers, body = via_sidecar(mesh, f"http://details.{namespace}.svc.cluster.local:9080/details/0")
+        assert code == 200, body
+        assert headers.get("x-elasti-cold-start") == "true"
+        assert b'"author"' in body
+        wait_until(lambda: vs_spec(k8s, namespace, "details") == original, what="routes restored exactly")
+        assert k8s.apps.read_namespaced_deployment("details-v1", namespace).spec.replicas == 1  # type: ignore
+        # Wake authentication is on as rendered.
+        assert (
+            http_json("POST", f"http://127.0.0.1:{wake_port}/v1/wake", {"namespace": namespace, "name": "x"})[0] == 401
+        )
+
+        act, ctrl = As(cluster.activator_kubeconfig), As(cluster.controller_kubeconfig)
+        assert status(lambda: act.custom.list_cluster_custom_object(*ES, "elastiservices")) == 200
+        forbidden = {
+            "activator patches a VirtualService": lambda: act.custom.patch_namespaced_custom_object(
+                *VS, namespace, "virtualservices", "details", {"metadata": {"labels": {"x": "y"}}}
+            ),
+            "activator writes an ElastiService status": lambda: act.custom.patch_namespaced_custom_object_status(
+                *ES, namespace, "elastiservices", "details", {"status": {"phase": "Serving"}}
+            ),
+            "activator lists pods cluster-wide": lambda: act.core.list_pod_for_all_namespaces(),
+            "activator reads the wake token": lambda: act.core.read_namespaced_secret("elasti-wake-token", SYSTEM_NS),
+            "activator scales a Deployment": lambda: act.apps.patch_namespaced_deployment_scale(
+                "details-v1", namespace, {"spec": {"replicas": 2}}
+            ),
+            "controller reads the wake token": lambda: ctrl.core.read_namespaced_secret("elasti-wake-token", SYSTEM_NS),
+            "controller lists Secrets": lambda: ctrl.core.list_namespaced_secret(namespace),
+            "controller edits a Deployment": lambda: ctrl.apps.patch_namespaced_deployment(
+                "details-v1", namespace, {"metadata": {"labels": {"x": "y"}}}
+            ),
+            "controller deletes a Deployment": lambda: ctrl.apps.delete_namespaced_deployment("details-v1", namespace),
+            "controller creates a Pod": lambda: ctrl.core.create_namespaced_pod(
+                namespace, {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+            ),
+            "controller lists Nodes": lambda: ctrl.core.list_node(),
+            "controller writes a Lease outside elasti-system": lambda: ctrl.custom.create_namespaced_custom_object(
+                "coordination.k8s.io", "v1", namespace, "leases", {"metadata": {"name": "l"}, "spec": {}}
+            ),
+        }
+        got = {what: status(call) for what, call in forbidden.items()}
+        assert got == dict.fromkeys(forbidden, 403)
+    finally:
+        for proc in (activator, controller):
+            code = proc.stop()
+            print(proc.logs()[-3000:])
+            assert code == 0, f"{proc.args[0]} exit code {code}"
+            assert "forbidden" not in proc.logs().lower(), f"{proc.args[0]} was refused something"
+
+
+def test_namespace_scoped_rbac_works_in_the_watched_namespace_only(
+    cluster: ClusterInfo, k8s: K8s, namespace: str, installed: Installed, tmp_path: Path
+) -> None:
+    other = f"{namespace[:50]}-other"
+    k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))  # type: ignore[attr-defined]
+    try:
+        tree = copy_tree(tmp_path / "tree")
+        watch_namespaces(tree, [namespace])
+        docs = render(tree, "namespace-scoped")
+        assert not kinds(docs, "ClusterRole", "ClusterRoleBinding")
+        installed.apply(rbac_and_secret(docs))
+        # The activator Pod (a generic app here) is Ready, so the controller does not fail open.
+        installed.apply(activator_workload(docs, None, None))
+        token = token_file(docs, tmp_path)
+        wake_port, metrics_port = free_port(), free_port()
+        ctrl_args = with_flags(
+            container(find(docs, "Deployment", "elasti-controller"))["args"],
+            wake_listen=f"127.0.0.1:{wake_port}",
+            metrics_listen=f"127.0.0.1:{metrics_port}",
+            wake_token_file=str(token),
+            leader_election_id=f"elasti-controller-{uuid.uuid4().hex[:6]}",
+        )
+        assert parse_args(ctrl_args).namespace == [namespace]
+        for ns in (namespace, other):
+            bookinfo(k8s, ns)
+        original = vs_spec(k8s, namespace, "details")
+        controller = start(cluster.controller_kubeconfig, ctrl_args, tmp_path / "controller.log")
+        try:
+            wait_http(controller, f"http://127.0.0.1:{metrics_port}/readyz", "controller ready (leader)")
+            wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="details Serving")
+            scale(k8s, namespace, "details-v1", 0)
+            wait_until(lambda: proxied(vs_spec(k8s, namespace, "details")), what="proxy mode")
+            wake = http_json(
+                "POST",
+                f"http://127.0.0.1:{wake_port}/v1/wake",
+                {"namespace": namespace, "name": "details"},
+                headers={"Authorization": f"Bearer {token.read_text()}"},
+            )
+            assert wake[0] == 202, wake
+            wait_until(lambda: vs_spec(k8s, namespace, "details") == original, what="routes restored")
+            # The other namespace is out of reach, and untouched.
+            assert not es(k8s, other, "details").get("status")
+            assert not es(k8s, other, "details")["metadata"].get("finalizers")
+        finally:
+            code = controller.stop()
+            print(controller.logs()[-3000:])
+        assert code == 0
+        assert "forbidden" not in controller.logs().lower(), "the controller was refused something"
+
+        act, ctrl = As(cluster.activator_kubeconfig), As(cluster.controller_kubeconfig)
+        assert status(lambda: act.custom.list_namespaced_custom_object(*ES, namespace, "elastiservices")) == 200
+        assert status(lambda: ctrl.core.list_namespaced_pod(namespace)) == 200
+        forbidden = {
+            "activator lists ElastiServices elsewhere": lambda: act.custom.list_namespaced_custom_object(
+                *ES, other, "elastiservices"
+            ),
+            "activator lists ElastiServices cluster-wide": lambda: act.custom.list_cluster_custom_object(
+                *ES, "elastiservices"
+            ),
+            "controller lists ElastiServices elsewhere": lambda: ctrl.custom.list_namespaced_custom_object(
+                *ES, other, "elastiservices"
+            ),
+            "controller lists ElastiServices cluster-wide": lambda: ctrl.custom.list_cluster_custom_object(
+                *ES, "elastiservices"
+            ),
+            "controller patches a VirtualService elsewhere": lambda: ctrl.custom.patch_namespaced_custom_object(
+                *VS, other, "virtualservices", "details", {"metadata": {"labels": {"x": "y"}}}
+            ),
+            "controller scales elsewhere": lambda: ctrl.apps.patch_namespaced_deployment_scale(
+                "details-v1", other, {"spec": {"replicas": 0}}
+            ),
+            "controller lists pods cluster-wide": lambda: ctrl.core.list_pod_for_all_namespaces(),
+            "controller reads the wake token": lambda: ctrl.core.read_namespaced_secret("elasti-wake-token", SYSTEM_NS),
+        }
+        got = {what: status(call) for what, call in forbidden.items()}
+        assert got == dict.fromkeys(forbidden, 403)
+    finally:
+        k8s.core.delete_namespace(other)  # type: ignore[attr-defined]
