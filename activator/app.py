@@ -11,6 +11,7 @@ from activator.config import Config
 from activator.forward import Forwarder
 from activator.hold import Holds
 from activator.metrics import Metrics
+from activator.protocol import JsonErrorServer
 from activator.registry import Registry
 from activator.server import Admin, Proxy
 from activator.wake import WakeNotifier
@@ -55,7 +56,15 @@ class Activator:
 
         # The low-level server: no router or middlewares on the hot path. Handler cancellation turns a
         # client that goes away while held into a CancelledError, so it is dequeued at once.
-        server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        server = JsonErrorServer(
+            self.proxy.handle,
+            on_rejected=self.metrics.rejected_unrouted,
+            handler_cancellation=True,
+            access_log=None,
+            max_line_size=cfg.max_line_size,
+            max_field_size=cfg.max_field_size,
+            max_headers=cfg.max_headers,
+        )
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=max(cfg.drain_timeout, 0.1))
         await self._proxy_runner.setup()
         await web.TCPSite(self._proxy_runner, *cfg.listen, reuse_address=True, backlog=1024).start()

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from elasti_istio import options
 
 DEFAULT_CONTROLLER_URL = "http://elasti-controller.elasti-system.svc.cluster.local:8013"
+# Above what an Istio sidecar lets through by default (60 KiB of headers, 100 of them) plus the few
+# headers it adds itself, so that the activator never refuses a request that reached it through the mesh.
+DEFAULT_MAX_LINE = 64 * 1024
+DEFAULT_MAX_FIELD = 64 * 1024
+DEFAULT_MAX_HEADERS = 128
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -74,6 +79,48 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
+        "--max-body-size",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="refuse request bodies larger than this with 413, from Content-Length up front or while a chunked "
+        "body streams in; 0: no limit (bodies are streamed, so their size costs no memory)",
+    )
+    options.add(
+        p,
+        "--request-body-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the whole request body must arrive within this many seconds from when the activator starts reading "
+        "it (at once, or when a held request is released), else 408; 0: no limit",
+    )
+    options.add(
+        p,
+        "--max-line-size",
+        type=int,
+        default=DEFAULT_MAX_LINE,
+        metavar="BYTES",
+        help="longest request line (method, target, version) accepted; longer: 431",
+    )
+    options.add(
+        p,
+        "--max-field-size",
+        type=int,
+        default=DEFAULT_MAX_FIELD,
+        metavar="BYTES",
+        help="longest header field (name and value) accepted; longer: 431",
+    )
+    options.add(
+        p,
+        "--max-headers",
+        type=int,
+        default=DEFAULT_MAX_HEADERS,
+        metavar="N",
+        help="most header fields accepted in one request; more: 431",
+    )
+    options.add(
+        p,
         "--cold-start-header",
         boolean=True,
         default=True,
@@ -112,6 +159,11 @@ class Config:
     max_held: int = 10000
     drain_timeout: float = 30.0
     retry_body_limit: int = 1024 * 1024
+    max_body_size: int = 0
+    request_body_timeout: float = 60.0
+    max_line_size: int = DEFAULT_MAX_LINE
+    max_field_size: int = DEFAULT_MAX_FIELD
+    max_headers: int = DEFAULT_MAX_HEADERS
     cold_start_header: bool = True
     upstream_proxy: str | None = None
     cluster_domain: str = "cluster.local"
@@ -122,8 +174,12 @@ class Config:
     def from_args(cls, args: argparse.Namespace) -> Config:
         if args.max_held < 1:
             raise SystemExit("--max-held must be at least 1")
-        if args.drain_timeout < 0 or args.retry_body_limit < 0:
-            raise SystemExit("--drain-timeout and --retry-body-limit must not be negative")
+        if min(args.drain_timeout, args.retry_body_limit, args.max_body_size, args.request_body_timeout) < 0:
+            raise SystemExit(
+                "--drain-timeout, --retry-body-limit, --max-body-size and --request-body-timeout must not be negative"
+            )
+        if min(args.max_line_size, args.max_field_size) < 256 or args.max_headers < 8:
+            raise SystemExit("--max-line-size and --max-field-size must be at least 256, --max-headers at least 8")
         return cls(
             listen=args.listen,
             admin_listen=args.admin_listen,
@@ -133,6 +189,11 @@ class Config:
             max_held=args.max_held,
             drain_timeout=args.drain_timeout,
             retry_body_limit=args.retry_body_limit,
+            max_body_size=args.max_body_size,
+            request_body_timeout=args.request_body_timeout,
+            max_line_size=args.max_line_size,
+            max_field_size=args.max_field_size,
+            max_headers=args.max_headers,
             cold_start_header=args.cold_start_header,
             upstream_proxy=args.upstream_proxy or None,
             cluster_domain=args.cluster_domain.strip("."),

@@ -10,7 +10,7 @@ from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from activator.config import Config
-from activator.forward import Forwarder, RequestBody, Upstream, UpstreamError
+from activator.forward import BodyError, Forwarder, RequestBody, Upstream, UpstreamError
 from activator.hold import Holds
 from activator.metrics import Metrics
 from activator.queue import Admission
@@ -24,9 +24,38 @@ SYNC_WAIT = 5.0  # a request that arrives before the first list completed waits 
 RETRY_AFTER = "1"
 
 
-def error(status: int, err: str, detail: str, retry_after: bool = False) -> web.Response:
+def error(status: int, err: str, detail: str, retry_after: bool = False, close: bool = False) -> web.Response:
+    """The activator's own answer: ``{"error", "detail"}``; ``close`` when the request body was not read to its end."""
     headers = {hdrs.RETRY_AFTER: RETRY_AFTER} if retry_after else None
-    return web.json_response({"error": err, "detail": detail}, status=status, headers=headers)
+    resp = web.json_response({"error": err, "detail": detail}, status=status, headers=headers)
+    if close:
+        resp.force_close()
+    return resp
+
+
+def body_error(exc: BodyError) -> web.Response:
+    return error(exc.status, exc.error, exc.detail, close=True)
+
+
+def not_utf8(request: web.BaseRequest) -> str | None:
+    """What in the request is not valid UTF-8, if anything.
+
+    The parser lets such bytes through (as surrogate escapes) but the forwarding client would silently
+    drop them, so the workload would get something other than what the client sent.
+    """
+    path = request.raw_path
+    if not path.isascii():
+        try:
+            path.encode()
+        except UnicodeEncodeError:
+            return "the request target is not valid UTF-8"
+    for name, value in request.raw_headers:
+        if not value.isascii():
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                return f"the value of the {name.decode('latin-1')[:100]!r} header is not valid UTF-8"
+    return None
 
 
 def _is_websocket(request: web.BaseRequest) -> bool:
@@ -51,6 +80,10 @@ class Proxy:
         self.holds.wake_all()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        invalid = not_utf8(request)
+        if invalid is not None:
+            self.metrics.rejected_unrouted()
+            return error(400, "invalid request", invalid, close=True)
         routed = route(request.headers.getall(HEADER, []))
         if isinstance(routed, Rejection):
             self.metrics.rejected_unrouted()
@@ -63,6 +96,16 @@ class Proxy:
             if not self.registry.synced:
                 return error(503, "not ready", "ElastiServices have not been listed yet", retry_after=True)
             return error(404, "unknown ElastiService", f"no ElastiService {routed[0]}/{routed[1]} is known here")
+        limit = self.cfg.max_body_size
+        length = request.content_length
+        if limit and length is not None and length > limit:
+            self.metrics.target(target.key).outcome("rejected")
+            return error(
+                413,
+                "request body too large",
+                f"Content-Length {length} is larger than {limit} bytes (--max-body-size)",
+                close=True,
+            )
         return await self._serve(request, target)
 
     async def _serve(self, request: web.BaseRequest, target: Target) -> web.StreamResponse:
@@ -71,7 +114,12 @@ class Proxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + target.hold_timeout
         websocket = _is_websocket(request)
-        body = None if websocket else RequestBody(request, self.cfg.retry_body_limit)
+        cfg = self.cfg
+        body = (
+            None
+            if websocket
+            else RequestBody(request, cfg.retry_body_limit, cfg.max_body_size, cfg.request_body_timeout)
+        )
         held = was_held = False
         held_at = 0.0
         mark = 0
@@ -79,16 +127,19 @@ class Proxy:
         try:
             while True:
                 if target.forwardable:
-                    if body is not None:
-                        await body.load()
                     try:
                         if websocket:
                             up = await self.forwarder.connect_websocket(request, target)
                         else:
-                            up = await self.forwarder.send(request, target, body)  # type: ignore[arg-type]
+                            assert body is not None
+                            await body.load()
+                            up = await self.forwarder.send(request, target, body)
                     except UpstreamError as exc:
                         outcome = "upstream_error"
                         return error(502, "upstream unreachable", f"{target.authority}: {exc}")
+                    except BodyError as exc:
+                        outcome = "rejected"
+                        return body_error(exc)
                     if up is not None:
                         outcome = "forwarded"
                         if held:

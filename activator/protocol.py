@@ -1,0 +1,100 @@
+"""The proxy listener's HTTP connections: aiohttp's, with its own answers as JSON and bodies left encoded.
+
+aiohttp answers a request it cannot parse (bad request line, malformed or oversized headers, too
+many headers) with a ``text/plain`` 400 and an error-level traceback in the log. Here such a request
+gets the activator's usual ``{"error", "detail"}`` body, 431 when a limit was hit (what Envoy
+answers for headers over its limits), and a debug-level log line, so that a flood of bad input
+cannot flood the log either. Request bodies are not decompressed: a proxy passes them on as sent.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+log = logging.getLogger(__name__)
+
+DETAIL_MAX = 300
+# A proxy passes request bodies on as they came; older aiohttp releases always decoded them.
+_CAN_KEEP_ENCODING = "auto_decompress" in inspect.signature(RequestHandler.__init__).parameters
+
+
+def describe(exc: BaseException | None, max_line: int, max_field: int) -> tuple[int, str, str]:
+    """(status, error, detail) for what the parser refused."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        if limit == max_line and max_line != max_field:
+            what = f"the request line is longer than {max_line} bytes (--max-line-size)"
+        elif limit == max_field and max_line != max_field:
+            what = f"a header field is longer than {max_field} bytes (--max-field-size)"
+        else:
+            what = f"the request line or a header field is longer than {limit} bytes"
+            what += " (--max-line-size, --max-field-size)"
+        return 431, "request header fields too large", what
+    message = getattr(exc, "message", None) or (str(exc) if exc is not None else "")
+    if isinstance(exc, HttpProcessingError) and "too many headers" in message.lower():
+        return 431, "request header fields too large", "more header fields than --max-headers allows"
+    return 400, "malformed request", " ".join(message.split())[:DETAIL_MAX] or "the request could not be parsed"
+
+
+class JsonErrorHandler(RequestHandler):
+    """One connection of the proxy listener; only the error answers differ from aiohttp's."""
+
+    __slots__ = ("on_rejected",)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            # Part of a response is out already: only closing the connection tells the client.
+            raise ConnectionError("the response was already started; cannot send an error instead")
+        if status == 400:
+            status, err, detail = describe(exc, self.max_line_size, self.max_field_size)
+            log.debug("refused an unparsable request from %s: %s", request.remote, detail)
+            if self.on_rejected is not None:
+                self.on_rejected()
+        else:
+            if status >= 500:
+                log.error("request from %s failed", request.remote, exc_info=exc)
+            try:
+                err = HTTPStatus(status).phrase.lower()
+            except ValueError:
+                err = "error"
+            detail = "the activator failed to handle the request" if status >= 500 else (message or err)
+        resp = web.json_response({"error": err, "detail": detail}, status=status)
+        resp.force_close()
+        return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """A body the client broke off or garbled is the client's problem, already answered: debug level."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, RequestPayloadError | ConnectionError):
+            log.debug("request body from a client failed: %r", exc)
+            return
+        super().log_exception(*args, **kw)
+
+
+class JsonErrorServer(web.Server):
+    """``web.Server`` whose connections answer parse errors with JSON; ``on_rejected`` counts them."""
+
+    def __init__(self, handler: Any, *, on_rejected: Callable[[], None] | None = None, **kwargs: Any) -> None:
+        if _CAN_KEEP_ENCODING:
+            kwargs.setdefault("auto_decompress", False)
+        super().__init__(handler, **kwargs)
+        self.on_rejected = on_rejected
+
+    def __call__(self) -> RequestHandler:
+        proto = JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        proto.on_rejected = self.on_rejected
+        return proto
