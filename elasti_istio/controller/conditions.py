@@ -12,8 +12,10 @@ VS_BOUND = "VirtualServicesBound"
 ACTIVATOR = "ActivatorAvailable"
 WAKE_FAILED = "WakeFailed"
 TIMEOUTS = "RouteTimeoutsCompatible"
+ALLOWED = "ScaleToZeroAllowed"
+TRIGGERS = "TriggersHealthy"
 READY = "Ready"
-ORDER = (TARGET_FOUND, VS_BOUND, ACTIVATOR, TIMEOUTS, WAKE_FAILED, READY)
+ORDER = (TARGET_FOUND, "ServiceFound", VS_BOUND, ACTIVATOR, TIMEOUTS, ALLOWED, TRIGGERS, WAKE_FAILED, READY)
 
 
 def now_iso() -> str:
@@ -36,6 +38,13 @@ def set_condition(
     rank = {t: i for i, t in enumerate(ORDER)}
     out.sort(key=lambda c: rank.get(c["type"], len(ORDER)))
     return out
+
+
+def parse_time(text: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def get_condition(conds: list[dict[str, Any]] | None, ctype: str) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ class ControllerConfig:
     workers: int = 8
     identity: str = ""
     wake_token_file: str | None = None
+    idle_check_interval: float = 15.0
 
 
 def parse_deployment_ref(value: str) -> tuple[str, str] | None:
@@ -112,6 +113,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="accept POST /v1/wake only with the bearer token in this file (re-read when it changes, so a "
         "mounted Secret can rotate); default: no authentication",
     )
+    options.add(
+        p,
+        "--idle-check-interval",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how often ElastiServices with triggers are checked for idleness",
+    )
     options.add(p, "--workers", type=int, default=d.workers, help="ElastiServices reconciled concurrently")
     options.add(p, "--log-level", default="info", help="debug, info, warning or error")
 
@@ -135,5 +144,6 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
         cluster_domain=args.cluster_domain,
         workers=max(1, args.workers),
         wake_token_file=args.wake_token_file or None,
+        idle_check_interval=max(0.2, args.idle_check_interval),
         identity=f"{os.environ.get('POD_NAME') or socket.gethostname()}_{os.getpid()}",
     )

@@ -45,6 +45,7 @@ class Indexes:
     es_service: dict[Key, ObjKey] = dataclasses.field(default_factory=dict)
     es_targets: dict[Key, set[tuple[str, str, str]]] = dataclasses.field(default_factory=dict)  # (ns, kind, name)
     es_vs: dict[Key, set[ObjKey]] = dataclasses.field(default_factory=dict)  # from spec.virtualServices
+    es_triggers: set[Key] = dataclasses.field(default_factory=set)  # ElastiServices with idle triggers
     # VirtualService -> ElastiServices that bind it by annotation / that have restore data on it
     vs_annotated: dict[ObjKey, set[Key]] = dataclasses.field(default_factory=dict)
     vs_restore: dict[ObjKey, set[Key]] = dataclasses.field(default_factory=dict)
@@ -74,7 +75,14 @@ class Indexes:
         if autoscaler.get("type") == "keda" and autoscaler.get("name"):
             targets.add((ns, "ScaledObject", autoscaler["name"]))
         self.es_vs[key] = {es_spec.parse_vs_ref(v, ns) for v in spec.get("virtualServices") or []}
+        if spec.get("triggers"):
+            self.es_triggers.add(key)
+        else:
+            self.es_triggers.discard(key)
         return key
+
+    def with_triggers(self) -> set[Key]:
+        return set(self.es_triggers)
 
     def set_resolved_targets(self, key: Key, targets: set[tuple[str, str, str]]) -> None:
         self.es_targets[key] = set(targets)
@@ -84,6 +92,7 @@ class Indexes:
         self.es_service.pop(key, None)
         self.es_targets.pop(key, None)
         self.es_vs.pop(key, None)
+        self.es_triggers.discard(key)
         self.by_namespace.get(ns, set()).discard(key)
 
     def all_es(self) -> set[Key]:

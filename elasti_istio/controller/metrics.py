@@ -31,13 +31,19 @@ RECONCILE_ERRORS = Counter(
     ["namespace", "name"],
     registry=REGISTRY,
 )
+IDLE_CHECKS = Counter(
+    "elasti_controller_idle_checks_total",
+    "Idle-trigger evaluations, by result: idle, busy, error (metrics unavailable: never scaled down).",
+    ["namespace", "name", "result"],
+    registry=REGISTRY,
+)
 LEADER = Gauge("elasti_controller_leader", "1 while this replica holds the leader Lease.", registry=REGISTRY)
 QUEUE_DEPTH = Gauge("elasti_controller_queue_depth", "ElastiServices waiting to be reconciled.", registry=REGISTRY)
 
 
 def forget(namespace: str, name: str) -> None:
     """Drops the series of a deleted ElastiService so that label sets stay bounded by what exists."""
-    for metric in (TRANSITIONS, SWITCH_SECONDS, WAKES, RECONCILE_ERRORS):
+    for metric in (TRANSITIONS, SWITCH_SECONDS, WAKES, RECONCILE_ERRORS, IDLE_CHECKS):
         for labels in list(metric._metrics):
             if labels[0] == namespace and labels[1] == name:
                 metric.remove(*labels)

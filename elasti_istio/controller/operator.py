@@ -50,7 +50,7 @@ class Controller:
         self.reconciler = Reconciler(self.kube, cfg, self.idx, self.recorder)
         self.queue = WorkQueue(self._process, workers=cfg.workers)
         self.reconciler._requeue = self.queue.add  # type: ignore[method-assign]
-        self.waker = Waker(self.reconciler.wake, self.is_leader, cfg.wake_token_file)
+        self.waker = Waker(self.reconciler.wake, self.is_leader, cfg.wake_token_file, sleep=self._sleep)
         self.seeded = asyncio.Event()
         self.elector: LeaderElector | None = None
         if cfg.leader_election:
@@ -103,6 +103,23 @@ class Controller:
             if target_event:
                 self.reconciler.event_time.setdefault(key, now)
             self.queue.add(key)
+
+    async def _sleep(self, namespace: str, name: str) -> str:
+        return await self.reconciler.sleep(namespace, name, "ScaledToZeroOnRequest", "asked to sleep (POST /v1/sleep)")
+
+    async def idle_loop(self) -> None:
+        """Evaluates idle triggers on an interval, one ElastiService at a time (bounded load on Prometheus)."""
+        while True:
+            await asyncio.sleep(self.cfg.idle_check_interval)
+            if not (self.seeded.is_set() and self.is_leader()):
+                continue
+            for key in sorted(self.idx.with_triggers()):
+                try:
+                    await self.reconciler.consider_idle(key)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("%s: idle check failed", key)
 
     # ---- events ------------------------------------------------------------------------------
     def on_es(self, etype: str | None, obj: dict[str, Any]) -> None:
@@ -299,6 +316,7 @@ class Controller:
         tasks = [asyncio.create_task(self.seed(), name="seed")]
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
+        tasks.append(asyncio.create_task(self.idle_loop(), name="idle-triggers"))
         kopf_task = asyncio.create_task(
             kopf.operator(
                 registry=self.registry(),
@@ -328,6 +346,7 @@ class Controller:
         if self.elector is not None:
             await self.elector.release()
         await self.recorder.flush(2.0)
+        await self.reconciler.close()
         for runner in self._runners:
             with contextlib.suppress(Exception):
                 await runner.cleanup()

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import time
 from typing import Any
 
+import aiohttp
+
 from elasti_istio import vsrewrite
 from elasti_istio.controller import conditions as C
-from elasti_istio.controller import metrics
+from elasti_istio.controller import metrics, schedule, triggers
 from elasti_istio.controller import spec as es_spec
 from elasti_istio.controller.config import ControllerConfig
 from elasti_istio.controller.events import Recorder
@@ -51,6 +54,7 @@ FINALIZER = f"{GROUP}/finalizer"
 KEDA_PAUSED_REPLICAS = "autoscaling.keda.sh/paused-replicas"
 KEDA_PAUSED = "autoscaling.keda.sh/paused"
 PAUSED_BY_US = f"{GROUP}/paused-keda"
+HOLD_UNTIL = f"{GROUP}/wake-hold-until"
 MANAGED_LABEL = f"{GROUP}/elastiservice"
 
 
@@ -92,6 +96,27 @@ class Reconciler:
         self.waking: set[Key] = set()
         self._routing_cache: dict[Key, tuple[int, Any]] = {}
         self._reported: dict[tuple[Key, str], tuple[str, str]] = {}
+        self.sleeping: set[Key] = set()
+        self.trigger_state: dict[Key, tuple[bool, str, str]] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._http: aiohttp.ClientSession | None = None
+
+    def lock(self, key: Key) -> asyncio.Lock:
+        """Serialises a wake and a sleep of one ElastiService (never two different ones)."""
+        lk = self._locks.get(key)
+        if lk is None:
+            lk = self._locks[key] = asyncio.Lock()
+        return lk
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
 
     # ---- entry point -------------------------------------------------------------------------
     async def reconcile(self, key: Key) -> float | None:
@@ -112,9 +137,17 @@ class Reconciler:
     def forget(self, key: Key) -> None:
         ns, name = split_key(key)
         self.idx.forget_es(key)
-        for d in (self.event_time, self.last_wake, self.wake_failure, self._routing_cache):
+        for d in (
+            self.event_time,
+            self.last_wake,
+            self.wake_failure,
+            self._routing_cache,
+            self.trigger_state,
+            self._locks,
+        ):
             d.pop(key, None)  # type: ignore[attr-defined]
         self.waking.discard(key)
+        self.sleeping.discard(key)
         self._reported = {k: v for k, v in self._reported.items() if k[0] != key}
         metrics.forget(ns, name)
 
@@ -354,8 +387,46 @@ class Reconciler:
         else:
             conds = self._problem(es, conds, C.ACTIVATOR, act_reason, act_msg)
 
+        # When scale to zero is allowed at all.
+        allowed = self.period_allows(spec)
+        if allowed is None:
+            conds = C.set_condition(conds, C.ALLOWED, True, "Always", "no enabledPeriod: scale to zero at any time")
+        elif isinstance(allowed, str):
+            conds = self._problem(es, conds, C.ALLOWED, "InvalidSchedule", allowed)
+        elif allowed:
+            conds = C.set_condition(conds, C.ALLOWED, True, "InEnabledPeriod", "inside enabledPeriod")
+        else:
+            conds = C.set_condition(
+                conds, C.ALLOWED, False, "OutsideEnabledPeriod", "outside enabledPeriod: the target is kept awake"
+            )
+        if spec.enabled_period is not None:
+            requeue = min(requeue or 60.0, 60.0)
+        if allowed is False and state.at_zero and act_ok:
+            await self.scale_up(
+                es, r, reason="OutsideEnabledPeriod", why="scale to zero is not allowed now (enabledPeriod)"
+            )
+
+        # KEDA: a wake hold that has run out is lifted, so that KEDA decides again.
+        hold_left = await self.lift_expired_keda_hold(r)
+        if hold_left:
+            requeue = min(requeue or hold_left, hold_left)
+
+        # Idle triggers, as last evaluated.
+        if spec.triggers:
+            ts = self.trigger_state.get(key)
+            if ts is None:
+                conds = C.set_condition(conds, C.TRIGGERS, True, "NotEvaluated", "triggers not evaluated yet")
+            elif ts[0]:
+                conds = self._ok(es, conds, C.TRIGGERS, ts[1], ts[2])
+            else:
+                conds = self._problem(es, conds, C.TRIGGERS, ts[1], ts[2])
+        else:
+            conds = [c for c in conds if c["type"] != C.TRIGGERS]
+
         proxied_now = any(vsrewrite.is_proxied(v.get("spec") or {}, r.target, self.activator) for v in routing.values())
-        if not act_ok:
+        if key in self.sleeping and act_ok:
+            desired = "proxy"  # our own scale-down: routes go to the activator first
+        elif not act_ok:
             desired = "serve"
             if state.at_zero:
                 await self.scale_up(
@@ -469,6 +540,10 @@ class Reconciler:
         if phase != old_phase:
             if phase in ("ScalingToZero", "ScaledToZero") and old_phase not in ("ScalingToZero", "ScaledToZero"):
                 new_status["lastScaledToZeroTime"] = C.now_iso()
+            if phase == "Serving":
+                new_status["awakeSince"] = C.now_iso()
+        elif phase == "Serving" and not status.get("awakeSince"):
+            new_status["awakeSince"] = C.now_iso()
         await self.write_status(es, status, new_status)
         if phase != old_phase:
             metrics.TRANSITIONS.labels(spec.namespace, spec.name, phase).inc()
@@ -653,6 +728,8 @@ class Reconciler:
         key = spec.key
         await self.unpause_keda(r)
         res = WORKLOAD_RESOURCES[r.workload_kind]
+        if r.scaled_object is not None and r.state.at_zero:
+            await self.hold_keda(r)
         name = r.state.name
         try:
             scale = await self.kube.get(res, name, spec.namespace, sub="scale")
@@ -682,9 +759,164 @@ class Reconciler:
         ann = (so.get("metadata") or {}).get("annotations") or {}
         if PAUSED_BY_US not in ann:
             return
-        patch = {"metadata": {"annotations": {KEDA_PAUSED_REPLICAS: None, KEDA_PAUSED: None, PAUSED_BY_US: None}}}
+        patch = {
+            "metadata": {
+                "annotations": {KEDA_PAUSED_REPLICAS: None, KEDA_PAUSED: None, PAUSED_BY_US: None, HOLD_UNTIL: None}
+            }
+        }
         await self.kube.patch(SCALEDOBJECTS, so["metadata"]["name"], patch, r.spec.namespace)
         log.info("%s: removed the KEDA pause from ScaledObject %s", r.spec.key, so["metadata"]["name"])
+
+    async def hold_keda(self, r: Resolved) -> None:
+        """KEDA owns 1 -> 0 (``minReplicaCount: 0``): right after a wake its metrics are still empty and it
+        would scale the target back to zero. Pause it at the woken count for ``wakeHoldSeconds``; the
+        deadline lives on the ScaledObject so a restarted controller still lifts it."""
+        so = r.scaled_object
+        if so is None or int((so.get("spec") or {}).get("minReplicaCount") or 0) > 0:
+            return
+        if r.spec.wake_hold_seconds <= 0:
+            return
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=r.spec.wake_hold_seconds)
+        patch = {
+            "metadata": {
+                "annotations": {
+                    KEDA_PAUSED_REPLICAS: str(r.spec.min_replicas),
+                    PAUSED_BY_US: "wake-hold",
+                    HOLD_UNTIL: until.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                }
+            }
+        }
+        await self.kube.patch(SCALEDOBJECTS, so["metadata"]["name"], patch, r.spec.namespace)
+        log.info(
+            "%s: ScaledObject %s paused at %d for %gs after the wake",
+            r.spec.key,
+            so["metadata"]["name"],
+            r.spec.min_replicas,
+            r.spec.wake_hold_seconds,
+        )
+
+    async def lift_expired_keda_hold(self, r: Resolved) -> float | None:
+        """Removes a wake hold whose time has come; returns the seconds left of one still running."""
+        so = r.scaled_object
+        if so is None:
+            return None
+        ann = (so.get("metadata") or {}).get("annotations") or {}
+        if ann.get(PAUSED_BY_US) != "wake-hold" or HOLD_UNTIL not in ann:
+            return None
+        until = C.parse_time(ann[HOLD_UNTIL])
+        left = (until - dt.datetime.now(dt.UTC)).total_seconds() if until else 0.0
+        if left > 0:
+            return left + 0.5
+        await self.unpause_keda(r)
+        return None
+
+    async def pause_keda_at_zero(self, r: Resolved) -> None:
+        """elasti owns 1 -> 0 (``minReplicaCount`` >= 1): before its own scale-down it pauses KEDA at 0,
+        which KEDA documents as pinning the target there; the wake removes the pause."""
+        so = r.scaled_object
+        if so is None or int((so.get("spec") or {}).get("minReplicaCount") or 0) == 0:
+            return
+        patch = {"metadata": {"annotations": {KEDA_PAUSED_REPLICAS: "0", PAUSED_BY_US: "sleep", HOLD_UNTIL: None}}}
+        await self.kube.patch(SCALEDOBJECTS, so["metadata"]["name"], patch, r.spec.namespace)
+
+    @staticmethod
+    def period_allows(spec: es_spec.ElastiSpec) -> bool | str | None:
+        """None: no enabledPeriod; True/False: inside/outside it; a string: why the schedule is invalid."""
+        if spec.enabled_period is None:
+            return None
+        try:
+            cron = schedule.parse_cron(spec.enabled_period.schedule)
+        except schedule.CronError as exc:
+            return f"enabledPeriod.schedule {spec.enabled_period.schedule!r}: {exc}; nothing is scaled by schedule"
+        return schedule.in_period(cron, spec.enabled_period.duration, dt.datetime.now(dt.UTC))
+
+    # ---- scale-down by the controller ----------------------------------------------------------
+    async def sleep(self, namespace: str, name: str, reason: str, why: str) -> str:
+        """Routes to the activator first, then the target to zero (never the other way round)."""
+        key = es_key(namespace, name)
+        async with self.lock(key):
+            es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
+            if es is None:
+                raise LookupError(f"ElastiService {namespace}/{name} not found")
+            r = await self.resolve(es)
+            if not self.activator_available[0]:
+                raise Blocked(
+                    C.ACTIVATOR,
+                    "ActivatorUnavailable",
+                    f"not scaling {r.workload_kind} {r.state.name} to zero: {self.activator_available[2]}",
+                )
+            if r.state.at_zero:
+                return "ScaledToZero"
+            allowed = self.period_allows(r.spec)
+            if allowed is False or isinstance(allowed, str):
+                raise Blocked(
+                    C.ALLOWED,
+                    "OutsideEnabledPeriod" if allowed is False else "InvalidSchedule",
+                    "scale to zero is not allowed now (enabledPeriod)",
+                )
+            routing = [vk for vk in sorted(self.idx.bound_vs(key))]
+            self.sleeping.add(key)
+            try:
+                for vk in routing:
+                    await self.switch_vs(vk, r.target, "proxy", key)
+                await self.pause_keda_at_zero(r)
+                res = WORKLOAD_RESOURCES[r.workload_kind]
+                await self.kube.patch(res, r.state.name, {"spec": {"replicas": 0}}, namespace, sub="scale")
+            except BaseException:
+                self.sleeping.discard(key)
+                self._requeue(key)
+                raise
+            self.sleeping.discard(key)
+            self.recorder.emit(
+                es,
+                "Normal",
+                reason,
+                f"{why}: routes moved to the activator, then {r.workload_kind} {r.state.name} scaled to 0",
+            )
+            log.info("%s: %s: %s %s scaled to 0", key, reason, r.workload_kind, r.state.name)
+            self._requeue(key)
+            return "ScalingToZero"
+
+    async def consider_idle(self, key: Key) -> None:
+        """Evaluates the idle triggers of one ElastiService; sleeps it when all agree it is idle."""
+        ns, name = split_key(key)
+        es = await self.kube.get_or_none(ELASTISERVICES, name, ns)
+        if es is None or es["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            spec = es_spec.parse(es)
+        except es_spec.SpecError:
+            return
+        if not spec.triggers:
+            return
+        status = es.get("status") or {}
+        if status.get("phase") != "Serving" or status.get("mode") != "serve":
+            return
+        results = [await triggers.evaluate(self.http, t) for t in spec.triggers]
+        healthy = all(x.healthy for x in results)
+        idle = healthy and all(x.idle for x in results)
+        if not healthy:
+            state = (
+                False,
+                "MetricsUnavailable",
+                "; ".join(x.message for x in results if not x.healthy) + ": never scaled down on missing metrics",
+            )
+        else:
+            state = (True, "Idle" if idle else "Busy", "; ".join(x.message for x in results))
+        previous = self.trigger_state.get(key)
+        self.trigger_state[key] = state
+        metrics.IDLE_CHECKS.labels(ns, name, "error" if not healthy else "idle" if idle else "busy").inc()
+        if previous is None or previous[:2] != state[:2]:
+            self._requeue(key)
+        if not idle:
+            return
+        awake = C.parse_time(status.get("awakeSince") or status.get("lastWakeTime") or "")
+        if awake is None or (dt.datetime.now(dt.UTC) - awake).total_seconds() < spec.cooldown:
+            return
+        try:
+            await self.sleep(ns, name, "ScaledToZeroWhenIdle", "every trigger was below its threshold")
+        except (Blocked, LookupError, KubeError) as exc:
+            log.info("%s: idle, but not scaled down: %s", key, exc)
 
     # ---- deletion ----------------------------------------------------------------------------
     async def finalize(self, es: dict[str, Any]) -> float | None:
@@ -732,6 +964,10 @@ class Reconciler:
         Raises LookupError when the ElastiService does not exist and Blocked/KubeError when the target
         cannot be woken (a condition and an Event say so too).
         """
+        async with self.lock(es_key(namespace, name)):
+            return await self._wake(namespace, name)
+
+    async def _wake(self, namespace: str, name: str) -> str:
         key = es_key(namespace, name)
         es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
         if es is None:

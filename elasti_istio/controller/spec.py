@@ -62,6 +62,19 @@ class TargetRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class Trigger:
+    server: str
+    query: str
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EnabledPeriod:
+    schedule: str
+    duration: float
+
+
+@dataclasses.dataclass(frozen=True)
 class ElastiSpec:
     namespace: str
     name: str
@@ -73,6 +86,10 @@ class ElastiSpec:
     autoscaler_type: str | None
     autoscaler_name: str | None
     hold_timeout: float
+    wake_hold_seconds: float = 120.0
+    cooldown: float = 300.0
+    triggers: tuple[Trigger, ...] = ()
+    enabled_period: EnabledPeriod | None = None
 
     @property
     def key(self) -> str:
@@ -101,6 +118,25 @@ def parse(obj: dict[str, Any]) -> ElastiSpec:
     except ValueError as exc:
         raise SpecError("InvalidSpec", f"activator.holdTimeout: {exc}") from exc
     autoscaler = spec.get("autoscaler") or {}
+    triggers = []
+    for i, t in enumerate(spec.get("triggers") or []):
+        md = t.get("metadata") or {}
+        if t.get("type") != "prometheus":
+            raise SpecError("InvalidTrigger", f"triggers[{i}].type {t.get('type')!r} is not supported (prometheus)")
+        try:
+            threshold = float(md.get("threshold", ""))
+        except ValueError as exc:
+            raise SpecError("InvalidTrigger", f"triggers[{i}].metadata.threshold is not a number") from exc
+        if not md.get("serverAddress") or not md.get("query"):
+            raise SpecError("InvalidTrigger", f"triggers[{i}] needs metadata.serverAddress and metadata.query")
+        triggers.append(Trigger(str(md["serverAddress"]).rstrip("/"), str(md["query"]), threshold))
+    period = None
+    if spec.get("enabledPeriod"):
+        ep = spec["enabledPeriod"]
+        try:
+            period = EnabledPeriod(str(ep.get("schedule", "")), parse_duration(str(ep.get("duration", ""))))
+        except ValueError as exc:
+            raise SpecError("InvalidSchedule", f"enabledPeriod.duration: {exc}") from exc
     return ElastiSpec(
         namespace=ns,
         name=name,
@@ -112,6 +148,10 @@ def parse(obj: dict[str, Any]) -> ElastiSpec:
         autoscaler_type=autoscaler.get("type"),
         autoscaler_name=autoscaler.get("name"),
         hold_timeout=hold,
+        wake_hold_seconds=float(autoscaler.get("wakeHoldSeconds", 120)),
+        cooldown=float(spec.get("cooldownPeriod", 300)),
+        triggers=tuple(triggers),
+        enabled_period=period,
     )
 
 

@@ -63,10 +63,18 @@ class TokenFile:
 
 
 class Waker:
+    """``POST /v1/wake`` (the activator) and ``POST /v1/sleep`` (people and tools: the same path as the idle
+    scale-down, routes first, then zero)."""
+
     def __init__(
-        self, wake: Callable[[str, str], Awaitable[str]], is_leader: Callable[[], bool], token_file: str | None = None
+        self,
+        wake: Callable[[str, str], Awaitable[str]],
+        is_leader: Callable[[], bool],
+        token_file: str | None = None,
+        sleep: Callable[[str, str], Awaitable[str]] | None = None,
     ) -> None:
         self._wake = wake
+        self._sleep = sleep
         self._is_leader = is_leader
         self._inflight: dict[str, asyncio.Future[str]] = {}
         self._token = TokenFile(token_file) if token_file else None
@@ -81,6 +89,14 @@ class Waker:
         return await asyncio.shield(fut)
 
     async def handle(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self.wake)
+
+    async def handle_sleep(self, request: web.Request) -> web.Response:
+        if self._sleep is None:
+            return error(404, "sleep is not served here")
+        return await self._handle(request, self._sleep)
+
+    async def _handle(self, request: web.Request, action: Callable[[str, str], Awaitable[str]]) -> web.Response:
         if self._token is not None and not self._token.allows(request.headers.get("Authorization")):
             return web.json_response(
                 {"error": "a valid bearer token is required (the activator's --wake-token-file)"},
@@ -100,7 +116,7 @@ class Waker:
         if bad:
             return error(400, f"missing or invalid {' and '.join(bad)}: expected Kubernetes object names")
         try:
-            phase = await self.wake(ns, name)
+            phase = await action(ns, name)
         except LookupError as exc:
             return error(404, str(exc), namespace=ns, name=name)
         except Blocked as exc:
@@ -108,16 +124,17 @@ class Waker:
         except KubeError as exc:
             if exc.status in (403, 404, 409, 422):
                 return error(
-                    409, f"the target cannot be woken: {exc.message}", reason="ScaleRefused", namespace=ns, name=name
+                    409, f"the target cannot be scaled: {exc.message}", reason="ScaleRefused", namespace=ns, name=name
                 )
-            log.warning("wake %s/%s failed: %s", ns, name, exc)
+            log.warning("%s %s/%s failed: %s", request.path, ns, name, exc)
             return error(503, f"the API server failed: {exc.message}", retry=True)
         except (TimeoutError, OSError) as exc:
-            log.warning("wake %s/%s failed: %s", ns, name, exc)
+            log.warning("%s %s/%s failed: %s", request.path, ns, name, exc)
             return error(503, f"the API server is unreachable: {exc}", retry=True)
         return web.json_response({"namespace": ns, "name": name, "phase": phase}, status=202)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_post("/v1/wake", self.handle)
+        app.router.add_post("/v1/sleep", self.handle_sleep)
         return app

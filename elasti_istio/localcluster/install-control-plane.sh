@@ -15,14 +15,30 @@ log() { printf '[install-control-plane] %s\n' "$*" >&2; }
 
 have() { [ -x "$bin/$1" ] && "$bin/$1" --version >/dev/null 2>&1; }
 
+sudo_cmd=()
+if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
+
+# Prometheus (Debian's package) serves the idle-trigger tests; its service is never started here.
+if ! command -v prometheus >/dev/null 2>&1 && [ -z "${ELASTI_SKIP_PROMETHEUS:-}" ]; then
+  log "installing Debian's prometheus (for the idle scale-down tests)"
+  "${sudo_cmd[@]}" apt-get update -qq
+  policy=/usr/sbin/policy-rc.d
+  created_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod +x "$policy"
+    created_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends prometheus >&2 || \
+    log "prometheus could not be installed; the idle scale-down tests will fail"
+  [ -n "$created_policy" ] && "${sudo_cmd[@]}" rm -f "$policy"
+fi
+
 if have etcd && have kube-apiserver && have kube-controller-manager; then
   log "control plane already installed in $bin"
   echo "$bin"
   exit 0
 fi
-
-sudo_cmd=()
-if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
 
 need_pkgs=()
 for p in etcd-server golang-go rsync jq dpkg-dev golang-github-modern-go-reflect2-dev; do

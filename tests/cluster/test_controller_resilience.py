@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.cluster.test_controller_lifecycle import activator_dests, bookinfo, phase, vs_spec
 from tests.conftest import K8s
@@ -26,27 +23,6 @@ from tests.harness import (
     wait_event,
     wait_until,
 )
-
-
-@pytest.fixture
-def start_controller(cluster, namespace: str, tmp_path: Path) -> Iterator[Any]:  # type: ignore[no-untyped-def]
-    procs: list[ControllerProc] = []
-
-    def start(*extra: str, activator_deployment: str | None = None, ns: str | None = namespace) -> ControllerProc:
-        proc = ControllerProc(
-            cluster.admin_kubeconfig,
-            ns,
-            tmp_path / f"controller-{len(procs)}.log",
-            *extra,
-            activator_deployment=activator_deployment,
-        ).start()
-        procs.append(proc)
-        return proc.wait_ready()
-
-    yield start
-    for p in procs:
-        p.stop()
-        print(p.log_path.name, p.logs()[-3000:])
 
 
 def es_doc(name: str, **spec: Any) -> dict[str, Any]:

@@ -1,0 +1,441 @@
+"""Operations: the controller's own scale-down (idle triggers with a real Prometheus, POST /v1/sleep),
+KEDA without tug of war, and the enabledPeriod schedule."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+from kubernetes import watch
+
+from tests.cluster.test_controller_lifecycle import activator_dests, bookinfo, phase, vs_spec
+from tests.cluster.test_controller_resilience import cond_is
+from tests.conftest import K8s, MeshInfo
+from tests.harness import (
+    condition,
+    create,
+    es,
+    free_port,
+    get,
+    http_json,
+    patch,
+    ready_replicas,
+    wait_event,
+    wait_until,
+)
+from tests.keda_standin import ACTIVE, KedaStandIn
+
+
+class Recorder:
+    """Watches VirtualServices and Deployments of a namespace and keeps (resourceVersion, kind, object):
+    etcd's revisions are global, so they order writes to different objects."""
+
+    def __init__(self, k8s: K8s, namespace: str) -> None:
+        self.k8s, self.namespace = k8s, namespace
+        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self._threads: list[threading.Thread] = []
+        self._watches: list[watch.Watch] = []
+
+    def start(self) -> Recorder:
+        rv = self.k8s.core.list_namespaced_config_map(self.namespace).metadata.resource_version  # type: ignore
+        for kind, fn, args in (
+            (
+                "VirtualService",
+                self.k8s.custom.list_namespaced_custom_object,  # type: ignore[attr-defined]
+                ("networking.istio.io", "v1beta1", self.namespace, "virtualservices"),
+            ),
+            (
+                "Deployment",
+                self.k8s.custom.list_namespaced_custom_object,  # type: ignore[attr-defined]
+                ("apps", "v1", self.namespace, "deployments"),
+            ),
+        ):
+            w = watch.Watch()
+            self._watches.append(w)
+            t = threading.Thread(target=self._run, args=(w, kind, fn, args, rv), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _run(self, w: watch.Watch, kind: str, fn: Any, args: tuple[str, ...], rv: str) -> None:
+        try:
+            for ev in w.stream(fn, *args, resource_version=rv, timeout_seconds=120):
+                obj = ev["object"]
+                self.events.append((int(obj["metadata"]["resourceVersion"]), kind, obj))
+        except (urllib3.exceptions.HTTPError, ValueError):
+            pass
+
+    def stop(self) -> None:
+        for w in self._watches:
+            w.stop()
+
+    def first(self, kind: str, pred: Any) -> int | None:
+        return min((rv for rv, k, o in self.events if k == kind and pred(o)), default=None)
+
+
+def proxied_then_zero(rec: Recorder, deployment: str) -> tuple[int | None, int | None]:
+    vs_rv = rec.first("VirtualService", lambda o: bool(activator_dests(o["spec"])))
+    dep_rv = rec.first("Deployment", lambda o: o["metadata"]["name"] == deployment and o["spec"]["replicas"] == 0)
+    return vs_rv, dep_rv
+
+
+# ---- POST /v1/sleep ---------------------------------------------------------------------------
+
+
+def test_sleep_switches_routes_first_then_scales_to_zero(k8s: K8s, namespace: str, start_controller: Any) -> None:
+    bookinfo(k8s, namespace)
+    ctrl = start_controller()
+    wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="Serving")
+    rec = Recorder(k8s, namespace).start()
+    try:
+        code, body = http_json(
+            "POST", ctrl.wake_url.replace("/wake", "/sleep"), {"namespace": namespace, "name": "details"}
+        )
+        assert code == 202 and body["phase"] == "ScalingToZero", body
+        wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="ScaledToZero")
+        vs_rv, dep_rv = wait_until(
+            lambda: (lambda p: p if None not in p else None)(proxied_then_zero(rec, "details-v1")),
+            what="both writes seen",
+        )
+        assert vs_rv < dep_rv, "the routes must move to the activator before the target is scaled down"
+    finally:
+        rec.stop()
+    wait_event(k8s, namespace, "details", "ScaledToZeroOnRequest")
+    code, body = http_json("POST", ctrl.wake_url.replace("/wake", "/sleep"), {"namespace": namespace, "name": "nope"})
+    assert code == 404
+
+
+# ---- KEDA -------------------------------------------------------------------------------------
+
+
+def scaled_object(name: str, target: str, min_replicas: int, active: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": name, "annotations": {ACTIVE: "true" if active else "false"}},
+        "spec": {
+            "scaleTargetRef": {"name": target},
+            "minReplicaCount": min_replicas,
+            "maxReplicaCount": 5,
+            "triggers": [
+                {
+                    "type": "metrics-api",
+                    "metadata": {
+                        "url": "http://elasti-activator.elasti-system:9091/v1/pending/ns/details",
+                        "valueLocation": "pending",
+                        "targetValue": "1",
+                    },
+                }
+            ],
+        },
+    }
+
+
+def so_annotations(k8s: K8s, ns: str, name: str) -> dict[str, str]:
+    return (get(k8s, ns, "ScaledObject", name) or {})["metadata"].get("annotations") or {}
+
+
+def test_keda_min_one_elasti_owns_one_to_zero(k8s: K8s, namespace: str, start_controller: Any) -> None:
+    """minReplicaCount 1: the controller pauses KEDA at 0 before its scale-down and unpauses on wake."""
+    bookinfo(k8s, namespace, es_docs=False)
+    create(k8s, namespace, scaled_object("details", "details-v1", 1))
+    create(
+        k8s,
+        namespace,
+        {
+            "apiVersion": "elasti.truefoundry.com/v1alpha1",
+            "kind": "ElastiService",
+            "metadata": {"name": "details"},
+            "spec": {
+                "service": "details",
+                "virtualServices": ["details"],
+                "scaleTargetRef": {"kind": "Deployment", "name": "details-v1"},
+                "autoscaler": {"type": "keda", "name": "details"},
+            },
+        },
+    )
+    ctrl = start_controller()
+    with KedaStandIn(k8s, namespace) as keda:
+        wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="Serving")
+        code, _ = http_json(
+            "POST", ctrl.wake_url.replace("/wake", "/sleep"), {"namespace": namespace, "name": "details"}
+        )
+        assert code == 202
+        wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="asleep")
+        ann = so_annotations(k8s, namespace, "details")
+        assert ann["autoscaling.keda.sh/paused-replicas"] == "0"
+        time.sleep(1)  # several stand-in ticks: a paused KEDA must keep the target at zero
+        assert not k8s.apps.read_namespaced_deployment_scale("details-v1", namespace).spec.replicas  # type: ignore
+        n = len(keda.actions)
+        assert ctrl.wake(namespace, "details")[0] == 202
+        assert "autoscaling.keda.sh/paused-replicas" not in so_annotations(k8s, namespace, "details")
+        wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="woken")
+        time.sleep(1)  # KEDA resumes from 1 (its minimum): nothing takes it back to zero
+        assert ready_replicas(k8s, namespace, "details-v1") == 1
+        assert all(r >= 1 for _, r in keda.actions[n:])
+
+
+def test_keda_min_zero_keda_owns_one_to_zero_with_a_wake_hold(k8s: K8s, namespace: str, start_controller: Any) -> None:
+    """minReplicaCount 0: KEDA scales to zero itself; after a wake the controller holds the target up for
+    wakeHoldSeconds so that KEDA's still-empty metrics cannot undo the wake, then lets KEDA decide."""
+    bookinfo(k8s, namespace, es_docs=False)
+    create(k8s, namespace, scaled_object("details", "details-v1", 0))
+    create(
+        k8s,
+        namespace,
+        {
+            "apiVersion": "elasti.truefoundry.com/v1alpha1",
+            "kind": "ElastiService",
+            "metadata": {"name": "details"},
+            "spec": {
+                "service": "details",
+                "virtualServices": ["details"],
+                "scaleTargetRef": {"kind": "ScaledObject", "name": "details"},
+                "autoscaler": {"type": "keda", "name": "details", "wakeHoldSeconds": 4},
+            },
+        },
+    )
+    ctrl = start_controller()
+    with KedaStandIn(k8s, namespace):
+        wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="KEDA took it to zero")
+        assert activator_dests(vs_spec(k8s, namespace, "details"))
+        assert ctrl.wake(namespace, "details")[0] == 202
+        ann = so_annotations(k8s, namespace, "details")
+        assert ann["autoscaling.keda.sh/paused-replicas"] == "1" and "elasti.truefoundry.com/wake-hold-until" in ann
+        wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="woken and held")
+        wait_until(
+            lambda: "autoscaling.keda.sh/paused-replicas" not in so_annotations(k8s, namespace, "details"),
+            what="hold lifted",
+        )
+        # KEDA decides again: its trigger is inactive, so the target goes back to zero, through the proxy.
+        wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="KEDA's decision applies")
+
+
+# ---- enabledPeriod ----------------------------------------------------------------------------
+
+
+def test_schedule_outside_period_keeps_awake_and_invalid_cron_is_reported(
+    k8s: K8s, namespace: str, start_controller: Any
+) -> None:
+    bookinfo(k8s, namespace)
+    ctrl = start_controller()
+    sleep_url = ctrl.wake_url.replace("/wake", "/sleep")
+    wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="Serving")
+    # A period that started two hours ago and lasted a minute: we are outside it.
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    patch(
+        k8s,
+        namespace,
+        "ElastiService",
+        "details",
+        {"spec": {"enabledPeriod": {"schedule": f"{past.minute} {past.hour} * * *", "duration": "1m"}}},
+    )
+    wait_until(
+        lambda: cond_is(k8s, namespace, "details", "ScaleToZeroAllowed", "False", "OutsideEnabledPeriod"),
+        what="outside the period",
+    )
+    code, body = http_json("POST", sleep_url, {"namespace": namespace, "name": "details"})
+    assert code == 409 and "enabledPeriod" in body["error"]
+    # Someone else scales it to zero outside the period: it is woken.
+    k8s.apps.patch_namespaced_deployment_scale("details-v1", namespace, {"spec": {"replicas": 0}})  # type: ignore
+    wait_event(k8s, namespace, "details", "OutsideEnabledPeriod")
+    wait_until(lambda: ready_replicas(k8s, namespace, "details-v1") == 1, what="woken outside the period")
+
+    patch(
+        k8s,
+        namespace,
+        "ElastiService",
+        "details",
+        {"spec": {"enabledPeriod": {"schedule": "61 * * * *", "duration": "1h"}}},
+    )
+    wait_until(
+        lambda: cond_is(k8s, namespace, "details", "ScaleToZeroAllowed", "False", "InvalidSchedule"),
+        what="invalid schedule reported",
+    )
+    assert "61" in condition(es(k8s, namespace, "details"), "ScaleToZeroAllowed")["message"]  # type: ignore[index]
+    wait_event(k8s, namespace, "details", "InvalidSchedule")
+    assert http_json("POST", sleep_url, {"namespace": namespace, "name": "details"})[0] == 409
+
+    patch(
+        k8s,
+        namespace,
+        "ElastiService",
+        "details",
+        {"spec": {"enabledPeriod": {"schedule": "* * * * *", "duration": "1h"}}},
+    )
+    wait_until(
+        lambda: cond_is(k8s, namespace, "details", "ScaleToZeroAllowed", "True", "InEnabledPeriod"),
+        what="inside the period",
+    )
+    assert http_json("POST", sleep_url, {"namespace": namespace, "name": "details"})[0] == 202
+    wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="asleep inside the period")
+
+
+# ---- idle triggers with a real Prometheus ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus(mesh: MeshInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+    assert Path(binary).exists(), "Debian's prometheus is needed (scripts/install-control-plane installs it)"
+    d = tmp_path_factory.mktemp("prometheus")
+    (d / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: mesh\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{mesh.metrics_port}']\n"
+    )
+    port = free_port()
+    log = (d / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={d / 'prometheus.yml'}",
+            f"--storage.tsdb.path={d / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_json("GET", url + "/-/ready", timeout=2)[0] == 200, 60, "prometheus ready")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def traffic(mesh: MeshInfo, host: str, stop: threading.Event, results: list[int]) -> None:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": mesh.outbound}))
+    while not stop.is_set():
+        try:
+            with opener.open(f"http://{host}:9080/details/0", timeout=10) as resp:
+                results.append(resp.status)
+        except urllib.error.HTTPError as exc:
+            results.append(exc.code)
+        except OSError:
+            results.append(0)
+        stop.wait(0.1)
+
+
+def test_idle_scale_down_with_prometheus(
+    k8s: K8s, namespace: str, start_controller: Any, mesh: MeshInfo, prometheus: str
+) -> None:
+    bookinfo(k8s, namespace)
+    query = (
+        f'sum(rate(istio_requests_total{{destination_service_namespace="{namespace}",'
+        f'destination_service_name="details"}}[5s]))'
+    )
+    patch(
+        k8s,
+        namespace,
+        "ElastiService",
+        "details",
+        {
+            "spec": {
+                "cooldownPeriod": 2,
+                "triggers": [
+                    {
+                        "type": "prometheus",
+                        "metadata": {"serverAddress": prometheus, "query": query, "threshold": "0.5"},
+                    }
+                ],
+            }
+        },
+    )
+    stop, results = threading.Event(), []
+    t = threading.Thread(target=traffic, args=(mesh, f"details.{namespace}.svc.cluster.local", stop, results))
+    t.start()
+    try:
+        # Prometheus must have seen the traffic before the controller looks (an empty answer counts as 0).
+        import urllib.parse
+
+        def rate() -> float:
+            answer = http_json("GET", f"{prometheus}/api/v1/query?query={urllib.parse.quote(query)}")[1]
+            result = answer["data"]["result"]
+            return float(result[0]["value"][1]) if result else 0.0
+
+        wait_until(lambda: rate() > 0.5, 60, f"Prometheus to see the traffic (client results {results[-5:]})")
+        start_controller("--idle-check-interval", "0.5")
+        wait_until(
+            lambda: cond_is(k8s, namespace, "details", "TriggersHealthy", "True", "Busy"),
+            60,
+            "the controller to find the target busy",
+        )
+        assert phase(k8s, namespace, "details") == "Serving"
+    finally:
+        stop.set()
+        t.join(10)
+    assert results and set(results) == {200}
+    rec = Recorder(k8s, namespace).start()
+    try:
+        wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", 90, "idle scale-down")
+        vs_rv, dep_rv = proxied_then_zero(rec, "details-v1")
+        assert vs_rv is not None and dep_rv is not None and vs_rv < dep_rv
+    finally:
+        rec.stop()
+    wait_event(k8s, namespace, "details", "ScaledToZeroWhenIdle")
+
+
+def test_failing_prometheus_never_scales_down(k8s: K8s, namespace: str, start_controller: Any, prometheus: str) -> None:
+    bookinfo(k8s, namespace)
+    dead = f"http://127.0.0.1:{free_port()}"
+    patch(
+        k8s,
+        namespace,
+        "ElastiService",
+        "details",
+        {
+            "spec": {
+                "cooldownPeriod": 0,
+                "triggers": [
+                    {"type": "prometheus", "metadata": {"serverAddress": dead, "query": "vector(0)", "threshold": "1"}}
+                ],
+            }
+        },
+    )
+    patch(
+        k8s,
+        namespace,
+        "ElastiService",
+        "reviews-v1",
+        {
+            "spec": {
+                "cooldownPeriod": 0,
+                "triggers": [
+                    {"type": "prometheus", "metadata": {"serverAddress": prometheus, "query": "sum(", "threshold": "1"}}
+                ],
+            }
+        },
+    )
+    ctrl = start_controller("--idle-check-interval", "0.3")
+
+    def errors(name: str) -> float:
+        for line in ctrl.metrics().splitlines():
+            if (
+                line.startswith("elasti_controller_idle_checks_total")
+                and f'name="{name}"' in line
+                and 'result="error"' in line
+            ):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    wait_until(lambda: errors("details") >= 5 and errors("reviews-v1") >= 5, 60, "several failed evaluations")
+    for name, deployment in (("details", "details-v1"), ("reviews-v1", "reviews-v1")):
+        assert phase(k8s, namespace, name) == "Serving"
+        assert k8s.apps.read_namespaced_deployment(deployment, namespace).spec.replicas == 1  # type: ignore
+        assert cond_is(k8s, namespace, name, "TriggersHealthy", "False", "MetricsUnavailable")
+    assert "unreachable" in condition(es(k8s, namespace, "details"), "TriggersHealthy")["message"]  # type: ignore
+    assert "400" in condition(es(k8s, namespace, "reviews-v1"), "TriggersHealthy")["message"]  # type: ignore
