@@ -63,11 +63,17 @@ class Installed:
 
 @pytest.fixture
 def installed(cluster: ClusterInfo, k8s: K8s) -> Iterator[Installed]:
-    try:
-        k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM_NS)))  # type: ignore[attr-defined]
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
+
+    def system_namespace_active() -> bool:
+        try:
+            k8s.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM_NS)))  # type: ignore[attr-defined]
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        # Another test's teardown may still be deleting it.
+        return str(k8s.core.read_namespace(SYSTEM_NS).status.phase) == "Active"  # type: ignore[attr-defined]
+
+    wait_until(system_namespace_active, timeout=90, what=f"namespace {SYSTEM_NS} active")
     # An activator workload left by another test would have another selector (immutable).
     for delete in (k8s.apps.delete_namespaced_deployment, k8s.core.delete_namespaced_service):  # type: ignore[attr-defined]
         try:
@@ -113,18 +119,6 @@ def token_file(docs: list[dict[str, Any]], tmp: Path) -> Path:
 def start(kubeconfig: Path, args: list[str], log: Path) -> Proc:
     parse_args(args)
     return Proc([*args, "--kubeconfig", str(kubeconfig), "--log-level", "debug"], log).start()
-
-
-def wait_http(proc: Proc, url: str, what: str) -> None:
-    def up() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"{what} exited:\n{proc.logs()[-4000:]}")
-        try:
-            return http_json("GET", url, timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    wait_until(up, timeout=60, what=what)
 
 
 def bookinfo(k8s: K8s, ns: str) -> None:
@@ -215,8 +209,8 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
     try:
         # The probes of the rendered Deployments, on the real programs.
         for path in ("/healthz", "/readyz"):
-            wait_http(activator, f"http://127.0.0.1:{admin_port}{path}", f"activator {path}")
-            wait_http(controller, f"http://127.0.0.1:{metrics_port}{path}", f"controller {path} (leader)")
+            activator.wait_http(f"http://127.0.0.1:{admin_port}{path}", 60, f"serving {path}")
+            controller.wait_http(f"http://127.0.0.1:{metrics_port}{path}", 60, f"serving {path} (leader)")
         wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="details Serving")
         assert es(k8s, namespace, "details")["status"]["origin"]["service"] == "details-elasti-origin"
 
@@ -301,7 +295,7 @@ def test_namespace_scoped_rbac_works_in_the_watched_namespace_only(
         original = vs_spec(k8s, namespace, "details")
         controller = start(cluster.controller_kubeconfig, ctrl_args, tmp_path / "controller.log")
         try:
-            wait_http(controller, f"http://127.0.0.1:{metrics_port}/readyz", "controller ready (leader)")
+            controller.wait_http(f"http://127.0.0.1:{metrics_port}/readyz", 60, "ready (leader)")
             wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="details Serving")
             scale(k8s, namespace, "details-v1", 0)
             wait_until(lambda: proxied(vs_spec(k8s, namespace, "details")), what="proxy mode")
