@@ -10,6 +10,8 @@ from elasti_istio import __version__, options
 
 # Subcommand modules, each with register(subparsers) setting ``func``.
 COMMANDS = (
+    "elasti_istio.commands.status",
+    "elasti_istio.commands.actions",
     "elasti_istio.controller.main",
     "elasti_istio.localcluster.main",
     "elasti_istio.kubelet.main",

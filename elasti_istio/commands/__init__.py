@@ -1,0 +1,1 @@
+"""Everyday commands: ``status``, ``wake``, ``sleep``."""
