@@ -330,7 +330,7 @@ def test_docs_name_files_and_make_targets_that_exist() -> None:
     makefile = (ROOT / "Makefile").read_text()
     for doc in (ROOT / "examples" / "bookinfo" / "README.md", ROOT / "docs" / "deploy.md"):
         text = doc.read_text()
-        for path in set(re.findall(r"\b(?:examples/bookinfo|deploy/kustomize|crds)/[\w./-]*[\w-]", text)):
+        for path in set(re.findall(r"\b(?:examples/bookinfo|deploy/kustomize|deploy/helm|crds)/[\w./-]*[\w-]", text)):
             made_by_make = path == "deploy/kustomize/base/wake-token"
             assert (ROOT / path).exists() or made_by_make or path.endswith("/<overlay>"), f"{doc.name} names {path}"
         for target in set(re.findall(r"\bmake ([a-z][\w-]*)", text)):
