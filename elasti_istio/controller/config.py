@@ -26,6 +26,8 @@ class ControllerConfig:
     identity: str = ""
     wake_token_file: str | None = None
     idle_check_interval: float = 15.0
+    fail_open_wakes_per_second: float = 2.0
+    fail_open_burst: int = 10
 
 
 def parse_deployment_ref(value: str) -> tuple[str, str] | None:
@@ -121,6 +123,22 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often ElastiServices with triggers are checked for idleness",
     )
+    options.add(
+        p,
+        "--fail-open-wakes-per-second",
+        type=float,
+        default=2.0,
+        metavar="RATE",
+        help="with the activator unavailable, sleeping targets are woken at most this fast",
+    )
+    options.add(
+        p,
+        "--fail-open-burst",
+        type=int,
+        default=10,
+        metavar="N",
+        help="fail-open wakes allowed at once before the rate applies",
+    )
     options.add(p, "--workers", type=int, default=d.workers, help="ElastiServices reconciled concurrently")
     options.add(p, "--log-level", default="info", help="debug, info, warning or error")
 
@@ -145,5 +163,7 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
         workers=max(1, args.workers),
         wake_token_file=args.wake_token_file or None,
         idle_check_interval=max(0.2, args.idle_check_interval),
+        fail_open_wakes_per_second=max(0.001, args.fail_open_wakes_per_second),
+        fail_open_burst=max(1, args.fail_open_burst),
         identity=f"{os.environ.get('POD_NAME') or socket.gethostname()}_{os.getpid()}",
     )

@@ -37,13 +37,19 @@ IDLE_CHECKS = Counter(
     ["namespace", "name", "result"],
     registry=REGISTRY,
 )
+FAIL_OPEN_DEFERRED = Counter(
+    "elasti_controller_fail_open_deferred_total",
+    "Fail-open wakes put off by the rate limit (--fail-open-wakes-per-second).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
 LEADER = Gauge("elasti_controller_leader", "1 while this replica holds the leader Lease.", registry=REGISTRY)
 QUEUE_DEPTH = Gauge("elasti_controller_queue_depth", "ElastiServices waiting to be reconciled.", registry=REGISTRY)
 
 
 def forget(namespace: str, name: str) -> None:
     """Drops the series of a deleted ElastiService so that label sets stay bounded by what exists."""
-    for metric in (TRANSITIONS, SWITCH_SECONDS, WAKES, RECONCILE_ERRORS, IDLE_CHECKS):
+    for metric in (TRANSITIONS, SWITCH_SECONDS, WAKES, RECONCILE_ERRORS, IDLE_CHECKS, FAIL_OPEN_DEFERRED):
         for labels in list(metric._metrics):
             if labels[0] == namespace and labels[1] == name:
                 metric.remove(*labels)

@@ -23,6 +23,7 @@ from elasti_istio.controller import spec as es_spec
 from elasti_istio.controller.config import ControllerConfig
 from elasti_istio.controller.events import Recorder
 from elasti_istio.controller.indexes import Indexes, Key, es_key, split_key
+from elasti_istio.controller.ratelimit import TokenBucket
 from elasti_istio.controller.workloads import (
     WORKLOAD_RESOURCES,
     WorkloadState,
@@ -100,6 +101,7 @@ class Reconciler:
         self.trigger_state: dict[Key, tuple[bool, str, str]] = {}
         self._locks: dict[Key, asyncio.Lock] = {}
         self._http: aiohttp.ClientSession | None = None
+        self.fail_open_bucket = TokenBucket(cfg.fail_open_wakes_per_second, cfg.fail_open_burst)
 
     def lock(self, key: Key) -> asyncio.Lock:
         """Serialises a wake and a sleep of one ElastiService (never two different ones)."""
@@ -429,9 +431,22 @@ class Reconciler:
         elif not act_ok:
             desired = "serve"
             if state.at_zero:
-                await self.scale_up(
-                    es, r, reason="FailOpen", why="the activator is unavailable, so the target is woken"
-                )
+                wait = self.fail_open_bucket.take()
+                if wait == 0.0:
+                    await self.scale_up(
+                        es, r, reason="FailOpen", why="the activator is unavailable, so the target is woken"
+                    )
+                else:
+                    metrics.FAIL_OPEN_DEFERRED.labels(spec.namespace, spec.name).inc()
+                    self.recorder.emit(
+                        es,
+                        "Warning",
+                        "FailOpenRateLimited",
+                        f"the activator is unavailable and many targets are being woken: wakes are limited to "
+                        f"{self.cfg.fail_open_wakes_per_second:g}/s (burst {self.cfg.fail_open_burst}); "
+                        f"{state.kind} {state.name} is woken in about {wait:.1f}s",
+                    )
+                    requeue = min(requeue or wait, wait)
         elif state.at_zero:
             desired = "proxy"
         elif state.ready >= 1:

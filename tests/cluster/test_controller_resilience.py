@@ -15,6 +15,7 @@ from tests.harness import (
     create,
     delete,
     es,
+    events_for,
     get,
     load,
     patch,
@@ -466,3 +467,69 @@ def test_metric_labels_are_bounded(k8s: K8s, namespace: str, start_controller: A
     delete(k8s, namespace, "ElastiService", "details")
     wait_until(lambda: get(k8s, namespace, "ElastiService", "details") is None, what="deleted")
     wait_until(lambda: 'name="details"' not in ctrl.metrics(), what="series dropped")
+
+
+def test_fail_open_waking_many_targets_is_rate_limited(k8s: K8s, namespace: str, start_controller: Any) -> None:
+    names = [f"svc{i}" for i in range(5)]
+    for n in names:
+        create(
+            k8s,
+            namespace,
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": n},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": n}},
+                    "template": {
+                        "metadata": {"labels": {"app": n}},
+                        "spec": {"containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 80}]}]},
+                    },
+                },
+            },
+        )
+        create(
+            k8s,
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": n},
+                "spec": {"selector": {"app": n}, "ports": [{"port": 80, "name": "http"}]},
+            },
+        )
+        create(
+            k8s,
+            namespace,
+            {
+                "apiVersion": "networking.istio.io/v1beta1",
+                "kind": "VirtualService",
+                "metadata": {"name": n},
+                "spec": {"hosts": [n], "http": [{"route": [{"destination": {"host": n}}]}]},
+            },
+        )
+        create(
+            k8s, namespace, es_doc(n, service=n, virtualServices=[n], scaleTargetRef={"kind": "Deployment", "name": n})
+        )
+    create(k8s, namespace, activator_deployment())
+    start_controller(
+        "--fail-open-wakes-per-second",
+        "0.5",
+        "--fail-open-burst",
+        "2",
+        activator_deployment=f"{namespace}/elasti-activator",
+    )
+    for n in names:
+        wait_until(lambda n=n: phase(k8s, namespace, n) == "Serving", what=f"{n} serving")
+        scale(k8s, namespace, n, 0)
+    for n in names:
+        wait_until(lambda n=n: phase(k8s, namespace, n) == "ScaledToZero", what=f"{n} asleep")
+    delete(k8s, namespace, "Deployment", "elasti-activator")
+    wait_until(
+        lambda: any(e.reason == "FailOpenRateLimited" for n in names for e in events_for(k8s, namespace, n)),
+        what="a rate-limited fail-open wake reported",
+    )
+    for n in names:
+        wait_until(lambda n=n: ready_replicas(k8s, namespace, n) == 1, 60, f"{n} woken (fail open)")
+        assert not activator_dests(vs_spec(k8s, namespace, n))
