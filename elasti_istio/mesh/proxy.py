@@ -46,6 +46,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"})
+# Set by the downstream handshake itself; the upstream's other 101 headers are passed on, as Envoy does.
+WS_ANSWER = frozenset({"sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions", "content-length"})
 
 NO_HEALTHY_UPSTREAM = "no healthy upstream"
 UPSTREAM_TIMEOUT = "upstream request timeout"
@@ -373,6 +375,9 @@ class Proxy:
             autoclose=False,
             max_msg_size=0,
         )
+        for name, value in upstream._response.headers.items():
+            if name.lower() not in HOP_BY_HOP and name.lower() not in WS_ANSWER:
+                down.headers.add(name, value)
         await down.prepare(request)
         rec.response_code = 101
 
