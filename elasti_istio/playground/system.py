@@ -9,6 +9,8 @@ and the controller's fail-open check sees the real activator's readiness.
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
 from typing import Any
 
 from elasti_istio.playground.manifests import Api, load, repo_path
@@ -94,7 +96,11 @@ def install(api: Api, port: int, admin_port: int, *, cluster_wide_controller: bo
     ClusterRole is then granted per namespace by :func:`bind_controller` (a controller run with
     ``--namespace``, beside others in the same cluster).
     """
-    api.ensure_namespace(SYSTEM_NAMESPACE)
+    _namespace_active(api)
+    # An activator workload left behind by someone else may have another selector, which is immutable.
+    for kind, version in (("Deployment", "apps/v1"), ("Service", "v1")):
+        api.delete(version, kind, ACTIVATOR, SYSTEM_NAMESPACE)
+    _until(lambda: not api.core.list_namespaced_pod(SYSTEM_NAMESPACE).items, "no pod left in elasti-system")
     api.apply_all(service_accounts())
     for doc in rbac_docs():
         controller_grant = doc["kind"] == "ClusterRoleBinding" and doc["metadata"]["name"] == CONTROLLER
@@ -124,3 +130,22 @@ def uninstall(api: Api) -> None:
 def activator_ready(api: Api) -> bool:
     dep = api.get("apps/v1", "Deployment", ACTIVATOR, SYSTEM_NAMESPACE)
     return bool(dep and ((dep.get("status") or {}).get("readyReplicas") or 0) >= 1)
+
+
+def _namespace_active(api: Api) -> None:
+    """Creates elasti-system, waiting out an earlier deletion that has not finished."""
+
+    def active() -> bool:
+        api.ensure_namespace(SYSTEM_NAMESPACE)
+        ns = api.get("v1", "Namespace", SYSTEM_NAMESPACE)
+        return bool(ns and (ns.get("status") or {}).get("phase") == "Active")
+
+    _until(active, f"namespace {SYSTEM_NAMESPACE} to be active")
+
+
+def _until(probe: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)

@@ -1,0 +1,213 @@
+"""What the end-to-end scenarios share: a generic app with its ElastiService, and clients that never retry.
+
+Every request goes through the mesh stand-in: the sidecar outbound proxy in absolute-URI form, as an
+application pod's sidecar carries it (``GET http://web.<ns>.svc.cluster.local/... HTTP/1.1``).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from elasti_istio.playground.bookinfo import proxied
+from elasti_istio.playground.manifests import Api
+from tests.helpers import wait_for
+
+GROUP, VERSION = "elasti.truefoundry.com", "v1alpha1"
+COLD = "x-elasti-cold-start"
+
+
+def web_app(
+    name: str = "web",
+    *,
+    kind: str = "Deployment",
+    replicas: int = 1,
+    ports: tuple[int, ...] = (8080,),
+    hold_timeout: str = "30s",
+    startup_seconds: float | None = None,
+    elastiservice: bool = True,
+) -> list[dict[str, Any]]:
+    """A workload running the generic test app, its Service (port 80), a VirtualService and an ElastiService."""
+    labels = {"app": name}
+    template: dict[str, Any] = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "containers": [
+                {"name": "app", "image": "e2e/httpbin", "ports": [{"containerPort": p} for p in ports]},
+            ]
+        },
+    }
+    if startup_seconds is not None:
+        template["metadata"]["annotations"] = {"elasti.truefoundry.com/sim-startup-seconds": str(startup_seconds)}
+    spec: dict[str, Any] = {"replicas": replicas, "selector": {"matchLabels": labels}, "template": template}
+    if kind == "StatefulSet":
+        spec["serviceName"] = name
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": name}, "spec": spec},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": ports[0]}]},
+        },
+        {
+            "apiVersion": "networking.istio.io/v1beta1",
+            "kind": "VirtualService",
+            "metadata": {"name": name},
+            "spec": {"hosts": [name], "http": [{"route": [{"destination": {"host": name}}]}]},
+        },
+    ]
+    if elastiservice:
+        docs.append(
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ElastiService",
+                "metadata": {"name": name},
+                "spec": {
+                    "service": name,
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": kind, "name": name},
+                    "virtualServices": [name],
+                    "minTargetReplicas": 1,
+                    "activator": {"holdTimeout": hold_timeout, "retryInterval": "100ms"},
+                },
+            }
+        )
+    return docs
+
+
+def url(namespace: str, path: str, service: str = "web", port: int | None = None) -> str:
+    authority = f"{service}.{namespace}.svc.cluster.local" + (f":{port}" if port else "")
+    return f"http://{authority}{path}"
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def cold(self) -> bool:
+        return self.headers.get(COLD) == "true"
+
+    def __repr__(self) -> str:
+        return f"Answer({self.status}, {self.body[:200]!r})"
+
+
+class Sidecar:
+    """Requests through the mesh's outbound proxy; each on a fresh connection unless one is passed."""
+
+    def __init__(self, outbound: str) -> None:
+        self.hostport = outbound.removeprefix("http://")
+
+    def connection(self, timeout: float = 60) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.hostport, timeout=timeout)
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        body: bytes | Iterable[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        conn: http.client.HTTPConnection | None = None,
+        timeout: float = 60,
+        chunked: bool = False,
+    ) -> Answer:
+        own = conn is None
+        c = conn or self.connection(timeout)
+        try:
+            c.request(method, target, body=body, headers=headers or {}, encode_chunked=chunked)
+            resp = c.getresponse()
+            return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            if own:
+                c.close()
+
+    def get(self, target: str, **kw: Any) -> Answer:
+        return self.request("GET", target, **kw)
+
+
+def in_threads(calls: dict[str, Callable[[], Answer]], timeout: float = 90) -> dict[str, Answer | BaseException]:
+    """Runs the calls at the same time; each result or the exception it raised."""
+    results: dict[str, Answer | BaseException] = {}
+
+    def run(key: str, fn: Callable[[], Answer]) -> None:
+        try:
+            results[key] = fn()
+        except BaseException as exc:
+            results[key] = exc
+
+    threads = [threading.Thread(target=run, args=(k, f), daemon=True) for k, f in calls.items()]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return results
+
+
+# ---- reading the cluster ----------------------------------------------------------------------------
+
+
+def vs_spec(api: Api, ns: str, name: str) -> dict[str, Any]:
+    vs = api.custom.get_namespaced_custom_object("networking.istio.io", "v1beta1", ns, "virtualservices", name)
+    return dict(vs["spec"])
+
+
+def es_status(api: Api, ns: str, name: str) -> dict[str, Any]:
+    es = api.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "elastiservices", name)
+    return dict(es.get("status") or {})
+
+
+def phase(api: Api, ns: str, name: str) -> str | None:
+    return es_status(api, ns, name).get("phase")
+
+
+def replicas(api: Api, ns: str, name: str, kind: str = "Deployment") -> tuple[int, int]:
+    """(spec.replicas, status.readyReplicas)."""
+    obj = (
+        api.apps.read_namespaced_stateful_set(name, ns)
+        if kind == "StatefulSet"
+        else api.apps.read_namespaced_deployment(name, ns)
+    )
+    return int(obj.spec.replicas or 0), int(obj.status.ready_replicas or 0)
+
+
+def scale(api: Api, ns: str, name: str, n: int, kind: str = "Deployment") -> None:
+    """A direct change of spec.replicas through the scale subresource, as KEDA or a person makes it."""
+    body = {"spec": {"replicas": n}}
+    if kind == "StatefulSet":
+        api.apps.patch_namespaced_stateful_set_scale(name, ns, body)
+    else:
+        api.apps.patch_namespaced_deployment_scale(name, ns, body)
+
+
+def until(probe: Callable[[], Any], what: str, timeout: float = 45) -> Any:
+    return wait_for(probe, timeout, what, interval=0.05)
+
+
+def serving(api: Api, ns: str, name: str = "web", vs: str | None = None) -> dict[str, Any]:
+    """Waits for phase Serving with the routes on the Service; returns the VirtualService spec."""
+    until(lambda: phase(api, ns, name) == "Serving", f"{ns}/{name} Serving")
+
+    def routes() -> dict[str, Any] | None:
+        spec = vs_spec(api, ns, vs or name)
+        return None if proxied(spec) else spec
+
+    return dict(until(routes, "serve-mode routes"))
+
+
+def to_zero(
+    api: Api, ns: str, target: str = "web", *, es: str | None = None, vs: str | None = None, kind: str = "Deployment"
+) -> None:
+    """Scales ``target`` to 0 and waits until the routes go to the activator and no replica is left."""
+    es = es or target
+    vs = vs or es
+    scale(api, ns, target, 0, kind)
+    until(lambda: proxied(vs_spec(api, ns, vs)), f"{ns}/{vs} routed to the activator")
+    until(lambda: phase(api, ns, es) == "ScaledToZero", f"{ns}/{es} ScaledToZero")

@@ -1,0 +1,283 @@
+"""A workload at zero, woken by its own traffic: what clients see through the mesh.
+
+Clients never retry: each request is sent once, on its own connection unless a test is about
+keep-alive, and must succeed by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from elasti_istio.playground.bookinfo import proxied
+from elasti_istio.playground.procs import ControllerProc
+from tests.e2e.conftest import System
+from tests.e2e.support import (
+    Answer,
+    in_threads,
+    phase,
+    replicas,
+    scale,
+    serving,
+    to_zero,
+    until,
+    url,
+    vs_spec,
+    web_app,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+
+def test_scale_to_zero_proxies_and_traffic_wakes_it_with_bodies_intact(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    original = serving(api, ns)
+    to_zero(api, ns)
+    until(lambda: e2e_status(e2e, ns).get("mode") == "proxy", "status mode proxy")
+    assert e2e_status(e2e, ns)["readyReplicas"] == 0
+
+    small = b'{"hello": "elasti"}'
+    big = os.urandom(1 << 20)
+    chunks = [os.urandom(4096) for _ in range(32)]
+    side = e2e.sidecar
+    answers = in_threads(
+        {
+            "small": lambda: side.request("POST", url(ns, "/echo"), small, {"Content-Type": "application/json"}),
+            "1MiB": lambda: side.request("POST", url(ns, "/echo"), big),
+            "chunked upload": lambda: side.request("POST", url(ns, "/echo"), iter(chunks), chunked=True),
+            "stream": lambda: side.get(url(ns, "/stream/20?interval=0.02")),
+            "drip": lambda: side.get(url(ns, "/drip?numbytes=12&duration=0.6")),
+        }
+    )
+    for key, ans in answers.items():
+        assert isinstance(ans, Answer), f"{key}: {ans!r}"
+        assert ans.status == 200, f"{key}: {ans!r}"
+        assert ans.cold, f"{key} was not held by the activator: {ans.headers}"
+    assert answers["small"].body == small  # type: ignore[union-attr]
+    assert hashlib.sha256(answers["1MiB"].body).digest() == hashlib.sha256(big).digest()  # type: ignore[union-attr]
+    assert answers["chunked upload"].body == b"".join(chunks)  # type: ignore[union-attr]
+    lines = [json.loads(line) for line in answers["stream"].body.splitlines()]  # type: ignore[union-attr]
+    assert [doc["id"] for doc in lines] == list(range(20))
+    assert answers["drip"].body == b"*" * 12  # type: ignore[union-attr]
+
+    until(lambda: vs_spec(api, ns, "web") == original, "the original routes back")
+    until(lambda: phase(api, ns, "web") == "Serving", "Serving")
+    assert replicas(api, ns, "web") == (1, 1)
+
+
+def e2e_status(e2e: System, ns: str, name: str = "web") -> dict[str, Any]:
+    es = e2e.api.custom.get_namespaced_custom_object("elasti.truefoundry.com", "v1alpha1", ns, "elastiservices", name)
+    return dict(es.get("status") or {})
+
+
+def test_manual_scale_up_returns_to_serve(e2e: System, namespace: str, controller: ControllerProc) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    original = serving(api, ns)
+    to_zero(api, ns)
+    scale(api, ns, "web", 1)
+    until(lambda: vs_spec(api, ns, "web") == original, "the original routes back")
+    until(lambda: phase(api, ns, "web") == "Serving", "Serving")
+    ans = e2e.sidecar.get(url(ns, "/hello"))
+    assert ans.status == 200 and ans.headers["x-pod-name"].startswith("web-")
+    assert not ans.cold, "the activator is still in the path"
+
+
+def test_200_concurrent_requests_at_zero_all_succeed(e2e: System, namespace: str, controller: ControllerProc) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    serving(api, ns)
+    to_zero(api, ns)
+
+    async def burst() -> list[tuple[int, bool] | str]:
+        # force_close: no connection is reused, so aiohttp has nothing to retry.
+        conn = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=90)) as session:
+
+            async def one(i: int) -> tuple[int, bool] | str:
+                try:
+                    async with session.get(url(ns, f"/req/{i}"), proxy=e2e.mesh.outbound) as resp:
+                        doc = await resp.json(content_type=None)
+                        assert doc["path"] == f"/req/{i}"
+                        return resp.status, resp.headers.get("x-elasti-cold-start") == "true"
+                except Exception as exc:
+                    return f"{type(exc).__name__}: {exc}"
+
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(burst())
+    failed = [r for r in results if not isinstance(r, tuple) or r[0] != 200]
+    assert not failed, f"{len(failed)} of 200 failed: {failed[:5]}"
+    assert any(r[1] for r in results if isinstance(r, tuple)), "none was held by the activator"
+    assert replicas(api, ns, "web")[0] == 1, "woken to minTargetReplicas, once"
+
+
+def test_hold_timeout_answers_504(e2e: System, namespace: str, controller: ControllerProc) -> None:
+    api, ns = e2e.api, namespace
+    # At zero from the start, and a woken pod that takes ten minutes to turn Ready.
+    api.apply_all(web_app(replicas=0, hold_timeout="2s", startup_seconds=600), ns)
+    until(lambda: proxied(vs_spec(api, ns, "web")), "routes to the activator")
+    t = time.monotonic()
+    ans = e2e.sidecar.get(url(ns, "/slow-to-wake"))
+    waited = time.monotonic() - t
+    assert ans.status == 504, ans
+    assert json.loads(ans.body)["error"], ans
+    assert waited >= 1.5, f"answered after {waited:.2f}s, before the 2s hold timeout"
+    assert replicas(api, ns, "web") == (1, 0), "woken, never ready"
+
+
+def test_one_keepalive_connection_across_the_whole_cycle(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    original = serving(api, ns)
+    conn = e2e.sidecar.connection()
+    statuses: list[tuple[int, bool, str]] = []
+    try:
+
+        def send(i: int) -> None:
+            ans = e2e.sidecar.get(url(ns, f"/ka/{i}"), conn=conn)
+            statuses.append((ans.status, ans.cold, ans.body[:120].decode(errors="replace")))
+
+        send(0)
+        assert conn.sock is not None
+        local = conn.sock.getsockname()
+        to_zero(api, ns)
+        # Held, woken, served, then direct again: all on the same connection.
+        seen_proxy_then_serve = False
+        for i in range(1, 200):
+            send(i)
+            assert conn.sock is not None and conn.sock.getsockname() == local, f"reconnected at request {i}"
+            if any(cold for _, cold, _ in statuses) and vs_spec(api, ns, "web") == original:
+                seen_proxy_then_serve = True
+                break
+            time.sleep(0.02)
+        assert seen_proxy_then_serve, "the cycle did not complete within 200 requests"
+        for i in range(3):
+            send(1000 + i)
+        assert conn.sock is not None and conn.sock.getsockname() == local
+    finally:
+        conn.close()
+    bad = [s for s in statuses if s[0] != 200]
+    assert not bad, f"{len(bad)} of {len(statuses)} not 200: {bad[:5]}"
+    assert statuses[-1][1] is False, "the activator is still in the path"
+
+
+def test_websocket_at_zero(e2e: System, namespace: str, controller: ControllerProc) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    original = serving(api, ns)
+    to_zero(api, ns)
+
+    async def talk() -> tuple[list[str], bool]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(url(ns, "/ws").replace("http://", "ws://"), proxy=e2e.mesh.outbound) as ws,
+        ):
+            cold = ws._response.headers.get("x-elasti-cold-start") == "true"
+            got = []
+            for word in ("held", "then", "relayed"):
+                await ws.send_str(word)
+                msg = await ws.receive(timeout=10)
+                got.append(msg.data)
+            await ws.send_bytes(b"\x00\x01")
+            assert (await ws.receive(timeout=10)).data == b"\x00\x01"
+            return got, cold
+
+    got, cold = asyncio.run(talk())
+    assert got == ["held", "then", "relayed"]
+    assert cold, "the handshake was not held by the activator"
+    until(lambda: vs_spec(api, ns, "web") == original, "the original routes back")
+
+
+def test_client_cannot_choose_another_queue(e2e: System, namespace: str, controller: ControllerProc) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app("web") + web_app("other"), ns)
+    serving(api, ns, "web")
+    serving(api, ns, "other")
+    to_zero(api, ns, "web")
+    to_zero(api, ns, "other")
+    ans = e2e.sidecar.get(url(ns, "/headers"), headers={"elasti-service": f"{ns}/other"})
+    assert ans.status == 200, ans
+    assert ans.headers["x-pod-name"].startswith("web-"), ans.headers
+    assert ans.cold
+    assert "elasti-service" not in {k.lower() for k in json.loads(ans.body)["headers"]}
+    time.sleep(1)  # the wake of web is done; a wrong queue would have woken other by now
+    assert replicas(api, ns, "other") == (0, 0), "the client's header woke another workload"
+    assert proxied(vs_spec(api, ns, "other"))
+
+
+def test_steady_traffic_during_a_keda_scale_to_zero(e2e: System, namespace: str, controller: ControllerProc) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    original = serving(api, ns)
+    results: list[tuple[float, int | str, bool]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    senders: list[threading.Thread] = []
+
+    def one(i: int) -> None:
+        t = time.monotonic()
+        try:
+            ans = e2e.sidecar.get(url(ns, f"/steady/{i}"), timeout=60)
+            status: int | str = ans.status if ans.status == 200 else f"{ans.status} {ans.body[:100]!r}"
+            item: tuple[float, int | str, bool] = (t, status, ans.cold)
+        except Exception as exc:
+            item = (t, f"{type(exc).__name__}: {exc}", False)
+        with lock:
+            results.append(item)
+
+    def load() -> None:
+        """20 requests a second, each on its own thread and connection, for at most 15 seconds."""
+        start = time.monotonic()
+        for i in range(300):
+            if stop.is_set():
+                return
+            time.sleep(max(0.0, start + i * 0.05 - time.monotonic()))
+            th = threading.Thread(target=one, args=(i,), daemon=True)
+            senders.append(th)
+            th.start()
+
+    started = time.monotonic()
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    try:
+        time.sleep(1)
+        t_scale = time.monotonic()
+        scale(api, ns, "web", 0)  # as KEDA does: a direct change of the scale subresource
+        until(lambda: any(cold for _, _, cold in results), "a request held by the activator", 20)
+        until(lambda: vs_spec(api, ns, "web") == original, "the original routes back", 20)
+        time.sleep(2)
+    finally:
+        stop.set()
+        loader.join(5)
+    for th in list(senders):
+        th.join(max(0.1, 60 - (time.monotonic() - started)))
+    assert len(results) == len(senders) >= 40, f"{len(senders) - len(results)} of {len(senders)} never finished"
+    bad = [r for r in results if r[1] != 200]
+    when = [(f"{b[0] - t_scale:+.3f}s after the scale", *b[1:]) for b in bad[:5]]
+    assert not bad, f"{len(bad)} of {len(results)} failed: {when}"
+
+
+def test_statefulset_target(e2e: System, namespace: str, controller: ControllerProc) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(kind="StatefulSet"), ns)
+    original = serving(api, ns)
+    to_zero(api, ns, kind="StatefulSet")
+    ans = e2e.sidecar.get(url(ns, "/sts"))
+    assert ans.status == 200 and ans.cold, ans
+    assert ans.headers["x-pod-name"] == "web-0"
+    until(lambda: vs_spec(api, ns, "web") == original, "the original routes back")
+    assert replicas(api, ns, "web", "StatefulSet") == (1, 1)
