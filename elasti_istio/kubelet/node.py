@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -275,11 +276,15 @@ class PodRuntime:
             "containerStatuses": containers,
             "startTime": self.latest.get("status", {}).get("startTime") or t,
         }
-        await self.kubelet.retry(
+        sent = time.time()
+        written = await self.kubelet.retry(
             lambda: self.kubelet.kube.patch(PODS, self.name, {"status": status}, self.namespace, sub="status"),
             f"status of {self.namespace}/{self.name}",
             stop=lambda: self.deleting,
         )
+        if ready and written is not None:
+            # Conditions carry whole seconds only; benchmarks read the moment the Pod turned Ready from here.
+            log.info("%s/%s: Ready written at %.6f (sent %.6f)", self.namespace, self.name, time.time(), sent)
 
 
 async def _wait_idle(runners: list[web.AppRunner], forwarders: list[TcpForwarder], grace: float) -> None:

@@ -1,0 +1,126 @@
+"""``python -m benchmarks [--quick]``: the whole system on this machine, measured; a table and results.json.
+
+Pinning (two cores): for the activator throughput figure the proxy under test (the activator, or
+nginx) runs on CPU 0 and the load generator (wrk, or the open-loop Python generator) with the backend
+nginx on CPU 1; the other figures pin only their load generator, if at all (see the printed notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import figures as F
+from benchmarks import system as S
+from benchmarks import tools as T
+from elasti_istio.playground.stack import Playground
+
+PINNING = (
+    "figure 4: proxy under test (activator or nginx) on CPU 0; wrk / the open-loop generator and the backend nginx "
+    "on CPU 1. Figure 5: wrk on CPU 1, the mesh stand-in and apps unpinned. Figures 1-3: nothing pinned. "
+    "The cluster (etcd, kube-apiserver, kube-controller-manager, kubelet stand-in), controller and mesh run "
+    "unpinned throughout."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: few cycles, small bursts, 1 s load runs")
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"), help="results file")
+    p.add_argument("--state-dir", type=Path, help="cluster state and logs (default: a temporary directory)")
+    p.add_argument("--only", action="append", choices=("cold", "burst", "throughput", "warm"), help="run only these")
+    args = p.parse_args(argv)
+
+    limits = T.raise_nofile()
+    missing = T.missing_tools()
+    if missing:
+        print(f"missing tools: {', '.join(missing)}; run {T.INSTALL_SCRIPT} (or make bench)", file=sys.stderr)
+        return 2
+    settings = F.Settings.quick() if args.quick else F.Settings()
+    mach = T.machine()
+    print(
+        f"machine: {mach['cpu_model']}, {mach['cores']} cores, Linux {mach['kernel']}, Python {mach['python']}, "
+        f"aiohttp {mach['aiohttp']}, kopf {mach['kopf']}, uvloop {mach['uvloop']}; load average at start "
+        f"{mach['loadavg_at_start']:.2f}"
+    )
+    print(
+        f"open files: soft limit {limits['nofile_soft_before']} raised to {limits['nofile_soft']} "
+        f"(hard {limits['nofile_hard']}), for this process and everything it starts"
+    )
+    print(f"pinning: {PINNING}")
+
+    tmp = tempfile.TemporaryDirectory(prefix="elasti-bench-")
+    state = args.state_dir or Path(tmp.name) / "state"
+    workdir = Path(tmp.name) / "work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    pg = Playground(state, startup_seconds=1.0, log=lambda m: print(f"  {m}", flush=True))
+    ctx = F.Context(pg, settings, workdir, log=lambda m: print(m, flush=True))
+    only = set(args.only or ("cold", "burst", "throughput", "warm"))
+    rec: S.Recorder | None = None
+    try:
+        print("starting the system", flush=True)
+        info = pg.start_cluster()
+        pg.install_system()
+        pg.start_mesh()
+        pg.start_activator()
+        pg.start_controller()
+        assert pg.api is not None
+        pg.api.ensure_namespace(S.NS)
+        rec = S.Recorder(info.admin_kubeconfig).start()
+        docs = S.workload("cold", elastiservice=True)
+        docs += S.workload(
+            "burst", elastiservice=True, startup=settings.burst_startup, queue_limit=max(settings.bursts)
+        )
+        docs += S.workload("web", elastiservice=True) + S.workload("plain", elastiservice=False)
+        pg.api.apply_all(docs, S.NS)
+        for name in ("cold", "burst", "web"):
+            S.until(lambda n=name: ctx.bench.serving(n), f"{name} Serving", timeout=120)
+        print(f"system up in {time.monotonic() - t0:.1f}s", flush=True)
+
+        if "cold" in only:
+            print(f"figures 1-2: {settings.cycles} wake cycles of bench/cold", flush=True)
+            F.cold_starts(ctx, rec)
+        if "burst" in only:
+            for n in settings.bursts:
+                print(f"figure 3: burst of {n}", flush=True)
+                F.burst(ctx, rec, n)
+        if "throughput" in only:
+            print("figure 4: activator throughput for late traffic", flush=True)
+            F.throughput(ctx)
+        if "warm" in only:
+            print("figure 5: warm path", flush=True)
+            F.warm_path(ctx)
+    finally:
+        if rec is not None:
+            rec.stop()
+        pg.stop()
+        tmp.cleanup()
+
+    results = dict(ctx.results)
+    results.update({k: v for k, v in limits.items() if k in ("nofile_soft_before", "nofile_soft", "nofile_hard")})
+    results["machine"] = {**mach, "pinning": PINNING, "mode": "quick" if args.quick else "full"}
+    args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print()
+    print(table(ctx.rows))
+    for note in ctx.notes:
+        print(f"note: {note}")
+    print(f"\nwrote {args.out} ({len(ctx.results)} figures) in {time.monotonic() - t0:.0f}s")
+    return 0
+
+
+def table(rows: list[tuple[str, str, str]]) -> str:
+    head = ("figure", "measured", "target")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""The five figures of the benchmark; each adds numbers to ``results`` and rows to the printed table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import system as S
+from benchmarks import tools as T
+from elasti_istio.playground.procs import ActivatorProc, free_ports
+from elasti_istio.playground.stack import Playground
+
+PROXY_CPU, CLIENT_CPU = "0", "1"
+
+
+@dataclass
+class Settings:
+    cycles: int = 20
+    bursts: tuple[int, ...] = (1000, 10000)
+    burst_startup: float = 6.0
+    wrk_seconds: float = 5.0
+    wrk_connections: int = 50
+    rounds: int = 3
+    rate: float = 1000.0
+    rate_seconds: float = 10.0
+    warm_seconds: float = 5.0
+    settle: float = 0.3  # after a switch, for the mesh's own watch to apply it
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            cycles=2,
+            bursts=(50,),
+            burst_startup=1.5,
+            wrk_seconds=1.0,
+            wrk_connections=16,
+            rounds=1,
+            rate=200.0,
+            rate_seconds=1.0,
+            warm_seconds=1.0,
+        )
+
+
+@dataclass
+class Context:
+    pg: Playground
+    settings: Settings
+    workdir: Path
+    results: dict[str, Any] = field(default_factory=dict)
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = print
+
+    @property
+    def bench(self) -> S.Bench:
+        assert self.pg.api is not None
+        return S.Bench(self.pg.api)
+
+    @property
+    def kubelet_log(self) -> Path:
+        return self.pg.logs_dir / "kubelet.log"
+
+    def put(self, name: str, value: float | int) -> None:
+        self.results[name] = round(value, 4) if isinstance(value, float) else value
+
+    def row(self, figure: str, value: str, target: str = "") -> None:
+        self.rows.append((figure, value, target))
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (with 20 samples p99 is the largest one)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    import math
+
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def ms(v: float) -> str:
+    return f"{v * 1000:.1f} ms"
+
+
+# ---- figures 1 and 2: cold starts and switches ------------------------------------------------------
+def put_to_sleep(ctx: Context, rec: S.Recorder, name: str) -> float | None:
+    """Scales ``name`` to zero and waits for a clean sleep.
+
+    Returns the proxy switch latency: from just before the scale request is sent to the watch event of
+    the VirtualService in proxy mode (the request's own trip and the watch delivery count against us).
+    """
+    t0 = time.time()
+    ctx.bench.scale(name, 0)
+    S.until(lambda: ctx.bench.asleep(name), f"{name} asleep (proxy mode, no pod left)", timeout=120)
+    t_vs = rec.first(t0, "VirtualService", name, S.vs_proxied)
+    time.sleep(ctx.settings.settle)
+    return (t_vs - t0) if t_vs is not None else None
+
+
+def cold_starts(ctx: Context, rec: S.Recorder) -> None:
+    s, b = ctx.settings, ctx.bench
+    overhead, whole, to_proxy, to_serve, pod_watch, patch_rtt = [], [], [], [], [], []
+    steps: dict[str, list[float]] = {
+        "ready_to_deployment_event": [],
+        "deployment_event_to_es_status_event": [],
+        "es_status_event_to_answer": [],
+    }
+    failures = 0
+    for i in range(s.cycles):
+        sw = put_to_sleep(ctx, rec, "cold")
+        if sw is not None:
+            to_proxy.append(sw)
+        t_send = time.time()
+        status, headers, body, t_done = S.sidecar_get(ctx.pg.outbound_url, f"http://{S.authority('cold')}{S.APP_PATH}")
+        if status != 200 or headers.get("x-elasti-cold-start") != "true":
+            failures += 1
+            ctx.log(f"  cycle {i}: unexpected answer {status} {headers.get('x-elasti-cold-start')} {body[:100]!r}")
+            continue
+        _, ack, sent = S.pod_ready_after(ctx.kubelet_log, "cold", t_send)
+        overhead.append(t_done - ack)
+        whole.append(t_done - t_send)
+        patch_rtt.append(ack - sent)
+        S.until(lambda: b.serving("cold"), "cold Serving again")
+        t_dep = rec.first(t_send, "Deployment", "cold", S.deployment_ready)
+        t_vs = rec.first(t_send, "VirtualService", "cold", lambda o: not S.vs_proxied(o))
+        if t_dep is not None and t_vs is not None:
+            to_serve.append(t_vs - t_dep)
+        t_pod = rec.first(t_send, "Pod", "cold-", S.pod_ready)
+        if t_pod is not None:
+            pod_watch.append(t_pod - ack)
+        t_es = rec.first(t_send, "ElastiService", "cold", S.es_ready)
+        if t_dep is not None and t_es is not None:
+            # Where the overhead goes: Kubernetes' own controllers, ours, then activator + mesh + app.
+            steps["ready_to_deployment_event"].append(t_dep - ack)
+            steps["deployment_event_to_es_status_event"].append(t_es - t_dep)
+            steps["es_status_event_to_answer"].append(t_done - t_es)
+        ctx.log(
+            f"  cycle {i + 1}/{s.cycles}: Ready→answer {ms(t_done - ack)}, cold start {ms(t_done - t_send)}, "
+            f"to proxy {ms(to_proxy[-1]) if to_proxy else '-'}, to serve {ms(to_serve[-1]) if to_serve else '-'}"
+        )
+    ctx.put("cold_cycles", len(overhead))
+    ctx.put("cold_failures", failures)
+    if overhead:
+        ctx.put("cold_overhead_p50_ms", pct(overhead, 0.5) * 1000)
+        ctx.put("cold_overhead_p99_ms", pct(overhead, 0.99) * 1000)
+        ctx.put("cold_start_p50_ms", pct(whole, 0.5) * 1000)
+        ctx.put("cold_start_p99_ms", pct(whole, 0.99) * 1000)
+        ctx.put("ready_patch_rtt_p50_ms", pct(patch_rtt, 0.5) * 1000)
+        ctx.row(
+            f"1. cold-start overhead, pod Ready → held answer complete ({len(overhead)} wakes)",
+            f"p50 {ms(pct(overhead, 0.5))}, p99 {ms(pct(overhead, 0.99))}",
+            "p99 <= 20 ms",
+        )
+        ctx.row(
+            "1. whole cold start, request → answer (startup delay 1 s)",
+            f"p50 {ms(pct(whole, 0.5))}, p99 {ms(pct(whole, 0.99))}",
+        )
+    if pod_watch:
+        ctx.put("pod_ready_watch_delay_p50_ms", pct(pod_watch, 0.5) * 1000)
+    if all(steps.values()):
+        for k, v in steps.items():
+            ctx.put(f"cold_{k}_p50_ms", pct(v, 0.5) * 1000)
+        ctx.row(
+            "1. where it goes (p50): Ready → Deployment ready event → ElastiService status event → answer",
+            " + ".join(ms(pct(v, 0.5)) for v in steps.values()),
+        )
+    for label, vals, key in (
+        ("replicas=0 → VirtualService proxy", to_proxy, "switch_to_proxy"),
+        ("target ready → VirtualService serve", to_serve, "switch_to_serve"),
+    ):
+        if vals:
+            ctx.put(f"{key}_p50_ms", pct(vals, 0.5) * 1000)
+            ctx.put(f"{key}_p99_ms", pct(vals, 0.99) * 1000)
+            ctx.row(
+                f"2. switch {label} (watch timestamps, {len(vals)})",
+                f"p50 {ms(pct(vals, 0.5))}, p99 {ms(pct(vals, 0.99))}",
+                "p99 <= 100 ms",
+            )
+    controller_histogram(ctx)
+
+
+def controller_histogram(ctx: Context) -> None:
+    """The controller's own ``elasti_controller_switch_seconds`` for ``bench/cold``: mean and the p99 bucket."""
+    assert ctx.pg.controller is not None
+    with urllib.request.urlopen(ctx.pg.controller.metrics_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for mode in ("proxy", "serve"):
+        buckets: list[tuple[float, float]] = []
+        total = count = 0.0
+        for line in text.splitlines():
+            if not line.startswith("elasti_controller_switch_seconds") or "cold" not in line:
+                continue
+            name, _, value = line.rpartition(" ")
+            labels = dict(kv.split("=", 1) for kv in name[name.index("{") + 1 : name.rindex("}")].split(","))
+            if labels.get("name") != '"cold"' or labels.get("mode") != f'"{mode}"':
+                continue
+            if name.startswith("elasti_controller_switch_seconds_bucket"):
+                le = labels["le"].strip('"')
+                buckets.append((float("inf") if le == "+Inf" else float(le), float(value)))
+            elif name.startswith("elasti_controller_switch_seconds_sum"):
+                total = float(value)
+            elif name.startswith("elasti_controller_switch_seconds_count"):
+                count = float(value)
+        if count:
+            buckets.sort()
+            p99_le = next((le for le, c in buckets if c >= 0.99 * count), float("inf"))
+            ctx.put(f"controller_switch_{mode}_mean_ms", total / count * 1000)
+            ctx.put(f"controller_switch_{mode}_p99_bucket_ms", p99_le * 1000)
+            ctx.row(
+                f"2. controller's histogram, switch to {mode} ({int(count)})",
+                f"mean {ms(total / count)}, p99 <= {ms(p99_le)} (bucket)",
+            )
+
+
+# ---- figure 3: bursts ------------------------------------------------------------------------------
+def burst(ctx: Context, rec: S.Recorder, n: int) -> None:
+    pg = ctx.pg
+    assert pg.activator is not None and pg.activator.pid is not None
+    pid = pg.activator.pid
+    put_to_sleep(ctx, rec, "burst")
+    peak_reset = T.reset_peak_rss(pid)
+    rss_before = T.status_kib(pid, "VmRSS")
+    cmd = T.loadgen_cmd(
+        "0-1",
+        "burst",
+        "--port",
+        str(pg.ports.activator),
+        "--n",
+        str(n),
+        "--target",
+        S.APP_PATH,
+        "--host-header",
+        S.authority("burst"),
+        "--header",
+        f"elasti-service: {S.NS}/burst",
+        "--timeout",
+        "150",
+    )
+    t_start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=T._root())
+    peak = {"held": 0, "rss": rss_before, "fds": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        url = f"{pg.activator.admin_url}/v1/pending/{S.NS}/burst"  # type: ignore[union-attr]
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    peak["held"] = max(peak["held"], int(json.loads(resp.read())["pending"]))
+                peak["rss"] = max(peak["rss"], T.status_kib(pid, "VmRSS"))
+                peak["fds"] = max(peak["fds"], T.open_fds(pid))
+            except (OSError, ValueError, KeyError):
+                pass
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate(timeout=300)
+    stop.set()
+    sampler.join(5)
+    if proc.returncode != 0:
+        raise T.BenchError(f"burst generator failed: {err[-800:]}")
+    res = json.loads(out.strip().splitlines()[-1])
+    _, ack, _ = S.pod_ready_after(ctx.kubelet_log, "burst", t_start)
+    ok = int(res["statuses"].get("200", 0))
+    hwm = T.status_kib(pid, "VmHWM") if peak_reset else 0
+    rss_mib = max(hwm, peak["rss"]) / 1024
+    drain = (res["last_done"] - ack) if res.get("last_done") else float("nan")
+    ctx.put(f"burst_{n}_success", ok)
+    ctx.put(f"burst_{n}_failed", n - ok)
+    ctx.put(f"burst_{n}_held_peak", peak["held"])
+    ctx.put(f"burst_{n}_cold_answers", int(res.get("cold", 0)))
+    ctx.put(f"burst_{n}_drain_after_ready_s", drain)
+    ctx.put(f"burst_{n}_activator_peak_rss_mib", rss_mib)
+    ctx.put(f"burst_{n}_activator_peak_fds", peak["fds"])
+    ctx.row(
+        f"3. burst of {n} held on one ElastiService",
+        f"{ok}/{n} answered 200 (held at once: {peak['held']}), drain after Ready {drain:.2f} s, "
+        f"activator peak RSS {rss_mib:.0f} MiB",
+        "all answered, RSS <= 300 MB" if n >= 10000 else "all answered",
+    )
+    if res.get("errors") or ok != n:
+        ctx.notes.append(f"burst {n}: statuses {res['statuses']}, errors {res['errors']}")
+    S.until(lambda: ctx.bench.serving("burst"), "burst Serving again")
+
+
+# ---- figure 4: activator throughput for late traffic -----------------------------------------------
+def throughput(ctx: Context) -> None:
+    s, pg = ctx.settings, ctx.pg
+    assert pg.info is not None and pg.controller is not None
+    p_backend, p_proxy, p_act, p_admin = free_ports(4, avoid=tuple(vars(pg.ports).values()))
+    backend = T.Nginx(ctx.workdir / "nginx-backend", T.BACKEND.format(port=p_backend), CLIENT_CPU)
+    nginx = T.Nginx(ctx.workdir / "nginx-proxy", T.PROXY.format(port=p_proxy, upstream=p_backend), PROXY_CPU)
+    # A second activator process, pinned, whose upstream "sidecar" is the backend nginx: it answers the
+    # activator's absolute-URI requests for the origin of bench/web itself, like the direct target.
+    act = ActivatorProc(
+        pg.info.activator_kubeconfig,
+        pg.logs_dir / "activator-throughput.log",
+        "--namespace",
+        S.NS,
+        controller_url=pg.controller.base_url,
+        upstream_proxy=f"http://127.0.0.1:{p_backend}",
+        port=p_act,
+        admin_port=p_admin,
+        log_level="warning",
+    )
+    try:
+        backend.start(p_backend)
+        nginx.start(p_proxy)
+        act.start()
+        act.wait_ready()
+        assert act.pid is not None
+        T.pin(act.pid, PROXY_CPU)
+        lua_act = T.wrk_script(ctx.workdir / "activator.lua", headers={"elasti-service": f"{S.NS}/web"})
+        S.until(lambda: _status(f"{act.url}/", {"elasti-service": f"{S.NS}/web"}) == 200, "activator forwards web")
+        targets = {
+            "direct": (f"http://127.0.0.1:{p_backend}/", None, None),
+            "nginx": (f"http://127.0.0.1:{p_proxy}/", None, nginx.proc.pid if nginx.proc else None),
+            "activator": (f"http://127.0.0.1:{p_act}/", lua_act, act.pid),
+        }
+        runs: dict[str, list[tuple[T.WrkResult, float]]] = {k: [] for k in targets}
+        for _ in range(s.rounds):
+            for name, (url, lua, pid) in targets.items():
+                cpu0 = T.cpu_seconds(pid) if pid else 0.0
+                r = T.wrk(url, seconds=s.wrk_seconds, connections=s.wrk_connections, cpus=CLIENT_CPU, lua=lua)
+                cpu = (T.cpu_seconds(pid) - cpu0) if pid else 0.0
+                runs[name].append((r, cpu))
+                ctx.log(f"  wrk {name}: {r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms")
+        med: dict[str, T.WrkResult] = {}
+        for name, rs in runs.items():
+            rs.sort(key=lambda x: x[0].rps)
+            r, cpu = rs[len(rs) // 2]
+            med[name] = r
+            ctx.put(f"throughput_{name}_rps", r.rps)
+            ctx.put(f"throughput_{name}_p50_ms", r.p50_ms)
+            ctx.put(f"throughput_{name}_p99_ms", r.p99_ms)
+            ctx.put(f"throughput_{name}_errors", r.errors + r.non_2xx)
+            if targets[name][2] and r.requests:
+                us = cpu / r.requests * 1e6
+                ctx.put(f"throughput_{name}_cpu_us_per_request", us)
+                ctx.put(f"throughput_{name}_rps_per_cpu_second", 1e6 / us if us else 0.0)
+        ctx.put("throughput_activator_over_nginx", med["activator"].rps / med["nginx"].rps)
+        ctx.put("throughput_activator_over_direct", med["activator"].rps / med["direct"].rps)
+        for name in targets:
+            r = med[name]
+            extra = ""
+            if f"throughput_{name}_cpu_us_per_request" in ctx.results:
+                extra = f", {ctx.results[f'throughput_{name}_cpu_us_per_request']:.0f} µs CPU/request"
+            ctx.row(
+                f"4. closed loop ({s.wrk_connections} keep-alive conns, wrk): {name}",
+                f"{r.rps:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms{extra}",
+                ">= 3,000 req/s (stretch 10,000)" if name == "activator" else "",
+            )
+        ctx.row(
+            "4. ratios (same run)",
+            f"activator/nginx {ctx.results['throughput_activator_over_nginx']:.3f}, "
+            f"activator/direct {ctx.results['throughput_activator_over_direct']:.3f}",
+            "stretch: activator/nginx ~0.35",
+        )
+        # Open loop at a fixed rate: the same generator for every target.
+        for name, port, hdr in (
+            ("direct", p_backend, None),
+            ("nginx", p_proxy, None),
+            ("activator", p_act, f"elasti-service: {S.NS}/web"),
+        ):
+            args = ["rate", "--port", str(port), "--rate", str(s.rate), "--duration", str(s.rate_seconds)]
+            args += ["--conns", "50", "--timeout", "30"]
+            if hdr:
+                args += ["--header", hdr]
+            res = T.run_loadgen(CLIENT_CPU, *args, timeout=s.rate_seconds + 90)
+            ok = int(res["statuses"].get("200", 0))
+            rate = int(s.rate)
+            ctx.put(f"fixed_{rate}_{name}_p50_ms", float(res["p50_ms"]))
+            ctx.put(f"fixed_{rate}_{name}_p99_ms", float(res["p99_ms"]))
+            ctx.put(f"fixed_{rate}_{name}_ok", ok)
+            ctx.put(f"fixed_{rate}_{name}_failed", int(res["requests"]) - ok)
+            ctx.row(
+                f"4. open loop at {rate} req/s ({s.rate_seconds:g} s, Python generator): {name}",
+                f"p50 {float(res['p50_ms']):.2f} ms, p99 {float(res['p99_ms']):.2f} ms, {ok}/{res['requests']} ok",
+                "p99 <= 20 ms" if name == "activator" else "",
+            )
+    finally:
+        act.stop(10)
+        nginx.stop()
+        backend.stop()
+
+
+def _status(url: str, headers: dict[str, str]) -> int:
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+# ---- figure 5: warm path ---------------------------------------------------------------------------
+def warm_path(ctx: Context) -> None:
+    s, pg = ctx.settings, ctx.pg
+    S.until(lambda: ctx.bench.serving("web"), "web Serving")
+    scripts = {
+        name: T.wrk_script(
+            ctx.workdir / f"warm-{name}.lua",
+            headers={"Host": S.authority(name)},
+            target=f"http://{S.authority(name)}{S.APP_PATH}",
+        )
+        for name in ("web", "plain")
+    }
+    runs: dict[str, list[T.WrkResult]] = {"web": [], "plain": []}
+    for _ in range(max(1, s.rounds)):
+        for name in ("plain", "web"):
+            r = T.wrk(pg.outbound_url + "/", seconds=s.warm_seconds, connections=16, cpus=CLIENT_CPU, lua=scripts[name])
+            runs[name].append(r)
+            ctx.log(f"  warm {name}: {r.rps:.0f} req/s, p99 {r.p99_ms:.2f} ms, errors {r.errors + r.non_2xx}")
+    med = {k: sorted(v, key=lambda r: r.rps)[len(v) // 2] for k, v in runs.items()}
+    for name, r in med.items():
+        ctx.put(f"warm_{name}_rps", r.rps)
+        ctx.put(f"warm_{name}_p99_ms", r.p99_ms)
+        ctx.put(f"warm_{name}_errors", r.errors + r.non_2xx)
+    ratio = med["web"].rps / med["plain"].rps
+    ctx.put("warm_with_over_without_elastiservice", ratio)
+    ctx.row(
+        "5. warm path through the mesh (serve mode), with / without an ElastiService",
+        f"{med['web'].rps:,.0f} / {med['plain'].rps:,.0f} req/s, ratio {ratio:.3f}",
+        "~1.0",
+    )
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

@@ -1,0 +1,290 @@
+"""The system under test: the playground (cluster, elasti-system, mesh, activator, controller) plus the
+benchmark's workloads, a watch recorder with a timestamp per event, and the kubelet's Ready clock.
+
+Workloads in namespace ``bench`` (the generic test app, one replica each):
+- ``cold``: taken to zero and woken again for the cold-start and switch figures;
+- ``burst``: the same with a longer startup delay, so that a whole burst is held before it wakes;
+- ``web``: an ElastiService that stays in serve mode (warm path; late traffic for the activator);
+- ``plain``: no ElastiService (the warm path's baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from elasti_istio.kube import Kube, load_connection
+from elasti_istio.playground.bookinfo import proxied
+from elasti_istio.playground.manifests import Api
+from elasti_istio.resources import DEPLOYMENTS, ELASTISERVICES, PODS, VIRTUALSERVICES
+
+NS = "bench"
+GROUP, VERSION = "elasti.truefoundry.com", "v1alpha1"
+APP_PATH = "/status/200"  # the generic app's smallest answer
+READY_LINE = re.compile(r"(\S+)/(\S+): Ready written at ([\d.]+) \(sent ([\d.]+)\)")
+
+
+def workload(name: str, *, elastiservice: bool, startup: float | None = None, queue_limit: int = 1000) -> list[dict]:
+    labels = {"app": name}
+    template: dict[str, Any] = {
+        "metadata": {"labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "bench/httpbin", "ports": [{"containerPort": 8080}]}]},
+    }
+    if startup is not None:
+        template["metadata"]["annotations"] = {f"{GROUP}/sim-startup-seconds": str(startup)}
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": template},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        },
+        {
+            "apiVersion": "networking.istio.io/v1beta1",
+            "kind": "VirtualService",
+            "metadata": {"name": name},
+            "spec": {"hosts": [name], "http": [{"route": [{"destination": {"host": name}}]}]},
+        },
+    ]
+    if elastiservice:
+        docs.append(
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ElastiService",
+                "metadata": {"name": name},
+                "spec": {
+                    "service": name,
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                    "virtualServices": [name],
+                    "minTargetReplicas": 1,
+                    "activator": {"holdTimeout": "120s", "queueLimit": queue_limit},
+                },
+            }
+        )
+    return docs
+
+
+def authority(name: str) -> str:
+    return f"{name}.{NS}.svc.cluster.local"
+
+
+# ---- watch recorder --------------------------------------------------------------------------------
+@dataclass
+class Seen:
+    t: float  # wall clock when the event was read
+    kind: str
+    name: str
+    etype: str
+    obj: dict[str, Any]
+
+
+@dataclass
+class Recorder:
+    """Watches Deployments, VirtualServices, Pods and ElastiServices of ``bench`` in a thread, each event timed."""
+
+    kubeconfig: Path
+    events: list[Seen] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def start(self) -> Recorder:
+        self._thread = threading.Thread(target=self._run, name="watch-recorder", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30) or self.error is not None:
+            raise RuntimeError(f"watch recorder did not start ({self.error!r})")
+        return self
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is not None:
+
+            def cancel_all() -> None:
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
+                loop.call_soon(loop.stop)
+
+            loop.call_soon_threadsafe(cancel_all)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            kube = Kube(load_connection(str(self.kubeconfig)), user_agent="elasti-bench")
+        except Exception as exc:
+            self.error = exc
+            self._ready.set()
+            raise
+        started = 0
+
+        async def watch(res: Any, kind: str) -> None:
+            nonlocal started
+            listed = await kube.list(res, NS)
+            rv = listed["metadata"]["resourceVersion"]
+            started += 1
+            if started == 4:
+                self._ready.set()
+            while True:
+                try:
+                    async for etype, obj in kube.watch(res, NS, resource_version=rv, timeout_seconds=290):
+                        t = time.time()
+                        rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                        if etype != "BOOKMARK":
+                            self.events.append(Seen(t, kind, obj["metadata"]["name"], etype, obj))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    rv = (await kube.list(res, NS))["metadata"]["resourceVersion"]
+
+        for res, kind in (
+            (DEPLOYMENTS, "Deployment"),
+            (VIRTUALSERVICES, "VirtualService"),
+            (PODS, "Pod"),
+            (ELASTISERVICES, "ElastiService"),
+        ):
+            self._loop.create_task(watch(res, kind))
+        try:
+            self._loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(asyncio.sleep(0))  # let the cancelled watches finish
+                self._loop.run_until_complete(kube.close())
+
+    def since(self, t0: float, kind: str, name_prefix: str) -> list[Seen]:
+        return [e for e in list(self.events) if e.t >= t0 and e.kind == kind and e.name.startswith(name_prefix)]
+
+    def first(self, t0: float, kind: str, name: str, pred: Callable[[dict[str, Any]], bool]) -> float | None:
+        for e in self.since(t0, kind, name):
+            if (kind == "Pod" or e.name == name) and pred(e.obj):
+                return e.t
+        return None
+
+
+def replicas_zero(dep: dict[str, Any]) -> bool:
+    return (dep.get("spec") or {}).get("replicas") == 0
+
+
+def deployment_ready(dep: dict[str, Any]) -> bool:
+    return ((dep.get("status") or {}).get("readyReplicas") or 0) >= 1
+
+
+def vs_proxied(vs: dict[str, Any]) -> bool:
+    return proxied(vs.get("spec") or {})
+
+
+def es_ready(es: dict[str, Any]) -> bool:
+    return ((es.get("status") or {}).get("readyReplicas") or 0) >= 1
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+# ---- the kubelet's Ready clock -------------------------------------------------------------------
+def ready_times(kubelet_log: Path) -> list[tuple[str, str, float, float]]:
+    """(namespace, pod, acknowledged, sent) for every "Ready written" line of the kubelet stand-in."""
+    out = []
+    for line in kubelet_log.read_text(errors="replace").splitlines():
+        m = READY_LINE.search(line)
+        if m:
+            out.append((m.group(1), m.group(2), float(m.group(3)), float(m.group(4))))
+    return out
+
+
+def pod_ready_after(kubelet_log: Path, prefix: str, t0: float, timeout: float = 10) -> tuple[str, float, float]:
+    """The first pod named ``prefix-*`` in ``bench`` written Ready after ``t0``: (name, acknowledged, sent)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for ns, pod, ack, sent in ready_times(kubelet_log):
+            if ns == NS and pod.startswith(prefix + "-") and sent >= t0:
+                return pod, ack, sent
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no Ready line for {prefix} after {t0} in {kubelet_log}")
+        time.sleep(0.05)
+
+
+# ---- cluster helpers -------------------------------------------------------------------------------
+class Bench:
+    """What the figures do to the cluster, through the admin client."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    def es(self, name: str) -> dict[str, Any]:
+        return dict(self.api.custom.get_namespaced_custom_object(GROUP, VERSION, NS, "elastiservices", name))
+
+    def vs(self, name: str) -> dict[str, Any]:
+        return dict(
+            self.api.custom.get_namespaced_custom_object("networking.istio.io", "v1beta1", NS, "virtualservices", name)
+        )
+
+    def scale(self, name: str, replicas: int) -> float:
+        """Sets ``spec.replicas``; the wall-clock time the API server acknowledged it."""
+        self.api.apps.patch_namespaced_deployment_scale(name, NS, {"spec": {"replicas": replicas}})
+        return time.time()
+
+    def pods(self, name: str) -> list[Any]:
+        return list(self.api.core.list_namespaced_pod(NS, label_selector=f"app={name}").items)
+
+    def serving(self, name: str) -> bool:
+        st = self.es(name).get("status") or {}
+        dep = self.api.apps.read_namespaced_deployment(name, NS)
+        return (
+            st.get("phase") == "Serving"
+            and st.get("mode") == "serve"
+            and (dep.status.ready_replicas or 0) >= 1
+            and not vs_proxied(self.vs(name))
+        )
+
+    def asleep(self, name: str) -> bool:
+        """At zero, routed to the activator, and no pod left (a clean start for the next wake)."""
+        st = self.es(name).get("status") or {}
+        return (
+            st.get("mode") == "proxy"
+            and (st.get("readyReplicas") or 0) == 0
+            and vs_proxied(self.vs(name))
+            and not self.pods(name)
+        )
+
+
+def until(probe: Callable[[], object], what: str, timeout: float = 90, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if probe():
+                return
+        except Exception as exc:
+            last = exc
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({last!r})" if last else ""))
+
+
+def sidecar_get(outbound: str, target: str, timeout: float = 120) -> tuple[int, dict[str, str], bytes, float]:
+    """One GET through the mesh's outbound proxy on a fresh connection; (status, headers, body, t_complete)."""
+    conn = http.client.HTTPConnection(outbound.removeprefix("http://"), timeout=timeout)
+    try:
+        conn.request("GET", target)
+        resp = conn.getresponse()
+        body = resp.read()
+        done = time.time()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body, done
+    finally:
+        conn.close()
