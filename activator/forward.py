@@ -61,6 +61,8 @@ _WS_DROP = frozenset(
 )
 # The sidecar's own replies when no upstream was reached: no ready endpoint, or the connect failed.
 _MESH_REPLY_MAX = 512
+# Response bodies up to this size (with a Content-Length) are read whole and sent with the headers.
+_SMALL_BODY = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -236,6 +238,12 @@ class RequestBody:
             yield chunk
 
 
+class _Complete(web.StreamResponse):
+    """A response whose whole body is in hand: its headers wait for the body and leave in the same write."""
+
+    _send_headers_immediately = False  # read by aiohttp >= 3.12; older releases send headers first
+
+
 @dataclass(slots=True)
 class Upstream:
     """An upstream response whose body is still to be streamed (``prefetched`` when it was read to classify it)."""
@@ -286,12 +294,37 @@ class Forwarder:
         return Upstream(resp, data)
 
     async def relay(self, request: web.BaseRequest, up: Upstream, cold: bool) -> web.StreamResponse:
-        """Streams the upstream response to the client chunk by chunk, status and headers untouched."""
+        """Streams the upstream response to the client chunk by chunk, status and headers untouched.
+
+        A small body with a Content-Length is read whole first and leaves with the headers in one write.
+        """
         resp = up.response
         try:
-            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp.headers))
+            length = resp.content_length
+            small = (
+                length is not None
+                and length <= _SMALL_BODY
+                and (up.prefetched is None or resp.content.at_eof())
+                and request.method != "HEAD"
+                and resp.status >= 200
+                and resp.status not in (204, 304)
+            )
+            out = (_Complete if small else web.StreamResponse)(
+                status=resp.status, reason=resp.reason, headers=response_headers(resp.headers)
+            )
             if cold and self.cold_start_header:
                 out.headers[COLD_START_HEADER] = "true"
+            if small:
+                try:
+                    data = up.prefetched if up.prefetched is not None else await resp.read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.debug("upstream broke off mid-response: %s", exc)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out
+                await out.prepare(request)
+                await out.write_eof(data)
+                return out
             await out.prepare(request)
             try:
                 if up.prefetched:
