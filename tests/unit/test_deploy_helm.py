@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 from functools import cache
@@ -19,7 +20,7 @@ from tests.rendered import ROOT, SYSTEM_NS, copy_tree, render, shipped, watch_na
 
 CHART = ROOT / "deploy" / "helm" / "elasti-istio"
 RENDERER = "helm-python-sdk==0.2.2"
-TOOLS = ROOT / ".elasti" / "tools" / "helm"
+TOOLS = ROOT / ".elasti" / "helm-renderer"
 SCRIPT = r"""
 import json, sys
 import helm_python as helm
@@ -31,21 +32,31 @@ print(json.dumps(out))
 """
 
 
-@cache
 def renderer() -> str:
     """A Python with helm-python-sdk (Helm's Go SDK behind ctypes), in a tool venv of its own."""
-    python = TOOLS / "bin" / "python"
-    if not python.exists():
-        try:
-            subprocess.run([sys.executable, "-m", "venv", str(TOOLS)], check=True, capture_output=True, timeout=120)
-            subprocess.run(
-                [str(python), "-m", "pip", "install", "-q", RENDERER], check=True, capture_output=True, timeout=600
-            )
-        except (subprocess.SubprocessError, OSError) as exc:
-            output = getattr(exc, "stderr", b"") or b""
-            subprocess.run(["rm", "-rf", str(TOOLS)], check=False)
-            pytest.skip(f"the Helm renderer ({RENDERER}) could not be installed: {exc} {output.decode()[-500:]}")
-    return str(python)
+    why = _install()
+    if why:
+        pytest.skip(why)
+    return str(TOOLS / "bin" / "python")
+
+
+@cache
+def _install() -> str:
+    """Installs the renderer once per machine; the reason it could not be installed, else ""."""
+    python, done = TOOLS / "bin" / "python", TOOLS / f"{RENDERER}.installed"
+    if done.exists():
+        return ""
+    shutil.rmtree(TOOLS, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(TOOLS)], check=True, capture_output=True, timeout=120)
+        pip = [str(python), "-m", "pip", "install", "-q", RENDERER]
+        subprocess.run(pip, check=True, capture_output=True, timeout=600)
+        done.touch()
+    except (subprocess.SubprocessError, OSError) as exc:
+        output = getattr(exc, "stderr", b"") or b""
+        shutil.rmtree(TOOLS, ignore_errors=True)
+        return f"the Helm renderer ({RENDERER}) could not be installed: {exc} {output.decode()[-500:]}"
+    return ""
 
 
 def helm(values: dict[str, Any] | None = None) -> dict[str, Any]:
