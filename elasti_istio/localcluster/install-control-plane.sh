@@ -34,6 +34,12 @@ if ! command -v prometheus >/dev/null 2>&1 && [ -z "${ELASTI_SKIP_PROMETHEUS:-}"
   [ -n "$created_policy" ] && "${sudo_cmd[@]}" rm -f "$policy"
 fi
 
+# Bumped whenever the build recipe changes, so that binaries built by an older recipe are rebuilt.
+recipe=2
+if [ "$(cat "$bin/recipe" 2>/dev/null)" != "$recipe" ]; then
+  rm -f "$bin/kube-apiserver" "$bin/kube-controller-manager"
+fi
+
 if have etcd && have kube-apiserver && have kube-controller-manager; then
   log "control plane already installed in $bin"
   echo "$bin"
@@ -89,6 +95,14 @@ if [ ! -f "$r2/.elasti-replaced" ]; then
   touch "$r2/.elasti-replaced"
 fi
 
+# Built with Go >= 1.16, 1.20's vendored kube-openapi takes an empty string in a custom resource for a
+# null and refuses it (kubernetes#99804, fixed upstream by kube-openapi#230): restore the nil check.
+tv="$srcdir/vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go"
+if grep -q 'data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))' "$tv"; then
+  log "patching kube-openapi's zero-value check (kubernetes#99804)"
+  sed -i 's/if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {/if data == nil {/' "$tv"
+fi
+
 mkdir -p "$srcdir/.go/src/k8s.io"
 ln -sfn "$srcdir" "$srcdir/.go/src/k8s.io/kubernetes"
 for what in kube-apiserver kube-controller-manager; do
@@ -103,4 +117,5 @@ for what in kube-apiserver kube-controller-manager; do
   cp "$out" "$bin/$what"
   log "$what built in $(( $(date +%s) - start ))s"
 done
+echo "$recipe" > "$bin/recipe"
 echo "$bin"

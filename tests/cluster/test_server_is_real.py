@@ -143,3 +143,17 @@ def test_component_identities_have_no_permissions_yet(cluster, namespace: str) -
             api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
         assert info.value.status == 403
         assert "system:serviceaccount:elasti-system:elasti-" in str(info.value.body)
+
+
+def test_empty_strings_in_custom_resources_are_accepted(k8s: K8s, namespace: str) -> None:
+    """As on real clusters (the local build carries the fix for kubernetes#99804)."""
+    vs = {
+        "apiVersion": "networking.istio.io/v1beta1",
+        "kind": "VirtualService",
+        "metadata": {"name": "empty"},
+        "spec": {"hosts": ["details"], "http": [{"name": "", "route": [{"destination": {"host": "details"}}]}]},
+    }
+    created = k8s.custom.create_namespaced_custom_object(  # type: ignore[attr-defined]
+        "networking.istio.io", "v1beta1", namespace, "virtualservices", vs
+    )
+    assert created["spec"]["http"][0]["name"] == ""
