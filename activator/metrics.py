@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from activator.routing import Key
 
-OUTCOMES = ("forwarded", "timeout", "overflow", "rejected", "client_gone", "upstream_error", "wake_failed")
+OUTCOMES = ("forwarded", "timeout", "overflow", "rejected", "client_gone", "upstream_error", "wake_failed", "static")
 WAKE_RESULTS = ("accepted", "not_found", "refused", "error")
 HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 

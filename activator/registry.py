@@ -14,6 +14,8 @@ from typing import Any
 
 from activator.duration import parse_duration
 from activator.routing import Key
+from activator.static import StaticResponse
+from activator.static import parse as parse_static
 from elasti_istio.kube import Kube
 from elasti_istio.kube.informer import Informer
 from elasti_istio.resources import ELASTISERVICES
@@ -50,6 +52,7 @@ class Target:
     base_url: str | None = None  # http://<origin>.<ns>.svc.<domain>:<port>
     authority: str | None = None  # <origin>.<ns>.svc.<domain>:<port>, the upstream Host
     wake_failure: WakeFailure | None = None
+    static: tuple[StaticResponse, ...] = ()
 
     @property
     def key(self) -> Key:
@@ -93,7 +96,8 @@ def target_from(obj: dict[str, Any], cluster_domain: str = "cluster.local") -> T
             failure = WakeFailure(
                 str(cond.get("reason") or ""), str(cond.get("message") or ""), str(cond.get("lastTransitionTime") or "")
             )
-    return Target(ns, name, hold, max(retry, 0.001), limit, ready, base_url, authority, failure)
+    static = parse_static(spec_act.get("staticResponses"), f"{ns}/{name}")
+    return Target(ns, name, hold, max(retry, 0.001), limit, ready, base_url, authority, failure, static)
 
 
 def _duration(value: Any, default: float, ns: str, name: str, field: str) -> float:

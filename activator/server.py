@@ -16,6 +16,7 @@ from activator.metrics import Metrics
 from activator.queue import Admission
 from activator.registry import Registry, Target
 from activator.routing import Rejection, route
+from activator.static import first_match
 from elasti_istio.resources import HEADER
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,13 @@ class Proxy:
                 f"Content-Length {length} is larger than {limit} bytes (--max-body-size)",
                 close=True,
             )
+        if target.static and not target.ready:
+            hit = first_match(target.static, request.method, request.path, request.headers)
+            if hit is not None:
+                if hit.wake:
+                    self.holds.want_wake(target)
+                self.metrics.target(target.key).outcome("static")
+                return web.Response(status=hit.status, text=hit.body, headers=dict(hit.response_headers))
         return await self._serve(request, target)
 
     async def _serve(self, request: web.BaseRequest, target: Target) -> web.StreamResponse:

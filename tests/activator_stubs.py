@@ -203,6 +203,7 @@ def elastiservice(
     queue_limit: int = 1000,
     wake_failed: tuple[str, str, str] | None = None,
     resource_version: str = "1",
+    static_responses: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """An ElastiService object as the API server would return it (``wake_failed``: reason, message, since)."""
     status: dict[str, Any] = {"readyReplicas": 1 if ready else 0}
@@ -220,7 +221,12 @@ def elastiservice(
         "spec": {
             "service": name,
             "scaleTargetRef": {"kind": "Deployment", "name": name},
-            "activator": {"holdTimeout": hold_timeout, "retryInterval": retry_interval, "queueLimit": queue_limit},
+            "activator": {
+                "holdTimeout": hold_timeout,
+                "retryInterval": retry_interval,
+                "queueLimit": queue_limit,
+                **({"staticResponses": static_responses} if static_responses is not None else {}),
+            },
         },
         "status": status,
     }

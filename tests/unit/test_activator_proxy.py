@@ -674,6 +674,7 @@ async def test_metrics_labels_are_bounded(env: Env) -> None:
                 "client_gone",
                 "upstream_error",
                 "wake_failed",
+                "static",
             }
     assert seen <= allowed and ("", "") in seen
     for leaked in ("secret-path", "host1", "ns1", "svc1", "bad value", "token", "abc"):

@@ -1,0 +1,70 @@
+"""``spec.activator.staticResponses``: answers the activator gives itself while the target sleeps, so that
+uptime checks and health probes do not wake a service. Pure: parsing and matching, first match wins."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StaticResponse:
+    method: str | None
+    path_exact: str | None
+    path_prefix: str | None
+    headers: tuple[tuple[str, str], ...]  # lower-case name, exact value
+    status: int
+    body: str
+    response_headers: tuple[tuple[str, str], ...]
+    wake: bool
+
+    def matches(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
+        if self.method is not None and method.upper() != self.method:
+            return False
+        if self.path_exact is not None and path != self.path_exact:
+            return False
+        if self.path_prefix is not None and not path.startswith(self.path_prefix):
+            return False
+        return all(headers.get(name) == value for name, value in self.headers)
+
+
+def parse(items: Any, where: str = "") -> tuple[StaticResponse, ...]:
+    """Entries the server's schema would have refused are skipped with a warning."""
+    out: list[StaticResponse] = []
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        try:
+            match = item.get("match") or {}
+            path = match.get("path") or {}
+            response = item["response"]
+            status = int(response.get("status", 200))
+            if not 100 <= status <= 599:
+                raise ValueError(f"status {status}")
+            out.append(
+                StaticResponse(
+                    method=str(match["method"]).upper() if match.get("method") else None,
+                    path_exact=str(path["exact"]) if path.get("exact") is not None else None,
+                    path_prefix=str(path["prefix"]) if path.get("prefix") is not None else None,
+                    headers=tuple((str(k).lower(), str(v)) for k, v in (match.get("headers") or {}).items()),
+                    status=status,
+                    body=str(response.get("body") or ""),
+                    response_headers=tuple((str(k), str(v)) for k, v in (response.get("headers") or {}).items()),
+                    wake=bool(item.get("wake", False)),
+                )
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: staticResponses[%d] ignored: %s", where, i, exc)
+    return tuple(out)
+
+
+def first_match(
+    responses: tuple[StaticResponse, ...], method: str, path: str, headers: Mapping[str, str]
+) -> StaticResponse | None:
+    lowered = {k.lower(): v for k, v in headers.items()} if responses else {}
+    for r in responses:
+        if r.matches(method, path, lowered):
+            return r
+    return None

@@ -1,0 +1,78 @@
+"""Static responses: answered by the activator while the target sleeps, without waking it unless asked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from activator.static import first_match, parse
+from tests.unit.test_activator_proxy import NS, Env, body_json
+
+PROBES = [
+    {"match": {"method": "GET", "path": {"exact": "/healthz"}}, "response": {"status": 200, "body": "ok"}},
+    {
+        "match": {"path": {"prefix": "/status"}, "headers": {"User-Agent": "uptime-robot"}},
+        "response": {"status": 204, "headers": {"X-Asleep": "yes"}},
+    },
+    {
+        "match": {"path": {"prefix": "/"}, "headers": {"x-warmup": "1"}},
+        "response": {"status": 202, "body": "waking"},
+        "wake": True,
+    },
+    {"match": {"path": {"prefix": "/healthz"}}, "response": {"status": 500, "body": "never: the first match wins"}},
+]
+
+
+def test_parse_and_first_match() -> None:
+    rules = parse(PROBES)
+    assert len(rules) == 4
+    assert first_match(rules, "GET", "/healthz", {}).body == "ok"  # type: ignore[union-attr]
+    assert first_match(rules, "POST", "/healthz", {}).status == 500  # type: ignore[union-attr]
+    assert first_match(rules, "GET", "/status/x", {"user-agent": "uptime-robot"}).status == 204  # type: ignore
+    assert first_match(rules, "GET", "/status/x", {"User-Agent": "curl"}) is None
+    assert parse([{"response": {"status": 999}}, {"nope": 1}, "junk"]) == ()
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    e = await Env().start()
+    try:
+        yield e
+    finally:
+        await e.stop()
+
+
+async def test_probes_are_answered_without_waking(env: Env) -> None:
+    env.put("details", ready=False, hold_timeout="2s", static_responses=PROBES)
+    async with env.get("/healthz") as r:
+        assert r.status == 200 and await r.text() == "ok"
+    async with env.get("/status/page", headers={"User-Agent": "uptime-robot"}) as r:
+        assert r.status == 204 and r.headers["X-Asleep"] == "yes"
+    await asyncio.sleep(0.3)  # a wake would have been sent at once
+    assert env.wake.count(NS, "details") == 0
+    assert await env.metric("elasti_activator_requests_total", namespace=NS, name="details", outcome="static") == 2
+
+
+async def test_a_static_response_may_wake(env: Env) -> None:
+    env.put("details", ready=False, hold_timeout="2s", static_responses=PROBES)
+    async with env.get("/anything", headers={"x-warmup": "1"}) as r:
+        assert r.status == 202 and await r.text() == "waking"
+    async with asyncio.timeout(10):
+        while env.wake.count(NS, "details") != 1:
+            await asyncio.sleep(0.02)
+
+
+async def test_other_requests_are_held_and_an_awake_target_is_forwarded(env: Env) -> None:
+    env.put("details", ready=False, hold_timeout="1s", static_responses=PROBES)
+    async with env.get("/echo/not-static") as r:
+        assert r.status == 504 and (await body_json(r))["error"] == "hold timeout"
+    rules = [{"match": {"path": {"prefix": "/echo/probe"}}, "response": {"status": 200, "body": "static"}}]
+    env.put("details", ready=False, hold_timeout="1s", static_responses=rules)
+    async with env.get("/echo/probe") as r:
+        assert await r.text() == "static"
+    env.put("details", ready=True, static_responses=rules)
+    async with env.get("/echo/probe") as r:  # awake: the workload answers for itself
+        assert r.status == 200 and (await body_json(r))["target"] == "/echo/probe"
+    assert env.state["hits"]["echo"] == 1
