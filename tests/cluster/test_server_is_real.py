@@ -157,3 +157,42 @@ def test_empty_strings_in_custom_resources_are_accepted(k8s: K8s, namespace: str
         "networking.istio.io", "v1beta1", namespace, "virtualservices", vs
     )
     assert created["spec"]["http"][0]["name"] == ""
+
+
+def test_operations_fields_are_schema_checked(k8s: K8s, namespace: str) -> None:
+    obj = create(
+        k8s,
+        namespace,
+        es(
+            "ops",
+            cooldownPeriod=60,
+            triggers=[
+                {
+                    "type": "prometheus",
+                    "metadata": {"serverAddress": "http://p:9090", "query": "up", "threshold": "0.5"},
+                }
+            ],
+            enabledPeriod={"schedule": "0 8 * * 1-5", "duration": "10h"},
+            autoscaler={"type": "keda", "name": "so"},
+            activator={"staticResponses": [{"match": {"path": {"exact": "/healthz"}}, "response": {"body": "ok"}}]},
+        ),
+    )
+    static = obj["spec"]["activator"]["staticResponses"][0]
+    assert static["wake"] is False and static["response"]["status"] == 200  # server defaults
+    assert obj["spec"]["autoscaler"]["wakeHoldSeconds"] == 120
+    assert "threshold" in refused(
+        k8s,
+        namespace,
+        es(
+            "bad-threshold",
+            triggers=[{"type": "prometheus", "metadata": {"serverAddress": "x", "query": "up", "threshold": "lots"}}],
+        ),
+    )
+    assert "Unsupported value" in refused(
+        k8s,
+        namespace,
+        es(
+            "bad-trigger",
+            triggers=[{"type": "cpu", "metadata": {"serverAddress": "x", "query": "up", "threshold": "1"}}],
+        ),
+    )
