@@ -36,7 +36,7 @@ def renderer() -> str:
     """A Python with helm-python-sdk (Helm's Go SDK behind ctypes), in a tool venv of its own."""
     why = _install()
     if why:
-        pytest.skip(why)
+        pytest.fail(why)
     return str(TOOLS / "bin" / "python")
 
 
