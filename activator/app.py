@@ -37,7 +37,9 @@ class Activator:
         cfg = self.cfg
         # One pooled keep-alive session for every upstream request; nothing is added or decoded on the way.
         self.upstream = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=10),
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=cfg.upstream_connections, keepalive_timeout=30, ttl_dns_cache=10
+            ),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
