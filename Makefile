@@ -5,14 +5,16 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: help venv binaries test test-unit lint demo bench clean cluster-up cluster-down
+.PHONY: help venv binaries test test-unit lint demo bench bench-tools clean cluster-up cluster-down
 
 help:
 	@echo "make test       create .venv, install, build the control plane once, run every test"
 	@echo "make test-unit  tests that need no cluster"
 	@echo "make demo       Bookinfo on a local cluster: details scaled to zero and woken by a request (DEMO_ARGS=--keep)"
 	@echo "make lint       ruff"
+	@echo "make bench      benchmarks: table and benchmarks/results.json (BENCH_ARGS=--quick for a smoke run)"
 	@echo "make cluster-up / cluster-down   the local cluster in .elasti/cluster"
 
 $(STAMP): pyproject.toml
@@ -40,6 +42,13 @@ lint: venv
 
 demo: venv binaries
 	$(BIN)/elasti-istio demo $(DEMO_ARGS)
+
+# wrk and nginx from Debian's packages (installed once, no service started).
+bench-tools:
+	@./benchmarks/install-tools.sh
+
+bench: venv binaries bench-tools
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 cluster-up: venv binaries
 	$(BIN)/elasti-istio cluster up
