@@ -50,6 +50,7 @@ class Indexes:
     vs_annotated: dict[ObjKey, set[Key]] = dataclasses.field(default_factory=dict)
     vs_restore: dict[ObjKey, set[Key]] = dataclasses.field(default_factory=dict)
     vs_rv: dict[ObjKey, int] = dataclasses.field(default_factory=dict)
+    vs_objects: dict[ObjKey, dict[str, Any]] = dataclasses.field(default_factory=dict)  # as last seen
     # namespace -> ElastiServices in it
     by_namespace: dict[str, set[Key]] = dataclasses.field(default_factory=lambda: defaultdict(set))
     # namespace -> bumped when DestinationRules or workloads change (invalidates cached subset analysis)
@@ -119,6 +120,7 @@ class Indexes:
             self.vs_annotated.pop(vk, None)
             self.vs_restore.pop(vk, None)
             self.vs_rv.pop(vk, None)
+            self.vs_objects.pop(vk, None)
             after: set[Key] = set()
         else:
             ann = meta.get("annotations") or {}
@@ -126,6 +128,7 @@ class Indexes:
             self.vs_annotated[vk] = bound
             self.vs_restore[vk] = _restore_keys(ann)
             self.vs_rv[vk] = rv
+            self.vs_objects[vk] = obj
             after = bound | self.vs_restore[vk]
         listed = {k for k, refs in self.es_vs.items() if vk in refs}
         return before | after | listed

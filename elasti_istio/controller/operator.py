@@ -75,6 +75,7 @@ class Controller:
                 name="activator-deployment",
             )
         self.stop_flag = asyncio.Event()
+        self._replicas: dict[tuple[str, str, str], int] = {}  # spec.replicas of workloads, as last seen
         self._runners: list[web.AppRunner] = []
 
     # ---- state -------------------------------------------------------------------------------
@@ -132,7 +133,15 @@ class Controller:
         ns, name = meta.get("namespace", ""), meta.get("name", "")
         if self.idx.update_workload(ns, kind, obj, deleted=etype == "DELETED"):
             self.enqueue(self.idx.by_namespace.get(ns, set()))
-        self.enqueue(self.idx.for_target(ns, kind, name), target_event=True)
+        keys = self.idx.for_target(ns, kind, name)
+        wk = (ns, kind, name)
+        replicas = None if etype == "DELETED" else (obj.get("spec") or {}).get("replicas")
+        before = self._replicas.pop(wk, None)
+        if replicas is not None:
+            self._replicas[wk] = replicas
+            if replicas == 0 and before:  # a scale to zero, just now: the next reconcile switches first
+                self.reconciler.went_to_zero.update(keys)
+        self.enqueue(keys, target_event=True)
 
     def on_vs(self, etype: str | None, obj: dict[str, Any]) -> None:
         self.enqueue(self.idx.update_vs(obj, deleted=etype == "DELETED"))

@@ -95,6 +95,9 @@ class Reconciler:
         self.last_wake: dict[Key, str] = {}
         self.wake_failure: dict[Key, tuple[str, str]] = {}
         self.waking: set[Key] = set()
+        # Targets a watch event showed going to 0 replicas, and when their routes were switched early.
+        self.went_to_zero: set[Key] = set()
+        self.switched_early: dict[Key, float] = {}
         self._routing_cache: dict[Key, tuple[int, Any]] = {}
         self._reported: dict[tuple[Key, str], tuple[str, str]] = {}
         self.sleeping: set[Key] = set()
@@ -124,6 +127,8 @@ class Reconciler:
     async def reconcile(self, key: Key) -> float | None:
         ns, name = split_key(key)
         try:
+            if key in self.went_to_zero:
+                await self.proxy_at_once(key)
             es = await self.kube.get_or_none(ELASTISERVICES, name, ns)
             if es is None:
                 self.forget(key)
@@ -135,6 +140,27 @@ class Reconciler:
         except Exception:
             metrics.RECONCILE_ERRORS.labels(ns, name).inc()
             raise
+
+    async def proxy_at_once(self, key: Key) -> None:
+        """Routes a target just seen going to 0 replicas to the activator before anything else is read.
+
+        Kubernetes takes the target's pods out of the endpoints within tens of milliseconds of that
+        same event, and a request routed to the Service meanwhile finds none ("no healthy
+        upstream"); the full reconcile, several reads later, would lose that race. This uses what is
+        known from the last reconcile (the routing target) and the indexes (the bound
+        VirtualServices); the full reconcile that follows checks everything and corrects the rest.
+        """
+        self.went_to_zero.discard(key)
+        cached = self._routing_cache.get(key)
+        if cached is None or not self.activator_available[0]:
+            return
+        target = cached[1][0]
+        for vk in sorted(self.idx.bound_vs(key)):
+            try:
+                if await self.switch_vs(vk, target, "proxy", key, cached=self.idx.vs_objects.get(vk)):
+                    self.switched_early[key] = time.monotonic()
+            except Exception as exc:  # the full reconcile retries with fresh data
+                log.debug("%s: early switch of %s/%s failed: %s", key, vk[0], vk[1], exc)
 
     def forget(self, key: Key) -> None:
         ns, name = split_key(key)
@@ -150,6 +176,8 @@ class Reconciler:
             d.pop(key, None)  # type: ignore[attr-defined]
         self.waking.discard(key)
         self.sleeping.discard(key)
+        self.went_to_zero.discard(key)
+        self.switched_early.pop(key, None)
         self._reported = {k: v for k, v in self._reported.items() if k[0] != key}
         metrics.forget(ns, name)
 
@@ -462,6 +490,10 @@ class Reconciler:
         changed = False
         for vk in sorted(routing):
             changed |= await self.switch_vs(vk, r.target, desired, key)
+        switched_at = time.monotonic()
+        early = self.switched_early.pop(key, None)
+        if early is not None and desired == "proxy" and not changed:
+            changed, switched_at = True, early
         mode = desired if routing else "serve"
         if routing and desired == "proxy":
             # Truth from what the VirtualServices now say.
@@ -469,7 +501,7 @@ class Reconciler:
         started = self.event_time.pop(key, None)
         if changed:
             if started is not None:
-                metrics.SWITCH_SECONDS.labels(spec.namespace, spec.name, desired).observe(time.monotonic() - started)
+                metrics.SWITCH_SECONDS.labels(spec.namespace, spec.name, desired).observe(switched_at - started)
             n = len(routing)
             if desired == "proxy":
                 self.recorder.emit(
@@ -619,7 +651,14 @@ class Reconciler:
             if not exc.not_found:
                 raise
 
-    async def switch_vs(self, vk: tuple[str, str], target: vsrewrite.Target, mode: str, key: Key) -> bool:
+    async def switch_vs(
+        self,
+        vk: tuple[str, str],
+        target: vsrewrite.Target,
+        mode: str,
+        key: Key,
+        cached: dict[str, Any] | None = None,
+    ) -> bool:
         """Puts one VirtualService in ``mode`` for this target; True when it had to change.
 
         An edit made by someone else while in proxy mode is kept: the current spec is first brought
@@ -627,10 +666,13 @@ class Reconciler:
         """
         vns, vname = vk
         changed = False
+        first = [cached]  # the watched copy saves a read; a stale one is refused (resourceVersion) and re-read
 
         async def attempt() -> None:
             nonlocal changed
-            vs = await self.kube.get_or_none(VIRTUALSERVICES, vname, vns)
+            vs = first.pop() if first else None
+            if vs is None:
+                vs = await self.kube.get_or_none(VIRTUALSERVICES, vname, vns)
             if vs is None:
                 return
             meta = vs["metadata"]
