@@ -47,7 +47,12 @@ demo: venv binaries
 bench-tools:
 	@./benchmarks/install-tools.sh
 
-bench: venv binaries bench-tools
+# The optional extras the activator uses when present (uvloop).
+$(VENV)/.fast: $(STAMP)
+	$(BIN)/pip install -q -e '.[fast]'
+	touch $@
+
+bench: venv binaries bench-tools $(VENV)/.fast
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 cluster-up: venv binaries

@@ -14,6 +14,7 @@ from activator.metrics import Metrics
 from activator.protocol import JsonErrorServer
 from activator.registry import Registry
 from activator.server import Admin, Proxy
+from activator.upstream import UpstreamClient
 from activator.wake import WakeNotifier
 from elasti_istio.kube import Kube, load_connection
 
@@ -52,7 +53,8 @@ class Activator:
             self.registry.start(self.kube, cfg.namespaces)
         self.notifier = WakeNotifier(self.control, cfg.controller_url, self.metrics, token_file=self.wake_token_file)
         self.holds = Holds(self.registry, self.notifier, self.metrics, cfg.max_held)
-        self.forwarder = Forwarder(self.upstream, cfg.upstream_proxy, cfg.cold_start_header)
+        self.fast_upstream = UpstreamClient(cfg.upstream_proxy, cfg.upstream_connections)
+        self.forwarder = Forwarder(self.upstream, cfg.upstream_proxy, cfg.cold_start_header, self.fast_upstream)
         self.proxy = Proxy(cfg, self.registry, self.holds, self.forwarder, self.metrics)
         self.admin = Admin(self.registry, self.holds, self.metrics)
 
@@ -108,6 +110,7 @@ class Activator:
         if self.kube is not None:
             await self.kube.close()
         await self.upstream.close()
+        await self.fast_upstream.close()
         await self.control.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

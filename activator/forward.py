@@ -21,6 +21,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from activator.registry import Target
+from activator.upstream import Response as FastResponse
+from activator.upstream import UpstreamClient
 from elasti_istio.resources import HEADER
 
 log = logging.getLogger(__name__)
@@ -248,15 +250,25 @@ class _Complete(web.StreamResponse):
 class Upstream:
     """An upstream response whose body is still to be streamed (``prefetched`` when it was read to classify it)."""
 
-    response: aiohttp.ClientResponse
+    response: aiohttp.ClientResponse | FastResponse
     prefetched: bytes | None = None
 
 
 class Forwarder:
-    def __init__(self, session: aiohttp.ClientSession, proxy: str | None, cold_start_header: bool) -> None:
+    """Sends requests to origins: through ``fast`` when their body is in memory (or absent), else through
+    aiohttp's client (bodies streamed through, websockets)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        proxy: str | None,
+        cold_start_header: bool,
+        fast: UpstreamClient | None = None,
+    ) -> None:
         self.session = session
         self.proxy = proxy
         self.cold_start_header = cold_start_header
+        self.fast = fast
 
     async def send(self, request: web.BaseRequest, target: Target, body: RequestBody) -> Upstream | None:
         """Sends the request once; None when the mesh says the origin is not ready (nothing reached it).
@@ -264,14 +276,30 @@ class Forwarder:
         Raises :class:`BodyError` when the request body failed while it was being sent.
         """
         try:
-            resp = await self.session.request(
-                request.method,
-                upstream_url(request, target),
-                headers=upstream_headers(request, target),
-                data=body.payload(),
-                allow_redirects=False,
-                proxy=self.proxy,
-            )
+            payload = body.payload()
+            if self.fast is not None and body.retryable and request.method != "CONNECT" and target.authority:
+                headers = upstream_headers(request, target)
+                if payload is not None:
+                    headers.popall("Content-Length", None)  # set from the body by the client
+                path = request.raw_path
+                if not path.startswith("/"):  # absolute-form request target
+                    path = request.rel_url.raw_path_qs
+                resp: aiohttp.ClientResponse | FastResponse = await self.fast.request(
+                    request.method,
+                    target.authority,
+                    path,
+                    [f"{k}: {v}" for k, v in headers.items()],
+                    payload,  # type: ignore[arg-type]
+                )
+            else:
+                resp = await self.session.request(
+                    request.method,
+                    upstream_url(request, target),
+                    headers=upstream_headers(request, target),
+                    data=payload,
+                    allow_redirects=False,
+                    proxy=self.proxy,
+                )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if body.failure is not None:
                 raise body.failure from exc
