@@ -18,7 +18,7 @@ import aiohttp
 
 from elasti_istio import vsrewrite
 from elasti_istio.controller import conditions as C
-from elasti_istio.controller import metrics, schedule, triggers
+from elasti_istio.controller import metrics, schedule, triggers, vspatch
 from elasti_istio.controller import spec as es_spec
 from elasti_istio.controller.config import ControllerConfig
 from elasti_istio.controller.events import Recorder
@@ -34,7 +34,7 @@ from elasti_istio.controller.workloads import (
     workload_state,
 )
 from elasti_istio.kube import Kube, KubeError
-from elasti_istio.kube.client import retry_on_conflict
+from elasti_istio.kube.client import JSON_PATCH, retry_on_conflict
 from elasti_istio.resources import (
     ANN_BIND,
     DEPLOYMENTS,
@@ -685,17 +685,18 @@ class Reconciler:
             else:
                 new, new_entries = base, None
             value = vsrewrite.write_restore(ann, key, new_entries if new_entries else None)
-            if new == spec and value == ann.get(vsrewrite.RESTORE_ANNOTATION):
+            ops = vspatch.build(vs, new, value)
+            if ops is None:
                 return
-            patch: dict[str, Any] = {
-                "metadata": {
-                    "resourceVersion": meta["resourceVersion"],
-                    "annotations": {vsrewrite.RESTORE_ANNOTATION: value},
-                },
-            }
-            if new.get("http") != spec.get("http"):
-                patch["spec"] = {"http": new.get("http")}
-            await self.kube.patch(VIRTUALSERVICES, vname, patch, vns)
+            try:
+                await self.kube.patch(VIRTUALSERVICES, vname, ops, vns, content_type=JSON_PATCH)
+            except KubeError as exc:
+                # A failed resourceVersion test is a 422 like any invalid patch: tell them apart by reading.
+                if exc.status == 422:
+                    fresh = await self.kube.get_or_none(VIRTUALSERVICES, vname, vns)
+                    if fresh is None or fresh["metadata"]["resourceVersion"] != meta["resourceVersion"]:
+                        raise KubeError(409, "Conflict", f"VirtualService {vns}/{vname} changed meanwhile") from exc
+                raise
             changed = True
 
         await retry_on_conflict(attempt)
