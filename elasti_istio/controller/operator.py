@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import time
 from typing import Any
 
@@ -326,6 +328,8 @@ class Controller:
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
         tasks.append(asyncio.create_task(self.idle_loop(), name="idle-triggers"))
+        kopf_ready = asyncio.Event()
+        tasks.append(asyncio.create_task(self._stopping(kopf_ready), name="stopping"))
         kopf_task = asyncio.create_task(
             kopf.operator(
                 registry=self.registry(),
@@ -334,6 +338,7 @@ class Controller:
                 clusterwide=not self.cfg.namespaces,
                 namespaces=list(self.cfg.namespaces),
                 stop_flag=self.stop_flag,
+                ready_flag=kopf_ready,
             ),
             name="kopf",
         )
@@ -346,6 +351,20 @@ class Controller:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await self.shutdown()
+
+    async def _stopping(self, kopf_ready: asyncio.Event) -> None:
+        """Makes a stop prompt. kopf installs SIGTERM/SIGINT handlers of its own when it starts;
+        stopping through them leaves kopf's waiter on our stop flag pending, and kopf waits 5 s for
+        it, as for every task started after it (the activator watch), before it returns. So the
+        signals set the stop flag again, and the stop flag ends the activator watch at once."""
+        await kopf_ready.wait()
+        if threading.current_thread() is threading.main_thread():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop_flag.set)
+        await self.stop_flag.wait()
+        if self.activator_informer is not None:
+            await self.activator_informer.stop()
 
     async def shutdown(self) -> None:
         self.queue.enabled.clear()
