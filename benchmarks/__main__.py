@@ -2,7 +2,8 @@
 
 Pinning (two cores): for the activator throughput figure the proxy under test (the activator, or
 nginx) runs on CPU 0 and the load generator (wrk, or the open-loop Python generator) with the backend
-nginx on CPU 1; the other figures pin only their load generator, if at all (see the printed notes).
+nginx on CPU 1; the warm path pins the mesh stand-in to CPU 0 and wrk with the apps to CPU 1 (see
+``PINNING``, printed at the start and stored in results.json).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from elasti_istio.playground.stack import Playground
 
 PINNING = (
     "figure 4: proxy under test (activator or nginx) on CPU 0; wrk / the open-loop generator and the backend nginx "
-    "on CPU 1. Figure 5: wrk on CPU 1, the mesh stand-in and apps unpinned. Figures 1-3: nothing pinned. "
-    "The cluster (etcd, kube-apiserver, kube-controller-manager, kubelet stand-in), controller and mesh run "
-    "unpinned throughout."
+    "on CPU 1. Figure 5: the mesh stand-in on CPU 0, wrk and the apps (kubelet stand-in) on CPU 1. Figures 1-3: "
+    "nothing pinned. Otherwise the cluster (etcd, kube-apiserver, kube-controller-manager, kubelet stand-in), the "
+    "controller and the mesh run unpinned."
 )
 
 
