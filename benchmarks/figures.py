@@ -366,26 +366,37 @@ def throughput(ctx: Context) -> None:
             f"activator/direct {ctx.results['throughput_activator_over_direct']:.3f}",
             "stretch: activator/nginx ~0.35",
         )
-        # Open loop at a fixed rate: the same generator for every target.
-        for name, port, hdr in (
-            ("direct", p_backend, None),
-            ("nginx", p_proxy, None),
-            ("activator", p_act, f"elasti-service: {S.NS}/web"),
-        ):
-            args = ["rate", "--port", str(port), "--rate", str(s.rate), "--duration", str(s.rate_seconds)]
-            args += ["--conns", "50", "--timeout", "30"]
-            if hdr:
-                args += ["--header", hdr]
-            res = T.run_loadgen(CLIENT_CPU, *args, timeout=s.rate_seconds + 90)
-            ok = int(res["statuses"].get("200", 0))
-            rate = int(s.rate)
+        # Open loop at a fixed rate: the same generator for every target, in turn, `rounds` times; the
+        # median run by p99 is reported (one stall of the shared machine should not decide a p99 alone).
+        rate = int(s.rate)
+        fixed: dict[str, list[dict[str, Any]]] = {"direct": [], "nginx": [], "activator": []}
+        for _ in range(s.rounds):
+            for name, port, hdr in (
+                ("direct", p_backend, None),
+                ("nginx", p_proxy, None),
+                ("activator", p_act, f"elasti-service: {S.NS}/web"),
+            ):
+                args = ["rate", "--port", str(port), "--rate", str(s.rate), "--duration", str(s.rate_seconds)]
+                args += ["--conns", "50", "--timeout", "30"]
+                if hdr:
+                    args += ["--header", hdr]
+                res = T.run_loadgen(CLIENT_CPU, *args, timeout=s.rate_seconds + 90)
+                fixed[name].append(res)
+                ctx.log(f"  {rate} req/s {name}: p50 {float(res['p50_ms']):.2f} ms, p99 {float(res['p99_ms']):.2f} ms")
+        for name, runs_ in fixed.items():
+            runs_.sort(key=lambda r: float(r["p99_ms"]))
+            res = runs_[len(runs_) // 2]
+            ok = sum(int(r["statuses"].get("200", 0)) for r in runs_)
+            total = sum(int(r["requests"]) for r in runs_)
             ctx.put(f"fixed_{rate}_{name}_p50_ms", float(res["p50_ms"]))
             ctx.put(f"fixed_{rate}_{name}_p99_ms", float(res["p99_ms"]))
+            ctx.put(f"fixed_{rate}_{name}_p99_worst_ms", float(runs_[-1]["p99_ms"]))
             ctx.put(f"fixed_{rate}_{name}_ok", ok)
-            ctx.put(f"fixed_{rate}_{name}_failed", int(res["requests"]) - ok)
+            ctx.put(f"fixed_{rate}_{name}_failed", total - ok)
             ctx.row(
-                f"4. open loop at {rate} req/s ({s.rate_seconds:g} s, Python generator): {name}",
-                f"p50 {float(res['p50_ms']):.2f} ms, p99 {float(res['p99_ms']):.2f} ms, {ok}/{res['requests']} ok",
+                f"4. open loop at {rate} req/s ({len(runs_)} x {s.rate_seconds:g} s, Python generator): {name}",
+                f"p50 {float(res['p50_ms']):.2f} ms, p99 {float(res['p99_ms']):.2f} ms (median run; worst "
+                f"{float(runs_[-1]['p99_ms']):.2f} ms), {ok}/{total} ok",
                 "p99 <= 20 ms" if name == "activator" else "",
             )
     finally:
