@@ -479,6 +479,10 @@ class UpstreamClient:
             if conn.usable:
                 return conn, True
             self._forget(conn)
+        if fresh and idle and self._open.get(origin, 0) >= self.limit:
+            spare = idle.pop(0)  # make room for the new connection rather than wait for an idle one to expire
+            spare.close()
+            self._forget(spare)
         while self._open.get(origin, 0) >= self.limit:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             waiters = self._waiters.setdefault(origin, collections.deque())
