@@ -78,6 +78,7 @@ class Controller:
             )
         self.stop_flag = asyncio.Event()
         self._replicas: dict[tuple[str, str, str], int] = {}  # spec.replicas of workloads, as last seen
+        self._ready: dict[tuple[str, str, str], int] = {}  # status.readyReplicas of workloads, as last seen
         self._runners: list[web.AppRunner] = []
 
     # ---- state -------------------------------------------------------------------------------
@@ -143,6 +144,13 @@ class Controller:
             self._replicas[wk] = replicas
             if replicas == 0 and before:  # a scale to zero, just now: the next reconcile switches first
                 self.reconciler.went_to_zero.update(keys)
+        ready = 0 if etype == "DELETED" else int((obj.get("status") or {}).get("readyReplicas") or 0)
+        was_ready = self._ready.pop(wk, 0)
+        if etype != "DELETED":
+            self._ready[wk] = ready
+        if ready and not was_ready and replicas:  # a first ready replica, just now: release held requests first
+            for key in keys:
+                self.reconciler.became_ready[key] = ready
         self.enqueue(keys, target_event=True)
 
     def on_vs(self, etype: str | None, obj: dict[str, Any]) -> None:
@@ -355,8 +363,9 @@ class Controller:
     async def _stopping(self, kopf_ready: asyncio.Event) -> None:
         """Makes a stop prompt. kopf installs SIGTERM/SIGINT handlers of its own when it starts;
         stopping through them leaves kopf's waiter on our stop flag pending, and kopf waits 5 s for
-        it, as for every task started after it (the activator watch), before it returns. So the
-        signals set the stop flag again, and the stop flag ends the activator watch at once."""
+        it, as for every task started after it (the activator watch, the wake and metrics servers'
+        keep-alive connections), before it returns. So the signals set the stop flag again, and the
+        stop flag ends the activator watch and the servers at once."""
         await kopf_ready.wait()
         if threading.current_thread() is threading.main_thread():
             loop = asyncio.get_running_loop()
@@ -365,6 +374,10 @@ class Controller:
         await self.stop_flag.wait()
         if self.activator_informer is not None:
             await self.activator_informer.stop()
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
 
     async def shutdown(self) -> None:
         self.queue.enabled.clear()
