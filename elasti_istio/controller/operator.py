@@ -78,6 +78,7 @@ class Controller:
             )
         self.stop_flag = asyncio.Event()
         self._replicas: dict[tuple[str, str, str], int] = {}  # spec.replicas of workloads, as last seen
+        self._ready: dict[tuple[str, str, str], int] = {}  # status.readyReplicas of workloads, as last seen
         self._runners: list[web.AppRunner] = []
 
     # ---- state -------------------------------------------------------------------------------
@@ -143,6 +144,13 @@ class Controller:
             self._replicas[wk] = replicas
             if replicas == 0 and before:  # a scale to zero, just now: the next reconcile switches first
                 self.reconciler.went_to_zero.update(keys)
+        ready = 0 if etype == "DELETED" else int((obj.get("status") or {}).get("readyReplicas") or 0)
+        was_ready = self._ready.pop(wk, 0)
+        if etype != "DELETED":
+            self._ready[wk] = ready
+        if ready and not was_ready and replicas:  # a first ready replica, just now: release held requests first
+            for key in keys:
+                self.reconciler.became_ready[key] = ready
         self.enqueue(keys, target_event=True)
 
     def on_vs(self, etype: str | None, obj: dict[str, Any]) -> None:

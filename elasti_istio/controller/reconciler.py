@@ -97,6 +97,7 @@ class Reconciler:
         self.waking: set[Key] = set()
         # Targets a watch event showed going to 0 replicas, and when their routes were switched early.
         self.went_to_zero: set[Key] = set()
+        self.became_ready: dict[Key, int] = {}  # targets a watch event showed getting a first ready replica
         self.switched_early: dict[Key, float] = {}
         self._routing_cache: dict[Key, tuple[int, Any]] = {}
         self._reported: dict[tuple[Key, str], tuple[str, str]] = {}
@@ -129,6 +130,8 @@ class Reconciler:
         try:
             if key in self.went_to_zero:
                 await self.proxy_at_once(key)
+            if key in self.became_ready:
+                await self.release_at_once(key)
             es = await self.kube.get_or_none(ELASTISERVICES, name, ns)
             if es is None:
                 self.forget(key)
@@ -162,6 +165,18 @@ class Reconciler:
             except Exception as exc:  # the full reconcile retries with fresh data
                 log.debug("%s: early switch of %s/%s failed: %s", key, vk[0], vk[1], exc)
 
+    async def release_at_once(self, key: Key) -> None:
+        """Tells the activators that a target just got its first ready replica, before anything else is
+        read: they release the held requests on ``status.readyReplicas``, and every read the full
+        reconcile makes first would be added to each held request's wait. The full reconcile that
+        follows checks everything and writes the rest of the status."""
+        ready = self.became_ready.pop(key, 0)
+        ns, name = split_key(key)
+        try:
+            await self.kube.patch(ELASTISERVICES, name, {"status": {"readyReplicas": ready}}, ns, sub="status")
+        except (KubeError, OSError) as exc:  # the full reconcile writes it too
+            log.debug("%s: early readyReplicas write failed: %s", key, exc)
+
     def forget(self, key: Key) -> None:
         ns, name = split_key(key)
         self.idx.forget_es(key)
@@ -177,6 +192,7 @@ class Reconciler:
         self.waking.discard(key)
         self.sleeping.discard(key)
         self.went_to_zero.discard(key)
+        self.became_ready.pop(key, None)
         self.switched_early.pop(key, None)
         self._reported = {k: v for k, v in self._reported.items() if k[0] != key}
         metrics.forget(ns, name)
