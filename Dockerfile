@@ -17,7 +17,7 @@ COPY activator ./activator
 # Bytecode is compiled here, once, with hashes that never go stale, so that nothing is compiled or
 # written at run time; pip itself is not kept in the environment.
 RUN python -m venv /opt/elasti \
- && /opt/elasti/bin/pip install --no-compile . \
+ && /opt/elasti/bin/pip install --no-compile ".[fast]" \
  && /opt/elasti/bin/pip uninstall -y pip setuptools wheel \
  && python -m compileall -q --invalidation-mode unchecked-hash /opt/elasti/lib
 
