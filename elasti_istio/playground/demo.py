@@ -91,13 +91,15 @@ def run(args: argparse.Namespace) -> int:
             narrator.say("\ninterrupted")
             rc = 130
         finally:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
+            # A second Ctrl-C (or a SIGTERM) must not cut the cleanup short.
+            previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
             try:
                 narrator.say("stopping the controller, the activator, the mesh and the cluster ...")
                 pg.stop()
                 narrator.say(f"stopped; logs kept in {pg.logs_dir}")
             finally:
-                signal.signal(signal.SIGINT, previous)
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
     return rc
 
 
