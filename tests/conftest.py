@@ -7,10 +7,6 @@ Any test that uses the ``cluster`` fixture (directly or through ``k8s``/``namesp
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from elasti_istio.localcluster.cluster import ClusterInfo, LocalCluster, free_port
+from elasti_istio.playground.procs import MeshProc
 
 CLUSTER_FIXTURES = {"cluster", "local_cluster", "k8s", "namespace", "mesh"}
 
@@ -85,49 +82,18 @@ def cluster(local_cluster: LocalCluster) -> ClusterInfo:
 @pytest.fixture(scope="session")
 def mesh(cluster: ClusterInfo, mesh_ports: MeshInfo) -> Iterator[MeshInfo]:
     """The mesh stand-in (``elasti-istio mesh``) as a process, ready once its watches have synced."""
-    log = (cluster.state_dir / "logs" / "mesh.log").open("ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "elasti_istio",
-            "mesh",
-            "--kubeconfig",
-            str(cluster.admin_kubeconfig),
-            "--ingress-listen",
-            f"127.0.0.1:{mesh_ports.ingress_port}",
-            "--outbound-listen",
-            f"127.0.0.1:{mesh_ports.outbound_port}",
-            "--metrics-listen",
-            f"127.0.0.1:{mesh_ports.metrics_port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    log.close()
+    proc = MeshProc(
+        cluster.admin_kubeconfig,
+        cluster.state_dir / "logs" / "mesh.log",
+        mesh_ports.ingress_port,
+        mesh_ports.outbound_port,
+        mesh_ports.metrics_port,
+    ).start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mesh exited with {proc.returncode}; see {cluster.state_dir}/logs/mesh.log")
-            try:
-                with urllib.request.urlopen(f"{mesh_ports.metrics}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mesh not ready after 60s; see {cluster.state_dir}/logs/mesh.log")
-            time.sleep(0.1)
+        proc.wait_ready(60)
         yield mesh_ports
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        proc.stop(10)
 
 
 @dataclass
