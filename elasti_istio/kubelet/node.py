@@ -53,6 +53,26 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: str(e.get("value", "")) for e in container.get("env") or [] if "name" in e and "value" in e}
 
 
+def prestop_seconds(pod: dict[str, Any]) -> float:
+    """The longest ``sleep`` among the containers' preStop hooks: an ``exec`` of ``sleep N`` (directly or
+    through ``sh -c``), or the ``sleep`` action of newer Kubernetes versions."""
+    longest = 0.0
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        hook = ((c.get("lifecycle") or {}).get("preStop")) or {}
+        seconds = None
+        if isinstance(hook.get("sleep"), dict):
+            seconds = hook["sleep"].get("seconds")
+        elif isinstance(hook.get("exec"), dict):
+            words = " ".join(str(w) for w in hook["exec"].get("command") or []).split()
+            if "sleep" in words and words.index("sleep") + 1 < len(words):
+                seconds = words[words.index("sleep") + 1]
+        try:
+            longest = max(longest, float(seconds)) if seconds is not None else longest
+        except ValueError:
+            continue
+    return longest
+
+
 class PodRuntime:
     """The life of one Pod on this node, driven by the latest object seen for it."""
 
@@ -229,7 +249,13 @@ class PodRuntime:
     async def terminate(self) -> None:
         grace = self.latest["metadata"].get("deletionGracePeriodSeconds")
         grace = 30.0 if grace is None else float(grace)
-        await self.stop_apps(grace)
+        # As a kubelet runs a preStop hook before it signals the containers, the apps keep serving
+        # through a `sleep` preStop (the usual way to let routes converge before a pod stops).
+        pause = min(prestop_seconds(self.latest), grace)
+        if pause > 0:
+            log.info("%s/%s: preStop: serving %.1fs more before stopping", self.namespace, self.name, pause)
+            await asyncio.sleep(pause)
+        await self.stop_apps(max(0.0, grace - pause))
         log.info("%s/%s: stopped", self.namespace, self.name)
         if not self.gone:
             with contextlib.suppress(KubeError):

@@ -86,6 +86,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     options.add(
         p, "--connect-retries", type=int, default=2, help="extra attempts on another endpoint after a connect failure"
     )
+    options.add(
+        p,
+        "--endpoint-removal-delay",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="endpoints that go away reach the proxies this much later, as istiod's debounce "
+        "(PILOT_DEBOUNCE_AFTER, 100 ms) delays its pushes to Envoy; new endpoints apply at once",
+    )
     options.add(p, "--log-level", default="info", help="debug, info, warning or error")
     p.set_defaults(func=run)
 
@@ -155,6 +164,7 @@ class Mesh:
             gateway_labels=args.gateway_selector,
             gateway_names=tuple(args.gateway or ()),
             default_namespace=args.default_namespace,
+            removal_delay=args.endpoint_removal_delay,
         )
         self.metrics = Metrics()
         self.runners: list[web.BaseRunner] = []

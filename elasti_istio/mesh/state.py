@@ -50,8 +50,12 @@ class MeshState:
         gateway_labels: Mapping[str, str] | None = None,
         gateway_names: tuple[str, ...] = (),
         default_namespace: str = "default",
+        removal_delay: float = 0.0,
     ) -> None:
         self.kube = kube
+        self.removal_delay = removal_delay
+        self._slice_seq: dict[tuple[str, str], int] = {}  # (namespace, slice name) -> latest event number
+        self._seq = itertools.count(1)
         self.domain = domain
         self.gateway_labels = dict(gateway_labels or {})
         self.gateway_names = gateway_names
@@ -105,7 +109,28 @@ class MeshState:
         self.endpoint_gen += 1
 
     def _slice_event(self, etype: str, obj: dict[str, Any]) -> None:
+        """Endpoints that go away reach the proxies ``removal_delay`` later, as istiod's debounce delays
+        its pushes to Envoy; new endpoints apply at once. A later event for the same slice wins."""
         meta = obj.get("metadata") or {}
+        name = (meta.get("namespace") or "", meta.get("name") or "")
+        seq = next(self._seq)
+        self._slice_seq[name] = seq
+        svc = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+        old = (self._slices.get((name[0], svc)) or {}).get(name[1]) if svc else None
+        new = None if etype == "DELETED" else obj
+        if self.removal_delay > 0 and _ready_addresses(old) - _ready_addresses(new):
+            asyncio.get_running_loop().call_later(self.removal_delay, self._apply_if_latest, name, seq, etype, obj)
+            return
+        self._apply_slice(etype, obj)
+
+    def _apply_if_latest(self, name: tuple[str, str], seq: int, etype: str, obj: dict[str, Any]) -> None:
+        if self._slice_seq.get(name) == seq:
+            self._apply_slice(etype, obj)
+
+    def _apply_slice(self, etype: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        if etype == "DELETED":
+            self._slice_seq.pop((meta.get("namespace") or "", meta.get("name") or ""), None)
         svc = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
         if svc:
             key = (meta.get("namespace") or "", svc)
@@ -189,3 +214,14 @@ class MeshState:
         if counter is None:
             counter = self._rr[key] = itertools.count()
         return next(counter)
+
+
+def _ready_addresses(slice_obj: dict[str, Any] | None) -> set[str]:
+    if not slice_obj:
+        return set()
+    return {
+        str(addr)
+        for ep in slice_obj.get("endpoints") or []
+        if (ep.get("conditions") or {}).get("ready") is not False
+        for addr in ep.get("addresses") or []
+    }

@@ -513,6 +513,7 @@ def test_fail_open_waking_many_targets_is_rate_limited(k8s: K8s, namespace: str,
             k8s, namespace, es_doc(n, service=n, virtualServices=[n], scaleTargetRef={"kind": "Deployment", "name": n})
         )
     create(k8s, namespace, activator_deployment())
+    wait_until(lambda: ready_replicas(k8s, namespace, "elasti-activator") == 1, what="activator ready")
     start_controller(
         "--fail-open-wakes-per-second",
         "0.5",
@@ -522,6 +523,7 @@ def test_fail_open_waking_many_targets_is_rate_limited(k8s: K8s, namespace: str,
     )
     for n in names:
         wait_until(lambda n=n: phase(k8s, namespace, n) == "Serving", what=f"{n} serving")
+        wait_until(lambda n=n: cond_is(k8s, namespace, n, "ActivatorAvailable", "True"), what=f"{n} sees the activator")
         scale(k8s, namespace, n, 0)
     for n in names:
         wait_until(lambda n=n: phase(k8s, namespace, n) == "ScaledToZero", what=f"{n} asleep")

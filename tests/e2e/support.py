@@ -30,17 +30,14 @@ def web_app(
     hold_timeout: str = "30s",
     startup_seconds: float | None = None,
     elastiservice: bool = True,
+    prestop_sleep: float | None = None,
 ) -> list[dict[str, Any]]:
     """A workload running the generic test app, its Service (port 80), a VirtualService and an ElastiService."""
     labels = {"app": name}
-    template: dict[str, Any] = {
-        "metadata": {"labels": labels},
-        "spec": {
-            "containers": [
-                {"name": "app", "image": "e2e/httpbin", "ports": [{"containerPort": p} for p in ports]},
-            ]
-        },
-    }
+    container: dict[str, Any] = {"name": "app", "image": "e2e/httpbin", "ports": [{"containerPort": p} for p in ports]}
+    if prestop_sleep is not None:
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", f"{prestop_sleep:g}"]}}}
+    template: dict[str, Any] = {"metadata": {"labels": labels}, "spec": {"containers": [container]}}
     if startup_seconds is not None:
         template["metadata"]["annotations"] = {"elasti.truefoundry.com/sim-startup-seconds": str(startup_seconds)}
     spec: dict[str, Any] = {"replicas": replicas, "selector": {"matchLabels": labels}, "template": template}
