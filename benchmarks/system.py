@@ -24,6 +24,7 @@ from typing import Any
 from elasti_istio.kube import Kube, load_connection
 from elasti_istio.playground.bookinfo import proxied
 from elasti_istio.playground.manifests import Api
+from elasti_istio.playground.workloads import web_app
 from elasti_istio.resources import DEPLOYMENTS, ELASTISERVICES, PODS, VIRTUALSERVICES
 
 NS = "bench"
@@ -33,49 +34,14 @@ READY_LINE = re.compile(r"(\S+)/(\S+): Ready written at ([\d.]+) \(sent ([\d.]+)
 
 
 def workload(name: str, *, elastiservice: bool, startup: float | None = None, queue_limit: int = 1000) -> list[dict]:
-    labels = {"app": name}
-    template: dict[str, Any] = {
-        "metadata": {"labels": labels},
-        "spec": {"containers": [{"name": "app", "image": "bench/httpbin", "ports": [{"containerPort": 8080}]}]},
-    }
-    if startup is not None:
-        template["metadata"]["annotations"] = {f"{GROUP}/sim-startup-seconds": str(startup)}
-    docs: list[dict[str, Any]] = [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name},
-            "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": template},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": name},
-            "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-        },
-        {
-            "apiVersion": "networking.istio.io/v1beta1",
-            "kind": "VirtualService",
-            "metadata": {"name": name},
-            "spec": {"hosts": [name], "http": [{"route": [{"destination": {"host": name}}]}]},
-        },
-    ]
-    if elastiservice:
-        docs.append(
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "ElastiService",
-                "metadata": {"name": name},
-                "spec": {
-                    "service": name,
-                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-                    "virtualServices": [name],
-                    "minTargetReplicas": 1,
-                    "activator": {"holdTimeout": "120s", "queueLimit": queue_limit},
-                },
-            }
-        )
-    return docs
+    return web_app(
+        name,
+        elastiservice=elastiservice,
+        startup_seconds=startup,
+        queue_limit=queue_limit,
+        hold_timeout="120s",
+        image="bench/httpbin",
+    )
 
 
 def authority(name: str) -> str:
