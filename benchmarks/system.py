@@ -142,10 +142,6 @@ class Recorder:
         return None
 
 
-def replicas_zero(dep: dict[str, Any]) -> bool:
-    return (dep.get("spec") or {}).get("replicas") == 0
-
-
 def deployment_ready(dep: dict[str, Any]) -> bool:
     return ((dep.get("status") or {}).get("readyReplicas") or 0) >= 1
 

@@ -18,7 +18,6 @@ SCALEDOBJECTS = Resource("keda.sh", "v1alpha1", "scaledobjects", kind="ScaledObj
 SERVICES = Resource("", "v1", "services", kind="Service")
 PODS = Resource("", "v1", "pods", kind="Pod")
 EVENTS = Resource("", "v1", "events", kind="Event")
-NAMESPACES = Resource("", "v1", "namespaces", namespaced=False, kind="Namespace")
 NODES = Resource("", "v1", "nodes", namespaced=False, kind="Node")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", kind="Lease")
 CRDS = Resource(
@@ -34,5 +33,4 @@ ANN_ORIGINAL_ROUTES = f"{GROUP}/original-routes"
 ANN_SIM_STARTUP = f"{GROUP}/sim-startup-seconds"
 ANN_SIM_FORWARD = f"{GROUP}/sim-forward"
 ANN_SIM_READINESS_URL = f"{GROUP}/sim-readiness-url"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 HEADER = "elasti-service"

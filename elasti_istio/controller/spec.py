@@ -17,7 +17,6 @@ KINDS: dict[str, Resource] = {
     "Rollout": ROLLOUTS,
     "ScaledObject": SCALEDOBJECTS,
 }
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "Rollout")
 DEFAULT_API_VERSION = {k: r.api_version for k, r in KINDS.items()}
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

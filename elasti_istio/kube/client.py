@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 
 MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-STRATEGIC = "application/strategic-merge-patch+json"
 
 
 @dataclasses.dataclass(frozen=True)
