@@ -16,6 +16,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MESH = "mesh"
+_WARNED: set[tuple[str, str]] = set()  # VirtualServices already reported as refused by Istio's rules
 DEFAULT_DOMAIN = "cluster.local"
 
 
@@ -488,6 +489,14 @@ class RouteTable:
                 except (re.error, ValueError, TypeError, AttributeError) as exc:
                     log.warning("virtualservice %s/%s: http[%d] ignored: %s", ns, name, i, exc)
             hosts = [canonical_host(str(h), ns, domain) for h in spec.get("hosts") or []]
+            if MESH in served and "*" in hosts:
+                # Istio's validation refuses a bare "*" host on a VirtualService bound to the mesh (it
+                # would capture every sidecar's traffic); the CRD alone accepts it. Ignored, as Istio
+                # would never have admitted it.
+                if (ns, name) not in _WARNED:
+                    _WARNED.add((ns, name))
+                    log.warning("virtualservice %s/%s: host '*' is not allowed for the mesh; ignored", ns, name)
+                continue
             if server_hosts is not None:
                 admitted: set[str] = set()
                 for gw in served:

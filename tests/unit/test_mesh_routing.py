@@ -546,3 +546,14 @@ def test_workload_of() -> None:
         == "db"
     )
     assert routing.workload_of({"metadata": {"name": "bare"}}) == "bare"
+
+
+def test_a_bare_wildcard_host_is_refused_for_the_mesh_as_istio_refuses_it() -> None:
+    from elasti_istio.mesh.routing import MESH, RouteTable
+
+    catch_all = {
+        "metadata": {"namespace": "other", "name": "all", "creationTimestamp": "2020-01-01T00:00:00Z"},
+        "spec": {"hosts": ["*"], "http": [{"route": [{"destination": {"host": "elsewhere"}}]}]},
+    }
+    table = RouteTable.build([catch_all], frozenset({MESH}))
+    assert table.lookup("productpage.bookinfo.svc.cluster.local", "bookinfo") is None
