@@ -356,6 +356,9 @@ class ApiServer:
         return new, value
 
     def close(self) -> None:
+        # Generated VirtualServices (hosts like "*" included) must not outlive the test while the
+        # namespace is being deleted: the session's mesh stand-in sees every namespace.
+        self.run(self.kube.request("DELETE", VIRTUALSERVICES.path(self.ns)))
         self.run(self.kube.close())
         self.loop.close()
 
