@@ -28,23 +28,7 @@ from elasti_istio.resources import HEADER
 log = logging.getLogger(__name__)
 
 COLD_START_HEADER = "X-Elasti-Cold-Start"
-# Hop-by-hop (RFC 9110 7.6.1) plus what the activator sets itself or must not pass on.
-_REQUEST_DROP = frozenset(
-    (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-        "host",
-        HEADER,
-    )
-)
+# Hop-by-hop headers (RFC 9110 7.6.1), never passed on in either direction.
 _RESPONSE_DROP = frozenset(
     (
         "connection",
@@ -58,6 +42,8 @@ _RESPONSE_DROP = frozenset(
         "upgrade",
     )
 )
+# On requests also what the activator sets itself or must not pass on.
+_REQUEST_DROP = _RESPONSE_DROP | {"expect", "host", HEADER}
 _WS_DROP = frozenset(
     ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "origin")
 )

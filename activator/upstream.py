@@ -467,18 +467,25 @@ class UpstreamClient:
             raise
         return Response(self, conn, status, reason, headers)
 
-    async def _acquire(self, origin: str, fresh: bool = False) -> tuple[_Conn, bool]:
-        if self._closed:
-            raise aiohttp.ClientConnectionError("upstream client closed")
+    def _take_idle(self, origin: str) -> _Conn | None:
+        """The most recently used idle connection still usable; unusable ones are dropped on the way."""
         idle = self._idle.get(origin)
-        while idle and not fresh:
+        while idle:
             conn = idle.pop()
             if conn.idle_timer is not None:
                 conn.idle_timer.cancel()
                 conn.idle_timer = None
             if conn.usable:
-                return conn, True
+                return conn
             self._forget(conn)
+        return None
+
+    async def _acquire(self, origin: str, fresh: bool = False) -> tuple[_Conn, bool]:
+        if self._closed:
+            raise aiohttp.ClientConnectionError("upstream client closed")
+        idle = self._idle.get(origin)
+        if not fresh and (conn := self._take_idle(origin)) is not None:
+            return conn, True
         if fresh and idle and self._open.get(origin, 0) >= self.limit:
             spare = idle.pop(0)  # make room for the new connection rather than wait for an idle one to expire
             spare.close()
@@ -495,15 +502,8 @@ class UpstreamClient:
                 if fut.done() and not fut.cancelled():
                     self._wake_one(origin)  # pass the turn on
                 raise
-            idle = self._idle.get(origin)
-            if idle and not fresh:
-                conn = idle.pop()
-                if conn.idle_timer is not None:
-                    conn.idle_timer.cancel()
-                    conn.idle_timer = None
-                if conn.usable:
-                    return conn, True
-                self._forget(conn)
+            if not fresh and (conn := self._take_idle(origin)) is not None:
+                return conn, True
         self._open[origin] = self._open.get(origin, 0) + 1
         try:
             conn = await self._connect(origin)
