@@ -26,6 +26,7 @@ class Holds:
         self.metrics = metrics
         self._waiters: dict[Key, set[asyncio.Future[None]]] = {}
         self._notify: dict[Key, asyncio.Task[WakeResult]] = {}
+        self._probers: dict[Key, object] = {}  # the one held request per target retrying the mesh soon
         registry.subscribe(self._on_change)
 
     def pending(self, key: Key) -> int:
@@ -82,6 +83,24 @@ class Holds:
         task = self._notify.pop(key, None)
         if task is not None and not task.done():
             task.cancel()
+
+    def probe(self, key: Key, request: object) -> bool:
+        """A forward of ``request`` found no ready endpoint in the mesh: True when it is the target's
+        prober (it retries soon, see ``retry_pause``); the others wait for the prober's success or
+        ``retryInterval``, so a thousand released requests do not all retry every few milliseconds."""
+        return self._probers.setdefault(key, request) is request
+
+    def reached(self, key: Key, request: object) -> None:
+        """A forward reached the workload: when it was the prober's, the others go now."""
+        if self._probers.get(key) is request:
+            del self._probers[key]
+            self._signal(key)
+
+    def stop_probing(self, key: Key, request: object) -> None:
+        """The prober gave up (its client left, it timed out): another request takes its place."""
+        if self._probers.get(key) is request:
+            del self._probers[key]
+            self._signal(key)
 
     async def wait(self, key: Key, timeout: float) -> None:
         """Returns on the next change of ``key``'s ElastiService or after ``timeout`` seconds."""

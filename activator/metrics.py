@@ -17,11 +17,12 @@ HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 class TargetMetrics:
     """Label children of one ElastiService, looked up once rather than per request."""
 
-    __slots__ = ("held", "hold_seconds", "outcomes")
+    __slots__ = ("held", "hold_seconds", "mesh_not_ready", "outcomes")
 
     def __init__(self, m: Metrics, ns: str, name: str) -> None:
         self.held = m.held.labels(ns, name)
         self.hold_seconds = m.hold_seconds.labels(ns, name)
+        self.mesh_not_ready = m.mesh_not_ready.labels(ns, name)
         self.outcomes = {o: m.requests.labels(ns, name, o) for o in OUTCOMES}
 
     def outcome(self, outcome: str) -> None:
@@ -54,6 +55,12 @@ class Metrics:
             ["namespace", "name", "result"],
             registry=r,
         )
+        self.mesh_not_ready = Counter(
+            "elasti_activator_mesh_not_ready",
+            'Forwards the mesh answered itself ("no healthy upstream"): sent again, never reached the workload',
+            ["namespace", "name"],
+            registry=r,
+        )
         self._targets: dict[Key, TargetMetrics] = {}
         self._unrouted = self.requests.labels("", "", "rejected")
 
@@ -74,7 +81,7 @@ class Metrics:
         """The ElastiService was deleted: drop its series so that churn does not grow the output."""
         if self._targets.pop(key, None) is None:
             return
-        for metric in (self.held, self.hold_seconds):
+        for metric in (self.held, self.hold_seconds, self.mesh_not_ready):
             try:
                 metric.remove(*key)
             except KeyError:

@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 
 SYNC_WAIT = 5.0  # a request that arrives before the first list completed waits this long for it
 RETRY_AFTER = "1"
+FIRST_RETRY = 0.001  # the prober's first pause after "no healthy upstream"; it doubles up to retryInterval
+
+
+def retry_pause(interval: float, retries: int) -> float:
+    """The prober's pause before forwarding again after ``retries`` "no healthy upstream" answers. A
+    target is reported ready when its first pod is, and the mesh learns of the new endpoint about
+    then, often a little later: the first retries come soon, then every ``interval``."""
+    return min(interval, FIRST_RETRY * 2**retries)
 
 
 def error(status: int, err: str, detail: str, retry_after: bool = False, close: bool = False) -> web.Response:
@@ -128,9 +136,9 @@ class Proxy:
             if websocket
             else RequestBody(request, cfg.retry_body_limit, cfg.max_body_size, cfg.request_body_timeout)
         )
-        held = was_held = False
+        held = was_held = probing = False
         held_at = 0.0
-        mark = 0
+        mark = retries = 0
         outcome = "client_gone"  # unless something else is decided before the handler ends
         try:
             while True:
@@ -150,6 +158,9 @@ class Proxy:
                         return body_error(exc)
                     if up is not None:
                         outcome = "forwarded"
+                        if probing:
+                            probing = False
+                            self.holds.reached(key, request)
                         if held:
                             held = False
                             self.holds.leave(key, tm)
@@ -159,6 +170,7 @@ class Proxy:
                         if isinstance(up, Upstream):
                             return await self.forwarder.relay(request, up, was_held)
                         return await self.forwarder.relay_websocket(request, up, was_held)
+                    tm.mesh_not_ready.inc()
                     if body is not None and not body.retryable:
                         outcome = "upstream_error"
                         return error(
@@ -168,7 +180,12 @@ class Proxy:
                             f"than the retry limit ({self.cfg.retry_body_limit} bytes), so it was not kept for a retry",
                             retry_after=True,
                         )
-                    step = target.retry_interval
+                    probing = self.holds.probe(key, request)
+                    if probing:
+                        step = retry_pause(target.retry_interval, retries)
+                        retries += 1
+                    else:
+                        step = target.retry_interval
                 else:
                     step = math.inf
                 now = loop.time()
@@ -222,6 +239,8 @@ class Proxy:
             outcome = "upstream_error"
             raise
         finally:
+            if probing:
+                self.holds.stop_probing(key, request)
             if held:
                 self.holds.leave(key, tm)
                 tm.hold_seconds.observe(loop.time() - held_at)

@@ -110,10 +110,11 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
     s, b = ctx.settings, ctx.bench
     overhead, whole, to_proxy, to_serve, pod_watch, patch_rtt = [], [], [], [], [], []
     steps: dict[str, list[float]] = {
-        "ready_to_deployment_event": [],
-        "deployment_event_to_es_status_event": [],
+        "ready_to_es_status_event": [],
         "es_status_event_to_answer": [],
     }
+    # Not on the path, for comparison: when the workload's own status and the mesh's endpoints tell.
+    aside: dict[str, list[float]] = {"ready_to_deployment_event": [], "ready_to_endpointslice_event": []}
     failures = 0
     for i in range(s.cycles):
         sw = put_to_sleep(ctx, rec, "cold")
@@ -138,11 +139,15 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
         if t_pod is not None:
             pod_watch.append(t_pod - ack)
         t_es = rec.first(t_send, "ElastiService", "cold", S.es_ready)
-        if t_dep is not None and t_es is not None:
-            # Where the overhead goes: Kubernetes' own controllers, ours, then activator + mesh + app.
-            steps["ready_to_deployment_event"].append(t_dep - ack)
-            steps["deployment_event_to_es_status_event"].append(t_es - t_dep)
+        if t_es is not None:
+            # Where the overhead goes: the controller's pod watch and status write, then activator + mesh + app.
+            steps["ready_to_es_status_event"].append(t_es - ack)
             steps["es_status_event_to_answer"].append(t_done - t_es)
+        t_eps = rec.first(t_send, "EndpointSlice", "cold-elasti-origin-", S.slice_ready)
+        if t_dep is not None:
+            aside["ready_to_deployment_event"].append(t_dep - ack)
+        if t_eps is not None:
+            aside["ready_to_endpointslice_event"].append(t_eps - ack)
         ctx.log(
             f"  cycle {i + 1}/{s.cycles}: Ready→answer {ms(t_done - ack)}, cold start {ms(t_done - t_send)}, "
             f"to proxy {ms(to_proxy[-1]) if to_proxy else '-'}, to serve {ms(to_serve[-1]) if to_serve else '-'}"
@@ -166,13 +171,14 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
         )
     if pod_watch:
         ctx.put("pod_ready_watch_delay_p50_ms", pct(pod_watch, 0.5) * 1000)
-    if all(steps.values()):
-        for k, v in steps.items():
-            ctx.put(f"cold_{k}_p50_ms", pct(v, 0.5) * 1000)
-        ctx.row(
-            "1. where it goes (p50): Ready → Deployment ready event → ElastiService status event → answer",
-            " + ".join(ms(pct(v, 0.5)) for v in steps.values()),
-        )
+    for parts, label, sep in (
+        (steps, "1. where it goes (p50): Ready → ElastiService status event → answer", " + "),
+        (aside, "1. for comparison (p50): Ready → Deployment ready event; Ready → origin EndpointSlice event", "; "),
+    ):
+        if all(parts.values()):
+            for k, v in parts.items():
+                ctx.put(f"cold_{k}_p50_ms", pct(v, 0.5) * 1000)
+            ctx.row(label, sep.join(ms(pct(v, 0.5)) for v in parts.values()))
     for label, vals, key in (
         ("replicas=0 → VirtualService proxy", to_proxy, "switch_to_proxy"),
         ("target ready → VirtualService serve", to_serve, "switch_to_serve"),
@@ -186,6 +192,25 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
                 "p99 <= 100 ms",
             )
     controller_histogram(ctx)
+    not_ready = activator_counter(ctx, "elasti_activator_mesh_not_ready_total", "cold")
+    if overhead and not_ready is not None:
+        ctx.put("cold_mesh_not_ready_per_wake", not_ready / len(overhead))
+        ctx.row(
+            "1. forwards the mesh answered 'no healthy upstream' (sent again), per wake",
+            f"{not_ready / len(overhead):.2f}",
+        )
+
+
+def activator_counter(ctx: Context, metric: str, name: str) -> float | None:
+    """One counter of the activator for ``bench/<name>``."""
+    assert ctx.pg.activator is not None
+    with urllib.request.urlopen(ctx.pg.activator.admin_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    want = f'{metric}{{name="{name}",namespace="{S.NS}"}} '
+    for line in text.splitlines():
+        if line.startswith(want):
+            return float(line[len(want) :])
+    return None
 
 
 def controller_histogram(ctx: Context) -> None:

@@ -25,7 +25,7 @@ from elasti_istio.kube import Kube, load_connection
 from elasti_istio.playground.bookinfo import proxied
 from elasti_istio.playground.manifests import Api
 from elasti_istio.playground.workloads import web_app
-from elasti_istio.resources import DEPLOYMENTS, ELASTISERVICES, PODS, VIRTUALSERVICES
+from elasti_istio.resources import DEPLOYMENTS, ELASTISERVICES, ENDPOINTSLICES_V1BETA1, PODS, VIRTUALSERVICES
 
 NS = "bench"
 GROUP, VERSION = "elasti.truefoundry.com", "v1alpha1"
@@ -60,7 +60,8 @@ class Seen:
 
 @dataclass
 class Recorder:
-    """Watches Deployments, VirtualServices, Pods and ElastiServices of ``bench`` in a thread, each event timed."""
+    """Watches Deployments, VirtualServices, Pods, ElastiServices and EndpointSlices of ``bench`` in a thread,
+    each event timed."""
 
     kubeconfig: Path
     events: list[Seen] = field(default_factory=list)
@@ -104,7 +105,7 @@ class Recorder:
             listed = await kube.list(res, NS)
             rv = listed["metadata"]["resourceVersion"]
             started += 1
-            if started == 4:
+            if started == 5:
                 self._ready.set()
             while True:
                 try:
@@ -123,6 +124,7 @@ class Recorder:
             (VIRTUALSERVICES, "VirtualService"),
             (PODS, "Pod"),
             (ELASTISERVICES, "ElastiService"),
+            (ENDPOINTSLICES_V1BETA1, "EndpointSlice"),
         ):
             self._loop.create_task(watch(res, kind))
         try:
@@ -137,7 +139,7 @@ class Recorder:
 
     def first(self, t0: float, kind: str, name: str, pred: Callable[[dict[str, Any]], bool]) -> float | None:
         for e in self.since(t0, kind, name):
-            if (kind == "Pod" or e.name == name) and pred(e.obj):
+            if (kind in ("Pod", "EndpointSlice") or e.name == name) and pred(e.obj):
                 return e.t
         return None
 
@@ -152,6 +154,10 @@ def vs_proxied(vs: dict[str, Any]) -> bool:
 
 def es_ready(es: dict[str, Any]) -> bool:
     return ((es.get("status") or {}).get("readyReplicas") or 0) >= 1
+
+
+def slice_ready(eps: dict[str, Any]) -> bool:
+    return any((ep.get("conditions") or {}).get("ready") for ep in eps.get("endpoints") or [])
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:

@@ -28,6 +28,7 @@ class ControllerConfig:
     idle_check_interval: float = 15.0
     fail_open_wakes_per_second: float = 2.0
     fail_open_burst: int = 10
+    pod_watches: int = 50
 
 
 def parse_deployment_ref(value: str) -> tuple[str, str] | None:
@@ -139,6 +140,16 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="fail-open wakes allowed at once before the rate applies",
     )
+    options.add(
+        p,
+        "--pod-watches",
+        type=int,
+        default=d.pod_watches,
+        metavar="N",
+        help="the pods of a target waking from zero are watched (at most N targets at once) so that held "
+        "requests are released at its first ready pod, before the workload's status says so; 0: wait for "
+        "the workload's status",
+    )
     options.add(p, "--workers", type=int, default=d.workers, help="ElastiServices reconciled concurrently")
     options.add(p, "--log-level", default="info", help="debug, info, warning or error")
 
@@ -165,5 +176,6 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
         idle_check_interval=max(0.2, args.idle_check_interval),
         fail_open_wakes_per_second=max(0.001, args.fail_open_wakes_per_second),
         fail_open_burst=max(1, args.fail_open_burst),
+        pod_watches=max(0, args.pod_watches),
         identity=f"{os.environ.get('POD_NAME') or socket.gethostname()}_{os.getpid()}",
     )

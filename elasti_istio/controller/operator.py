@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+import aiohttp
 import kopf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,13 +25,17 @@ from elasti_istio.controller import metrics
 from elasti_istio.controller.config import ControllerConfig
 from elasti_istio.controller.events import Recorder
 from elasti_istio.controller.indexes import Indexes, es_key
+from elasti_istio.controller.kopfrunner import KopfRunner
 from elasti_istio.controller.leader import LeaderElector
+from elasti_istio.controller.podwatch import ReadyPods
 from elasti_istio.controller.reconciler import Reconciler
 from elasti_istio.controller.waker import Waker
+from elasti_istio.controller.workloads import selector_string
 from elasti_istio.controller.workqueue import WorkQueue
 from elasti_istio.kube import Kube, KubeConnection, load_connection
+from elasti_istio.kube.client import KubeError, Resource
 from elasti_istio.kube.informer import Informer
-from elasti_istio.resources import DEPLOYMENTS, GROUP, VERSION, VIRTUALSERVICES
+from elasti_istio.resources import DEPLOYMENTS, GROUP, ROLLOUTS, SCALEDOBJECTS, VERSION, VIRTUALSERVICES
 
 log = logging.getLogger("elasti.controller")
 
@@ -40,6 +45,9 @@ WORKLOADS = (
     ("apps", "v1", "replicasets", "ReplicaSet"),
     ("argoproj.io", "v1alpha1", "rollouts", "Rollout"),
 )
+# Watched only while their CRDs are installed: a watch of a missing resource makes kopf give up.
+OPTIONAL = (ROLLOUTS, SCALEDOBJECTS)
+API_CHECK_SECONDS = 15.0
 
 
 class Controller:
@@ -76,10 +84,17 @@ class Controller:
                 relist_seconds=120,
                 name="activator-deployment",
             )
+        # Pod watches have a connection pool of their own: held watches never starve the other calls.
+        self.pod_kube = Kube(self.conn, user_agent="elasti-controller", limit=max(1, cfg.pod_watches))
+        self.pods = ReadyPods(self.pod_kube, cfg.pod_watches, self._pods_ready)
+        self.reconciler.pod_ready = self.pods.ready
+        self._background: set[asyncio.Task[None]] = set()
         self.stop_flag = asyncio.Event()
         self._replicas: dict[tuple[str, str, str], int] = {}  # spec.replicas of workloads, as last seen
         self._ready: dict[tuple[str, str, str], int] = {}  # status.readyReplicas of workloads, as last seen
         self._runners: list[web.AppRunner] = []
+        self.kopf: KopfRunner | None = None
+        self._watched_optional = frozenset(res.plural for res in OPTIONAL)
 
     # ---- state -------------------------------------------------------------------------------
     def is_leader(self) -> bool:
@@ -96,6 +111,7 @@ class Controller:
                 self.queue.add(key)
         elif not leader:
             self.queue.enabled.clear()
+            self.pods.drop_all()
 
     async def _process(self, key: str) -> float | None:
         metrics.QUEUE_DEPTH.set(len(self.queue))
@@ -150,8 +166,32 @@ class Controller:
             self._ready[wk] = ready
         if ready and not was_ready and replicas:  # a first ready replica, just now: release held requests first
             for key in keys:
-                self.reconciler.became_ready[key] = ready
+                if not self.pods.ready.get(key):  # else the pod watch has released them already
+                    self.release_now(key, ready)
+        waking = etype != "DELETED" and replicas != 0 and not ready and self.is_leader()
+        selector = selector_string((obj.get("spec") or {}).get("selector") or {}) if waking else None
+        for key in keys:
+            if selector and self.cfg.pod_watches > 0:
+                self.pods.want(key, ns, kind, name, selector)
+            else:
+                self.pods.drop(key)
         self.enqueue(keys, target_event=True)
+
+    def _pods_ready(self, key: str, before: int, now: int) -> None:
+        if now and not before:
+            self.release_now(key, now)  # its status write is an ElastiService event: a reconcile follows
+        else:
+            self.enqueue([key])
+
+    def release_now(self, key: str, ready: int) -> None:
+        """Writes a first ready replica to the ElastiService's status at once, outside the work queue
+        (where a reconcile of the same key in progress would delay it): the activators release the
+        held requests on it."""
+        if not self.ready():
+            return
+        task = asyncio.create_task(self.reconciler.release_at_once(key, ready), name=f"release-{key}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def on_vs(self, etype: str | None, obj: dict[str, Any]) -> None:
         self.enqueue(self.idx.update_vs(obj, deleted=etype == "DELETED"))
@@ -209,9 +249,53 @@ class Controller:
             self.reconciler.activator_available = state
 
     # ---- kopf --------------------------------------------------------------------------------
-    def registry(self) -> kopf.OperatorRegistry:
+    async def served(self, res: Resource) -> bool:
+        try:
+            doc = await self.kube.request("GET", f"/apis/{res.group}/{res.version}")
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.get("name") == res.plural for r in (doc or {}).get("resources") or [])
+
+    async def optional_served(self) -> frozenset[str]:
+        return frozenset([res.plural for res in OPTIONAL if await self.served(res)])
+
+    async def kopf_registry(self) -> kopf.OperatorRegistry:
+        """Called before each start of kopf's watches."""
+        served = await self.optional_served()
+        for res in OPTIONAL:
+            if res.plural not in served and res.plural in self._watched_optional:
+                log.warning(
+                    "%s/%s %s are not served (is the CRD installed?): not watched until they are",
+                    res.group,
+                    res.version,
+                    res.plural,
+                )
+        self._watched_optional = served
+        return self.registry(served)
+
+    async def api_check_loop(self) -> None:
+        """Starts kopf's watches again when an optional CRD (KEDA, Argo Rollouts) comes or goes."""
+        while True:
+            await asyncio.sleep(API_CHECK_SECONDS)
+            try:
+                served = await self.optional_served()
+            except (TimeoutError, KubeError, OSError, aiohttp.ClientError) as exc:
+                log.debug("API discovery failed: %s", exc)
+                continue
+            if served != self._watched_optional and self.kopf is not None:
+                came = sorted(served - self._watched_optional)
+                went = sorted(self._watched_optional - served)
+                self.kopf.restart(f"served now: {came or '-'}; no longer served: {went or '-'}")
+
+    def registry(self, optional: frozenset[str] = frozenset(res.plural for res in OPTIONAL)) -> kopf.OperatorRegistry:
+        """kopf runs on a loop of its own (kopfrunner); each handler hands its event to the
+        controller's loop, where the indexes, the work queue and the pod watches live."""
         reg = kopf.OperatorRegistry()
         conn = self.conn
+        loop = asyncio.get_running_loop()
+        hand = loop.call_soon_threadsafe
 
         @kopf.on.login(registry=reg)
         def login(**_: Any) -> kopf.ConnectionInfo:
@@ -226,31 +310,35 @@ class Controller:
             )
 
         @kopf.on.event(GROUP, VERSION, "elastiservices", registry=reg)
-        def es_event(event: dict[str, Any], **_: Any) -> None:
-            self.on_es(event.get("type"), event["object"])
+        async def es_event(event: dict[str, Any], **_: Any) -> None:
+            hand(self.on_es, event.get("type"), event["object"])
 
         for group, version, plural, kind in WORKLOADS:
+            if plural == ROLLOUTS.plural and plural not in optional:
+                continue
 
-            def workload_event(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
-                self.on_workload(_kind, event.get("type"), event["object"])
+            async def workload_event(event: dict[str, Any], _kind: str = kind, **_: Any) -> None:
+                hand(self.on_workload, _kind, event.get("type"), event["object"])
 
             kopf.on.event(group, version, plural, registry=reg, id=f"workload-{plural}")(workload_event)
 
         @kopf.on.event("networking.istio.io", "v1beta1", "virtualservices", registry=reg)
-        def vs_event(event: dict[str, Any], **_: Any) -> None:
-            self.on_vs(event.get("type"), event["object"])
+        async def vs_event(event: dict[str, Any], **_: Any) -> None:
+            hand(self.on_vs, event.get("type"), event["object"])
 
         @kopf.on.event("networking.istio.io", "v1beta1", "destinationrules", registry=reg)
-        def dr_event(event: dict[str, Any], **_: Any) -> None:
-            self.on_dr(event.get("type"), event["object"])
+        async def dr_event(event: dict[str, Any], **_: Any) -> None:
+            hand(self.on_dr, event.get("type"), event["object"])
 
         @kopf.on.event("", "v1", "services", registry=reg)
-        def service_event(event: dict[str, Any], **_: Any) -> None:
-            self.on_service(event.get("type"), event["object"])
+        async def service_event(event: dict[str, Any], **_: Any) -> None:
+            hand(self.on_service, event.get("type"), event["object"])
 
-        @kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", registry=reg)
-        def so_event(event: dict[str, Any], **_: Any) -> None:
-            self.on_scaled_object(event.get("type"), event["object"])
+        if SCALEDOBJECTS.plural in optional:
+
+            @kopf.on.event(SCALEDOBJECTS.group, SCALEDOBJECTS.version, SCALEDOBJECTS.plural, registry=reg)
+            async def so_event(event: dict[str, Any], **_: Any) -> None:
+                hand(self.on_scaled_object, event.get("type"), event["object"])
 
         return reg
 
@@ -332,52 +420,32 @@ class Controller:
     async def run(self) -> None:
         await self.start_servers()
         self.queue.start()
+        if threading.current_thread() is threading.main_thread():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop_flag.set)
         tasks = [asyncio.create_task(self.seed(), name="seed")]
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
         tasks.append(asyncio.create_task(self.idle_loop(), name="idle-triggers"))
-        kopf_ready = asyncio.Event()
-        tasks.append(asyncio.create_task(self._stopping(kopf_ready), name="stopping"))
-        kopf_task = asyncio.create_task(
-            kopf.operator(
-                registry=self.registry(),
-                settings=self.settings(),
-                standalone=True,
-                clusterwide=not self.cfg.namespaces,
-                namespaces=list(self.cfg.namespaces),
-                stop_flag=self.stop_flag,
-                ready_flag=kopf_ready,
-            ),
-            name="kopf",
-        )
+        tasks.append(asyncio.create_task(self.api_check_loop(), name="api-check"))
+        self.kopf = KopfRunner(self.kopf_registry, self.settings, namespaces=list(self.cfg.namespaces))
+        self.kopf.start()
         try:
-            await kopf_task
+            await self.stop_flag.wait()
         finally:
+            self.pods.drop_all()
+            runners, self._runners = self._runners, []
+            for runner in runners:
+                with contextlib.suppress(Exception):
+                    await runner.cleanup()
             for t in tasks:
                 t.cancel()
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+            await self.kopf.stop()
             await self.shutdown()
-
-    async def _stopping(self, kopf_ready: asyncio.Event) -> None:
-        """Makes a stop prompt. kopf installs SIGTERM/SIGINT handlers of its own when it starts;
-        stopping through them leaves kopf's waiter on our stop flag pending, and kopf waits 5 s for
-        it, as for every task started after it (the activator watch, the wake and metrics servers'
-        keep-alive connections), before it returns. So the signals set the stop flag again, and the
-        stop flag ends the activator watch and the servers at once."""
-        await kopf_ready.wait()
-        if threading.current_thread() is threading.main_thread():
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop_flag.set)
-        await self.stop_flag.wait()
-        if self.activator_informer is not None:
-            await self.activator_informer.stop()
-        runners, self._runners = self._runners, []
-        for runner in runners:
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
 
     async def shutdown(self) -> None:
         self.queue.enabled.clear()
@@ -392,3 +460,4 @@ class Controller:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         await self.kube.close()
+        await self.pod_kube.close()

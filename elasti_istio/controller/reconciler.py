@@ -97,7 +97,7 @@ class Reconciler:
         self.waking: set[Key] = set()
         # Targets a watch event showed going to 0 replicas, and when their routes were switched early.
         self.went_to_zero: set[Key] = set()
-        self.became_ready: dict[Key, int] = {}  # targets a watch event showed getting a first ready replica
+        self.pod_ready: dict[Key, int] = {}  # ready pods of waking targets, from the pod watches
         self.switched_early: dict[Key, float] = {}
         self._routing_cache: dict[Key, tuple[int, Any]] = {}
         self._reported: dict[tuple[Key, str], tuple[str, str]] = {}
@@ -130,8 +130,6 @@ class Reconciler:
         try:
             if key in self.went_to_zero:
                 await self.proxy_at_once(key)
-            if key in self.became_ready:
-                await self.release_at_once(key)
             es = await self.kube.get_or_none(ELASTISERVICES, name, ns)
             if es is None:
                 self.forget(key)
@@ -165,17 +163,17 @@ class Reconciler:
             except Exception as exc:  # the full reconcile retries with fresh data
                 log.debug("%s: early switch of %s/%s failed: %s", key, vk[0], vk[1], exc)
 
-    async def release_at_once(self, key: Key) -> None:
+    async def release_at_once(self, key: Key, ready: int) -> None:
         """Tells the activators that a target just got its first ready replica, before anything else is
         read: they release the held requests on ``status.readyReplicas``, and every read the full
         reconcile makes first would be added to each held request's wait. The full reconcile that
         follows checks everything and writes the rest of the status."""
-        ready = self.became_ready.pop(key, 0)
         ns, name = split_key(key)
         try:
             await self.kube.patch(ELASTISERVICES, name, {"status": {"readyReplicas": ready}}, ns, sub="status")
         except (KubeError, OSError) as exc:  # the full reconcile writes it too
             log.debug("%s: early readyReplicas write failed: %s", key, exc)
+            self._requeue(key)
 
     def forget(self, key: Key) -> None:
         ns, name = split_key(key)
@@ -192,7 +190,6 @@ class Reconciler:
         self.waking.discard(key)
         self.sleeping.discard(key)
         self.went_to_zero.discard(key)
-        self.became_ready.pop(key, None)
         self.switched_early.pop(key, None)
         self._reported = {k: v for k, v in self._reported.items() if k[0] != key}
         metrics.forget(ns, name)
@@ -245,6 +242,9 @@ class Reconciler:
             raise Blocked(C.TARGET_FOUND, exc.reason, exc.message) from exc
         kind, workload, so = await self.resolve_workload(spec)
         state = workload_state(kind, workload)
+        seen = self.pod_ready.get(es_key(spec.namespace, spec.name), 0)
+        if seen > state.ready and not state.at_zero:  # the pods are ahead of the workload's status
+            state = dataclasses.replace(state, ready=seen)
         ns = spec.namespace
         service = await self.kube.get_or_none(SERVICES, spec.service, ns)
         if service is None:
@@ -650,14 +650,16 @@ class Reconciler:
 
     # ---- writes ------------------------------------------------------------------------------
     async def write_status(self, es: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
+        """A merge patch of the fields that changed since ``old`` was read: a field another writer (the
+        early readyReplicas write) changed meanwhile is left alone unless this reconcile changes it too;
+        that write's own watch event makes the next reconcile start from it."""
         new = {k: v for k, v in new.items() if v is not None}
-        if new == {k: v for k, v in old.items() if v is not None}:
-            return
-        patch: dict[str, Any] = dict(new)
-        for k in old:
-            if k not in new:
+        patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+        for k, v in old.items():
+            if k not in new and v is not None:
                 patch[k] = None
-        await self.patch_status(es, patch)
+        if patch:
+            await self.patch_status(es, patch)
 
     async def patch_status(self, es: dict[str, Any], patch: dict[str, Any]) -> None:
         meta = es["metadata"]

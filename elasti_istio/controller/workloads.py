@@ -136,3 +136,44 @@ def origin_selector(
     else:
         sel.update({k: v for k, v in state.template_labels.items() if k != "pod-template-hash"})
     return sel
+
+
+def selector_string(selector: dict[str, Any]) -> str | None:
+    """A LabelSelector in the ``labelSelector`` query form; None when it selects nothing (or everything)."""
+    parts = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if not key:
+            return None
+        if op in ("In", "NotIn"):
+            if not values:
+                return None
+            parts.append(f"{key} {op.lower()} ({','.join(sorted(values))})")
+        elif op == "Exists":
+            parts.append(key)
+        elif op == "DoesNotExist":
+            parts.append(f"!{key}")
+        else:
+            return None
+    return ",".join(parts) or None
+
+
+def pod_is_ready(pod: dict[str, Any]) -> bool:
+    """Ready as endpoints count it: the Ready condition is True and the pod is not terminating."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+
+def pod_of_target(pod: dict[str, Any], kind: str, name: str) -> bool:
+    """Whether the pod's controller is the target (directly, or through its ReplicaSet for a Deployment
+    or Rollout): selectors may overlap with other workloads, owner references do not."""
+    meta = pod.get("metadata") or {}
+    ref = next((r for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+    if ref is None:
+        return False
+    if kind in ("Deployment", "Rollout"):
+        rs_hash = (meta.get("labels") or {}).get("pod-template-hash")
+        return ref.get("kind") == "ReplicaSet" and bool(rs_hash) and ref.get("name") == f"{name}-{rs_hash}"
+    return ref.get("kind") == kind and ref.get("name") == name

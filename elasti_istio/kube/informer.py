@@ -70,6 +70,12 @@ class Informer:
             self._task = asyncio.create_task(self.run(), name=f"informer-{self.name}")
         return self._task
 
+    def cancel(self) -> None:
+        """Stops the informer without waiting for it (from synchronous code)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -113,6 +113,50 @@ def test_crash_between_route_patch_and_status_write_converges(k8s: K8s, namespac
     assert vs_spec(k8s, namespace, "details") == proxied  # nothing doubled
 
 
+def test_watches_given_up_by_kopf_are_started_again(k8s: K8s, namespace: str, start_controller: Any) -> None:
+    """A watched CRD that disappears makes kopf give up all its watches ("Watcher for ... has failed",
+    as after an API server restart that serves the CRDs late). The controller starts them again
+    without that resource, goes on reacting to events, and watches it again once the CRD is back."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    ext = client.ApiextensionsV1Api(k8s.api)  # type: ignore[arg-type]
+    name = "scaledobjects.keda.sh"
+    saved = k8s.api.sanitize_for_serialization(ext.read_custom_resource_definition(name))  # type: ignore
+    body = {"apiVersion": saved["apiVersion"], "kind": saved["kind"], "metadata": {"name": name}, "spec": saved["spec"]}
+
+    def gone() -> bool:
+        try:
+            ext.read_custom_resource_definition(name)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    def established() -> bool:
+        conds = ext.read_custom_resource_definition(name).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conds)
+
+    bookinfo(k8s, namespace)
+    ctrl = start_controller()
+    wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="details Serving")
+    ext.delete_custom_resource_definition(name)
+    try:
+        wait_until(gone, what="the ScaledObject CRD gone")
+        wait_until(lambda: "kopf's watches stopped" in ctrl.logs(), what="the controller restarting kopf")
+        wait_until(lambda: "scaledobjects are not served" in ctrl.logs(), what="watches without ScaledObjects")
+        scale(k8s, namespace, "details-v1", 0)
+        wait_until(lambda: activator_dests(vs_spec(k8s, namespace, "details")), what="proxy mode, CRD still gone")
+        wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="ScaledToZero")
+    finally:
+        if gone():
+            ext.create_custom_resource_definition(body)
+        wait_until(established, what="the ScaledObject CRD back")
+    wait_until(lambda: "served now: ['scaledobjects']" in ctrl.logs(), what="ScaledObjects watched again")
+    scale(k8s, namespace, "details-v1", 1)
+    wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="Serving again")
+    assert ctrl.alive()  # the process itself never stopped
+
+
 # ---- fail open ---------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from elasti_istio.localcluster.cluster import ClusterInfo
 from tests.cluster.test_mesh_bookinfo import via_sidecar
 from tests.conftest import K8s, MeshInfo
-from tests.harness import Proc, apply, es, free_port, get, http_json, load, ready_replicas, scale, wait_until
+from tests.harness import Proc, apply, condition, es, free_port, get, http_json, load, ready_replicas, scale, wait_until
 from tests.rendered import (
     RBAC_KINDS,
     SYSTEM_NS,
@@ -165,6 +165,14 @@ VS = ("networking.istio.io", "v1beta1")
 
 
 # ---- the tests -----------------------------------------------------------------------------------
+def serving_with_activator(k8s: K8s, namespace: str) -> bool:
+    """Serving, and the controller has seen the activator Deployment ready: before that a scale to zero
+    is answered by waking the target (fail open)."""
+    obj = es(k8s, namespace, "details")
+    cond = condition(obj, "ActivatorAvailable")
+    return (obj.get("status") or {}).get("phase") == "Serving" and cond is not None and cond["status"] == "True"
+
+
 def test_rendered_manifests_are_valid_for_the_server(
     cluster: ClusterInfo, namespace: str, installed: Installed, tmp_path: Path
 ) -> None:
@@ -211,7 +219,7 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
         for path in ("/healthz", "/readyz"):
             activator.wait_http(f"http://127.0.0.1:{admin_port}{path}", 60, f"serving {path}")
             controller.wait_http(f"http://127.0.0.1:{metrics_port}{path}", 60, f"serving {path} (leader)")
-        wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="details Serving")
+        wait_until(lambda: serving_with_activator(k8s, namespace), what="details Serving, activator available")
         assert es(k8s, namespace, "details")["status"]["origin"]["service"] == "details-elasti-origin"
 
         scale(k8s, namespace, "details-v1", 0)
@@ -296,7 +304,7 @@ def test_namespace_scoped_rbac_works_in_the_watched_namespace_only(
         controller = start(cluster.controller_kubeconfig, ctrl_args, tmp_path / "controller.log")
         try:
             controller.wait_http(f"http://127.0.0.1:{metrics_port}/readyz", 60, "ready (leader)")
-            wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="details Serving")
+            wait_until(lambda: serving_with_activator(k8s, namespace), what="details Serving, activator available")
             scale(k8s, namespace, "details-v1", 0)
             wait_until(lambda: proxied(vs_spec(k8s, namespace, "details")), what="proxy mode")
             wake = http_json(

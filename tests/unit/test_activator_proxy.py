@@ -21,6 +21,7 @@ from aiohttp import web
 from activator.app import Activator
 from activator.config import Config
 from activator.registry import Registry
+from activator.server import retry_pause
 from tests.activator_stubs import MeshProxy, WakeEndpoint, elastiservice, serve
 
 NS = "shop"
@@ -390,19 +391,52 @@ async def test_held_without_origin_until_it_appears(env: Env) -> None:
     assert await asyncio.wait_for(task, 30) == 200
 
 
+async def _mesh_ready_after(env: Env, answers: int) -> None:
+    """Lets the mesh answer "no healthy upstream" ``answers`` times, then gives it the endpoint."""
+    async with asyncio.timeout(20):
+        while env.mesh.not_ready_answers < answers:
+            await asyncio.sleep(0.002)
+    env.mesh.ready.add(env.origin("details"))
+
+
 async def test_retry_through_no_healthy_upstream(env: Env) -> None:
     env.put("details", ready=True, mesh_ready=False, retry_interval="20ms")
     payload = os.urandom(1000)
     task = asyncio.create_task(_response(env, "/echo", method="POST", data=payload))
-    async with asyncio.timeout(20):
-        while env.mesh.not_ready_answers < 3:
-            await asyncio.sleep(0.01)
-    env.mesh.ready.add(env.origin("details"))
+    await _mesh_ready_after(env, 3)
     status, body, headers = await asyncio.wait_for(task, 30)
     assert status == 200 and headers["X-Elasti-Cold-Start"] == "true"
     echoed = json.loads(body)
     assert echoed["length"] == 1000 and echoed["sha256"] == hashlib.sha256(payload).hexdigest()  # resent whole
     assert env.state["hits"]["echo"] == 1
+
+
+async def test_first_retries_come_before_retry_interval(env: Env) -> None:
+    """retryInterval is an hour: only the prober's short first pauses (1 ms, doubling) let it through."""
+    env.put("details", ready=True, mesh_ready=False, retry_interval="1h", hold_timeout="1h")
+    task = asyncio.create_task(_response(env, "/echo"))
+    await _mesh_ready_after(env, 3)
+    status, _, headers = await asyncio.wait_for(task, 30)
+    assert status == 200 and headers["X-Elasti-Cold-Start"] == "true"
+
+
+async def test_one_request_probes_the_mesh_for_all(env: Env) -> None:
+    """50 requests released into a mesh without the endpoint yet: one retries soon, the others wait
+    for it (retryInterval is an hour), and all go through once it gets an answer."""
+    env.put("details", ready=True, mesh_ready=False, retry_interval="1h", hold_timeout="1h")
+    tasks = [asyncio.create_task(_status(env, f"/echo?n={i}")) for i in range(50)]
+    await _mesh_ready_after(env, 54)
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 30) == [200] * 50
+    # Each sent once into the missing endpoint, and one of them a few times more (1, 2, 4, 8, ... ms).
+    assert 54 <= env.mesh.not_ready_answers < 50 + 16
+    assert await env.metric("elasti_activator_mesh_not_ready_total", namespace=NS, name="details") == (
+        env.mesh.not_ready_answers
+    )
+
+
+def test_retry_pause_doubles_up_to_the_interval() -> None:
+    assert [retry_pause(0.1, n) for n in range(8)] == [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1]
+    assert retry_pause(0.0005, 0) == 0.0005
 
 
 async def test_large_body_is_not_retried() -> None:
