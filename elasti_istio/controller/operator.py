@@ -179,7 +179,10 @@ class Controller:
 
     def _pods_ready(self, key: str, before: int, now: int) -> None:
         if now and not before:
-            self.release_now(key, now)  # its status write is an ElastiService event: a reconcile follows
+            self.release_now(key, now)
+            # Its status write is an ElastiService event, so a reconcile follows; this one is for a write
+            # that changed nothing, and comes after the burst of events a first ready pod causes.
+            self.queue.add_after(key, 0.05)
         else:
             self.enqueue([key])
 
