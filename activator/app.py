@@ -51,7 +51,9 @@ class Activator:
         if self._watch:
             self.kube = Kube(load_connection(cfg.kubeconfig), user_agent="elasti-activator")
             self.registry.start(self.kube, cfg.namespaces)
-        self.notifier = WakeNotifier(self.control, cfg.controller_url, self.metrics, token_file=self.wake_token_file)
+        self.notifier = WakeNotifier(
+            self.control, cfg.controller_url, self.metrics, token_file=self.wake_token_file, wait=cfg.wake_wait
+        )
         self.holds = Holds(self.registry, self.notifier, self.metrics, cfg.max_held)
         self.fast_upstream = UpstreamClient(cfg.upstream_proxy, cfg.upstream_connections)
         self.forwarder = Forwarder(self.upstream, cfg.upstream_proxy, cfg.cold_start_header, self.fast_upstream)

@@ -44,6 +44,16 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
+        "--wake-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a wake call asks the controller to answer when the workload has a ready replica, within this "
+        "long: held requests then go out as soon as the controller knows, before the ElastiService status "
+        "says so (0: the status alone)",
+    )
+    options.add(
+        p,
         "--kubeconfig",
         metavar="PATH",
         help="kubeconfig for reading ElastiServices (default: in-cluster, then $KUBECONFIG)",
@@ -181,6 +191,7 @@ class Config:
     upstream_connections: int = DEFAULT_UPSTREAM_CONNECTIONS
     cluster_domain: str = "cluster.local"
     wake_token_file: str | None = None
+    wake_wait: float = 30.0
     log_level: str = "info"
 
     @classmethod
@@ -191,6 +202,8 @@ class Config:
             raise SystemExit(
                 "--drain-timeout, --retry-body-limit, --max-body-size and --request-body-timeout must not be negative"
             )
+        if not 0 <= args.wake_wait <= 60:
+            raise SystemExit("--wake-wait must be from 0 to 60 seconds")
         if min(args.max_line_size, args.max_field_size) < 256 or args.max_headers < 8:
             raise SystemExit("--max-line-size and --max-field-size must be at least 256, --max-headers at least 8")
         return cls(
@@ -212,5 +225,6 @@ class Config:
             upstream_connections=args.upstream_connections,
             cluster_domain=args.cluster_domain.strip("."),
             wake_token_file=args.wake_token_file or None,
+            wake_wait=args.wake_wait,
             log_level=args.log_level,
         )

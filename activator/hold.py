@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 class Holds:
     def __init__(self, registry: Registry, notifier: WakeNotifier, metrics: Metrics, max_held: int) -> None:
         self.queues = HoldQueues(max_held)
+        self.registry = registry
         self.notifier = notifier
         self.metrics = metrics
         self._waiters: dict[Key, set[asyncio.Future[None]]] = {}
@@ -71,6 +72,9 @@ class Holds:
             log.error("%s/%s: wake notification crashed: %r", *key, task.exception())
             return
         answer = task.result()
+        if answer.result == "ready":
+            self.registry.mark_ready(key)
+            return
         # A refusal may leave an unchanged WakeFailed condition behind (it was True already), so the
         # answer itself fails the cycle's held requests rather than letting them run into holdTimeout.
         if answer.result == "refused":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from activator.duration import parse_duration
@@ -169,6 +169,16 @@ class Registry:
         if old is None or old.ready != target.ready or old.base_url != target.base_url:
             log.info("%s/%s: ready=%s origin=%s", *key, target.ready, target.authority)
         self._tell(key, target)
+
+    def mark_ready(self, key: Key) -> None:
+        """The controller answered a wake saying the workload has a ready replica: the target counts
+        as ready now, ahead of the status event that will say so too (any later event decides)."""
+        target = self.targets.get(key)
+        if target is None or target.ready or target.base_url is None:
+            return
+        self.targets[key] = ready = replace(target, ready=True)
+        log.info("%s/%s: ready=True (the controller's wake answer) origin=%s", *key, target.authority)
+        self._tell(key, ready)
 
     def _tell(self, key: Key, target: Target | None) -> None:
         for listener in self._listeners:

@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 
 SYNC_WAIT = 5.0  # a request that arrives before the first list completed waits this long for it
 RETRY_AFTER = "1"
-FIRST_RETRY = 0.001  # the prober's first pause after "no healthy upstream"; it doubles up to retryInterval
+FIRST_RETRY = 0.001  # the prober's pause after "no healthy upstream", FAST_RETRIES times, then doubling
+FAST_RETRIES = 16
 
 
 def retry_pause(interval: float, retries: int) -> float:
     """The prober's pause before forwarding again after ``retries`` "no healthy upstream" answers. A
     target is reported ready when its first pod is, and the mesh learns of the new endpoint about
-    then, often a little later: the first retries come soon, then every ``interval``."""
-    return min(interval, FIRST_RETRY * 2**retries)
+    then, often a few milliseconds later: the first retries come every millisecond, then twice as
+    long each time up to ``interval``."""
+    return min(interval, FIRST_RETRY * 2 ** max(0, retries - FAST_RETRIES + 1))
 
 
 def error(status: int, err: str, detail: str, retry_after: bool = False, close: bool = False) -> web.Response:

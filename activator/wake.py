@@ -1,8 +1,9 @@
-"""Telling the controller to wake a workload: ``POST <controller>/v1/wake {"namespace", "name"}``.
+"""Telling the controller to wake a workload: ``POST <controller>/v1/wake {"namespace", "name", "wait"}``.
 
 Retried with backoff while the controller is unreachable or answers 5xx; a 4xx is final (a refusal,
-409 for example, fails the cycle's held requests). The caller cancels the task when the wake cycle
-ends another way (target ready, nothing held).
+409 for example, fails the cycle's held requests). With ``wait`` the controller answers when the
+workload has a ready replica (``"ready": true``) or the wait is over. The caller cancels the task
+when the wake cycle ends another way (target ready, nothing held).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class WakeResult:
-    """``accepted``, ``not_found`` or ``refused``, with the controller's reason and message."""
+    """``accepted``, ``ready`` (accepted, and the workload has a ready replica), ``not_found`` or
+    ``refused``, with the controller's reason and message."""
 
     result: str
     reason: str = ""
@@ -38,6 +40,7 @@ class WakeNotifier:
         metrics: Metrics,
         *,
         token_file: str | None = None,
+        wait: float = 0.0,
         attempt_timeout: float = 5.0,
         backoff: float = 0.1,
         max_backoff: float = 5.0,
@@ -46,6 +49,7 @@ class WakeNotifier:
         self.url = controller_url.rstrip("/") + "/v1/wake"
         self.metrics = metrics
         self.token_file = token_file
+        self.wait = wait
         self.attempt_timeout = attempt_timeout
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -64,20 +68,22 @@ class WakeNotifier:
     async def notify(self, namespace: str, name: str) -> WakeResult:
         """The controller's final answer; unreachable or 5xx (``error``) is retried until cancelled."""
         delay = self.backoff
-        body = {"namespace": namespace, "name": name}
+        body: dict[str, object] = {"namespace": namespace, "name": name}
+        if self.wait > 0:
+            body["wait"] = self.wait
         while True:
             try:
                 async with self.session.post(
                     self.url,
                     json=body,
                     headers=self._headers(),
-                    timeout=aiohttp.ClientTimeout(total=self.attempt_timeout),
+                    timeout=aiohttp.ClientTimeout(total=self.attempt_timeout + self.wait),
                 ) as resp:
                     text = (await resp.read())[:2000].decode("utf-8", "replace")
                     if resp.status < 300:
                         self.metrics.wake(namespace, name, "accepted")
                         log.info("%s/%s: wake requested (%d %s)", namespace, name, resp.status, text.strip())
-                        return WakeResult("accepted")
+                        return WakeResult("ready" if _says_ready(text) else "accepted")
                     reason, message = _explain(text, resp.status)
                     if resp.status == 404:
                         self.metrics.wake(namespace, name, "not_found")
@@ -96,6 +102,14 @@ class WakeNotifier:
             log.warning("%s/%s: wake request failed (%s); retrying in %.1fs", namespace, name, problem, delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.max_backoff)
+
+
+def _says_ready(text: str) -> bool:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("ready") is True
 
 
 def _explain(text: str, status: int) -> tuple[str, str]:

@@ -149,6 +149,7 @@ class WakeEndpoint:
         self.fail_first = fail_first
         self.refuse: tuple[int, dict[str, Any]] | None = None
         self.on_wake: Callable[[str, str], Any] | None = None
+        self.answer_ready = False  # answer as a controller that saw a ready replica while the call waited
         self.port = 0
         self._runner: web.BaseRunner | None = None
 
@@ -189,7 +190,11 @@ class WakeEndpoint:
             result = self.on_wake(*key)
             if asyncio.iscoroutine(result):
                 await result
-        return web.json_response({"namespace": key[0], "name": key[1], "phase": "ScalingUp"}, status=202)
+        if self.answer_ready:
+            answer = {"phase": "Serving", "ready": True, "readyReplicas": 1}
+        else:
+            answer = {"phase": "ScalingUp", "ready": False}
+        return web.json_response({"namespace": key[0], "name": key[1], **answer}, status=202)
 
 
 def elastiservice(

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from elasti_istio.controller import metrics
 from elasti_istio.controller.config import ControllerConfig
 from elasti_istio.controller.events import Recorder
-from elasti_istio.controller.indexes import Indexes, es_key
+from elasti_istio.controller.indexes import Indexes, es_key, split_key
 from elasti_istio.controller.kopfrunner import KopfRunner
 from elasti_istio.controller.leader import LeaderElector
 from elasti_istio.controller.podwatch import ReadyPods
@@ -187,11 +187,12 @@ class Controller:
             self.enqueue([key])
 
     def release_now(self, key: str, ready: int) -> None:
-        """Writes a first ready replica to the ElastiService's status at once, outside the work queue
-        (where a reconcile of the same key in progress would delay it): the activators release the
-        held requests on it."""
+        """Tells the activators waiting on a wake at once, and writes the first ready replica to the
+        ElastiService's status outside the work queue (where a reconcile of the same key in progress
+        would delay it): the other activators release their held requests on it."""
         if not self.ready():
             return
+        self.waker.ready(*split_key(key), ready)
         task = asyncio.create_task(self.reconciler.release_at_once(key, ready), name=f"release-{key}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -1,7 +1,10 @@
-"""The wake endpoint the activator calls: ``POST /v1/wake`` with ``{"namespace", "name"}``.
+"""The wake endpoint the activator calls: ``POST /v1/wake`` with ``{"namespace", "name", "wait"}``.
 
 Concurrent and repeated wakes of one ElastiService share a single scale call; keys are namespace
-qualified, so equal names in two namespaces never wait for each other.
+qualified, so equal names in two namespaces never wait for each other. With ``wait`` (seconds) the
+answer comes when the target has a ready replica (``"ready": true``), or when ``wait`` is over: the
+caller learns of it as soon as the controller does, without the status write and its watch event
+in between.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from elasti_istio.kube import KubeError
 
 log = logging.getLogger("elasti.wake")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+MAX_WAIT = 60.0  # seconds a wake may wait for the target's first ready replica
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
@@ -78,6 +82,36 @@ class Waker:
         self._is_leader = is_leader
         self._inflight: dict[str, asyncio.Future[str]] = {}
         self._token = TokenFile(token_file) if token_file else None
+        self._ready_waiters: dict[str, set[asyncio.Future[int]]] = {}
+
+    def ready(self, namespace: str, name: str, replicas: int) -> None:
+        """The target just got a first ready replica: answers the wakes waiting for it."""
+        for fut in self._ready_waiters.pop(f"{namespace}/{name}", ()):
+            if not fut.done():
+                fut.set_result(replicas)
+
+    async def wake_and_wait(self, namespace: str, name: str, wait: float) -> dict[str, Any]:
+        """The answer's phase and readiness; the waiter is registered before the wake, so a ready
+        replica seen at any point after it is not missed."""
+        key = f"{namespace}/{name}"
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        waiters = self._ready_waiters.setdefault(key, set())
+        waiters.add(fut)
+        try:
+            phase = await self.wake(namespace, name)
+            if phase != "ScalingUp":
+                return {"phase": phase, "ready": phase == "Serving"}
+            if fut.done() or wait > 0:
+                try:
+                    replicas = await asyncio.wait_for(asyncio.shield(fut), wait)
+                    return {"phase": "Serving", "ready": True, "readyReplicas": replicas}
+                except TimeoutError:
+                    pass
+            return {"phase": phase, "ready": False}
+        finally:
+            waiters.discard(fut)
+            if not waiters and self._ready_waiters.get(key) is waiters:
+                del self._ready_waiters[key]
 
     async def wake(self, namespace: str, name: str) -> str:
         key = f"{namespace}/{name}"
@@ -89,14 +123,21 @@ class Waker:
         return await asyncio.shield(fut)
 
     async def handle(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self.wake)
+        return await self._handle(request, self.wake_and_wait)
 
     async def handle_sleep(self, request: web.Request) -> web.Response:
-        if self._sleep is None:
+        sleep = self._sleep
+        if sleep is None:
             return error(404, "sleep is not served here")
-        return await self._handle(request, self._sleep)
 
-    async def _handle(self, request: web.Request, action: Callable[[str, str], Awaitable[str]]) -> web.Response:
+        async def action(ns: str, name: str, _wait: float) -> dict[str, Any]:
+            return {"phase": await sleep(ns, name)}
+
+        return await self._handle(request, action)
+
+    async def _handle(
+        self, request: web.Request, action: Callable[[str, str, float], Awaitable[dict[str, Any]]]
+    ) -> web.Response:
         if self._token is not None and not self._token.allows(request.headers.get("Authorization")):
             return web.json_response(
                 {"error": "a valid bearer token is required (the activator's --wake-token-file)"},
@@ -115,8 +156,11 @@ class Waker:
         bad = [f for f, v in (("namespace", ns), ("name", name)) if not isinstance(v, str) or not _NAME.match(v)]
         if bad:
             return error(400, f"missing or invalid {' and '.join(bad)}: expected Kubernetes object names")
+        wait = body.get("wait", 0)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= MAX_WAIT:
+            return error(400, f"wait must be a number of seconds from 0 to {MAX_WAIT:g}")
         try:
-            phase = await action(ns, name)
+            answer = await action(ns, name, float(wait))
         except LookupError as exc:
             return error(404, str(exc), namespace=ns, name=name)
         except Blocked as exc:
@@ -131,7 +175,7 @@ class Waker:
         except (TimeoutError, OSError) as exc:
             log.warning("%s %s/%s failed: %s", request.path, ns, name, exc)
             return error(503, f"the API server is unreachable: {exc}", retry=True)
-        return web.json_response({"namespace": ns, "name": name, "phase": phase}, status=202)
+        return web.json_response({"namespace": ns, "name": name, **answer}, status=202)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)

@@ -88,7 +88,7 @@ def test_scale_to_zero_proxies_wake_restores_exactly(k8s: K8s, namespace: str, c
 
     code, body = controller.wake(namespace, "details")
     assert code == 202, body
-    assert body == {"namespace": namespace, "name": "details", "phase": "ScalingUp"}
+    assert body == {"namespace": namespace, "name": "details", "phase": "ScalingUp", "ready": False}
     assert k8s.apps.read_namespaced_deployment("details-v1", namespace).spec.replicas == 1  # type: ignore[attr-defined]
     wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="Serving again")
     assert vs_spec(k8s, namespace, "details") == original
