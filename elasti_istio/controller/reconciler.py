@@ -127,6 +127,7 @@ class Reconciler:
     # ---- entry point -------------------------------------------------------------------------
     async def reconcile(self, key: Key) -> float | None:
         ns, name = split_key(key)
+        begun = time.monotonic()
         try:
             if key in self.went_to_zero:
                 await self.proxy_at_once(key)
@@ -137,7 +138,7 @@ class Reconciler:
             if es["metadata"].get("deletionTimestamp"):
                 return await self.finalize(es)
             es = await self.ensure_finalizer(es)
-            return await self._reconcile(es)
+            return await self._reconcile(es, begun)
         except Exception:
             metrics.RECONCILE_ERRORS.labels(ns, name).inc()
             raise
@@ -306,7 +307,8 @@ class Reconciler:
         return target, subset_labels
 
     # ---- the reconcile -----------------------------------------------------------------------
-    async def _reconcile(self, es: dict[str, Any]) -> float | None:
+    async def _reconcile(self, es: dict[str, Any], begun: float) -> float | None:
+        """``begun``: when this reconcile started reading (see the switch timing below)."""
         meta = es["metadata"]
         key = es_key(meta["namespace"], meta["name"])
         status = dict(es.get("status") or {})
@@ -514,7 +516,13 @@ class Reconciler:
         if routing and desired == "proxy":
             # Truth from what the VirtualServices now say.
             mode = "proxy"
-        started = self.event_time.pop(key, None)
+        # The target event this switch answers: one this reconcile saw (it came before the reads), or
+        # one the switch came after. A later event is left for the next reconcile.
+        started = self.event_time.get(key)
+        if started is not None and (started <= begun or (changed and started <= switched_at)):
+            del self.event_time[key]
+        else:
+            started = None
         if changed:
             if started is not None:
                 metrics.SWITCH_SECONDS.labels(spec.namespace, spec.name, desired).observe(switched_at - started)
