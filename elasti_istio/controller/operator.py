@@ -168,7 +168,7 @@ class Controller:
             for key in keys:
                 if not self.pods.ready.get(key):  # else the pod watch has released them already
                     self.release_now(key, ready)
-        waking = etype != "DELETED" and replicas != 0 and not ready and self.is_leader()
+        waking = etype != "DELETED" and replicas != 0 and not ready and self.is_leader() and not self.stop_flag.is_set()
         selector = selector_string((obj.get("spec") or {}).get("selector") or {}) if waking else None
         for key in keys:
             if selector and self.cfg.pod_watches > 0:
