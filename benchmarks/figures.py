@@ -214,42 +214,35 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
         )
 
 
+def scrape(base_url: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of a ``/metrics`` exposition: (name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
 def activator_counter(ctx: Context, metric: str, name: str) -> float | None:
     """One counter of the activator for ``bench/<name>``."""
     assert ctx.pg.activator is not None
-    with urllib.request.urlopen(ctx.pg.activator.admin_url + "/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    want = f'{metric}{{name="{name}",namespace="{S.NS}"}} '
-    for line in text.splitlines():
-        if line.startswith(want):
-            return float(line[len(want) :])
-    return None
+    want = {"namespace": S.NS, "name": name}
+    return next((v for n, labels, v in scrape(ctx.pg.activator.admin_url) if n == metric and labels == want), None)
 
 
 def controller_histogram(ctx: Context) -> None:
     """The controller's own ``elasti_controller_switch_seconds`` for ``bench/cold``: mean and the p99 bucket."""
     assert ctx.pg.controller is not None
-    with urllib.request.urlopen(ctx.pg.controller.metrics_url + "/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    samples = scrape(ctx.pg.controller.metrics_url)
+    hist = "elasti_controller_switch_seconds"
     for mode in ("proxy", "serve"):
-        buckets: list[tuple[float, float]] = []
-        total = count = 0.0
-        for line in text.splitlines():
-            if not line.startswith("elasti_controller_switch_seconds") or "cold" not in line:
-                continue
-            name, _, value = line.rpartition(" ")
-            labels = dict(kv.split("=", 1) for kv in name[name.index("{") + 1 : name.rindex("}")].split(","))
-            if labels.get("name") != '"cold"' or labels.get("mode") != f'"{mode}"':
-                continue
-            if name.startswith("elasti_controller_switch_seconds_bucket"):
-                le = labels["le"].strip('"')
-                buckets.append((float("inf") if le == "+Inf" else float(le), float(value)))
-            elif name.startswith("elasti_controller_switch_seconds_sum"):
-                total = float(value)
-            elif name.startswith("elasti_controller_switch_seconds_count"):
-                count = float(value)
+        mine = [
+            (n, labels, v) for n, labels, v in samples if labels.get("name") == "cold" and labels.get("mode") == mode
+        ]
+        buckets = sorted((float(labels["le"]), v) for n, labels, v in mine if n == hist + "_bucket")
+        total = sum(v for n, _, v in mine if n == hist + "_sum")
+        count = sum(v for n, _, v in mine if n == hist + "_count")
         if count:
-            buckets.sort()
             p99_le = next((le for le, c in buckets if c >= 0.99 * count), float("inf"))
             ctx.put(f"controller_switch_{mode}_mean_ms", total / count * 1000)
             ctx.put(f"controller_switch_{mode}_p99_bucket_ms", p99_le * 1000)

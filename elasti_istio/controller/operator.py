@@ -33,7 +33,7 @@ from elasti_istio.controller.waker import Waker
 from elasti_istio.controller.workloads import selector_string
 from elasti_istio.controller.workqueue import WorkQueue
 from elasti_istio.kube import Kube, KubeConnection, load_connection
-from elasti_istio.kube.client import KubeError, Resource
+from elasti_istio.kube.client import KubeError
 from elasti_istio.kube.informer import Informer
 from elasti_istio.resources import DEPLOYMENTS, GROUP, ROLLOUTS, SCALEDOBJECTS, VERSION, VIRTUALSERVICES
 
@@ -253,17 +253,8 @@ class Controller:
             self.reconciler.activator_available = state
 
     # ---- kopf --------------------------------------------------------------------------------
-    async def served(self, res: Resource) -> bool:
-        try:
-            doc = await self.kube.request("GET", f"/apis/{res.group}/{res.version}")
-        except KubeError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return any(r.get("name") == res.plural for r in (doc or {}).get("resources") or [])
-
     async def optional_served(self) -> frozenset[str]:
-        return frozenset([res.plural for res in OPTIONAL if await self.served(res)])
+        return frozenset([res.plural for res in OPTIONAL if await self.kube.serves(res)])
 
     async def kopf_registry(self) -> kopf.OperatorRegistry:
         """Called before each start of kopf's watches."""
@@ -293,7 +284,7 @@ class Controller:
                 went = sorted(self._watched_optional - served)
                 self.kopf.restart(f"served now: {came or '-'}; no longer served: {went or '-'}")
 
-    def registry(self, optional: frozenset[str] = frozenset(res.plural for res in OPTIONAL)) -> kopf.OperatorRegistry:
+    def registry(self, optional: frozenset[str]) -> kopf.OperatorRegistry:
         """kopf runs on a loop of its own (kopfrunner); each handler hands its event to the
         controller's loop, where the indexes, the work queue and the pod watches live."""
         reg = kopf.OperatorRegistry()

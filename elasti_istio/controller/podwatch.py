@@ -30,12 +30,6 @@ class ReadyPods:
         self.ready: dict[str, int] = {}  # ready pods of each watched target, as last seen
         self._watches: dict[str, tuple[tuple[str, str, str, str], Informer]] = {}
 
-    def __len__(self) -> int:
-        return len(self._watches)
-
-    def watching(self, key: str) -> bool:
-        return key in self._watches
-
     def want(self, key: str, namespace: str, kind: str, name: str, selector: str) -> None:
         """Watches the target's pods (again, if what identifies them changed); a no-op at the limit."""
         ident = (namespace, kind, name, selector)

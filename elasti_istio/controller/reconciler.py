@@ -692,7 +692,9 @@ class Reconciler:
         """
         vns, vname = vk
         changed = False
-        first = [cached]  # the watched copy saves a read; a stale one is refused (resourceVersion) and re-read
+        # A copy already at hand (the watched one, or the one read to explain a refusal) saves a read; a
+        # stale one is refused by the resourceVersion test and read again.
+        first = [cached]
 
         async def attempt() -> None:
             nonlocal changed
@@ -721,6 +723,7 @@ class Reconciler:
                 if exc.status == 422:
                     fresh = await self.kube.get_or_none(VIRTUALSERVICES, vname, vns)
                     if fresh is None or fresh["metadata"]["resourceVersion"] != meta["resourceVersion"]:
+                        first.append(fresh)  # the retry starts from it
                         raise KubeError(409, "Conflict", f"VirtualService {vns}/{vname} changed meanwhile") from exc
                 raise
             changed = True

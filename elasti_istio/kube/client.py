@@ -141,6 +141,16 @@ class Kube:
                 return None
             raise
 
+    async def serves(self, res: Resource) -> bool:
+        """Whether the server serves ``res`` (API discovery); False when its group/version is unknown."""
+        try:
+            doc = await self.request("GET", res.path().rsplit("/", 1)[0])
+        except KubeError as exc:
+            if exc.not_found:
+                return False
+            raise
+        return any(r.get("name") == res.plural for r in (doc or {}).get("resources") or [])
+
     async def list(self, res: Resource, namespace: str | None = None, **params: Any) -> Any:
         return await self.request("GET", res.path(namespace), params=params)
 

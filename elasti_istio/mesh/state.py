@@ -35,8 +35,7 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 async def endpointslice_resource(kube: Kube) -> Resource:
     """discovery.k8s.io/v1 where the server serves it (1.21+), else v1beta1."""
     try:
-        await kube.request("GET", "/apis/discovery.k8s.io/v1")
-        return ENDPOINTSLICES_V1
+        return ENDPOINTSLICES_V1 if await kube.serves(ENDPOINTSLICES_V1) else ENDPOINTSLICES_V1BETA1
     except KubeError:
         return ENDPOINTSLICES_V1BETA1
 
