@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import html
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -250,32 +251,40 @@ def productpage_app(ident: PodIdentity, env: Mapping[str, str], caller: Caller) 
     app = _base(ident, "Product page is healthy")
     up = Upstreams(env)
 
-    async def fetch_details(pid: int, headers: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
-        status, doc = await caller.get_json(f"{up.url('details')}/details/{pid}", headers)
-        if status == 200 and isinstance(doc, dict):
-            return 200, doc
-        return status or 503, {"error": DETAILS_ERROR}
+    async def fetch(service: str, path: str, error: str, headers: Mapping[str, str]) -> tuple[int, dict[str, Any], str]:
+        """``(status, document, why)``: on failure the document is the real service's error text and
+        ``why`` says what the call got (status and the start of the body), for the degraded-page header."""
+        status, _h, body = await caller.call("GET", f"{up.url(service)}{path}", headers)
+        if status == 200:
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict):
+                return 200, doc, ""
+        why = f"{service}: {status or 'no answer'} {body[:120].decode(errors='replace')}".strip()
+        return status or 503, {"error": error}, " ".join(why.split())
 
-    async def fetch_reviews(pid: int, headers: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
-        status, doc = await caller.get_json(f"{up.url('reviews')}/reviews/{pid}", headers)
-        if status == 200 and isinstance(doc, dict):
-            return 200, doc
-        return status or 503, {"error": REVIEWS_ERROR}
+    async def fetch_details(pid: int, headers: Mapping[str, str]) -> tuple[int, dict[str, Any], str]:
+        return await fetch("details", f"/details/{pid}", DETAILS_ERROR, headers)
 
-    async def fetch_ratings(pid: int, headers: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
-        status, doc = await caller.get_json(f"{up.url('ratings')}/ratings/{pid}", headers)
-        if status == 200 and isinstance(doc, dict):
-            return 200, doc
-        return status or 503, {"error": RATINGS_ERROR}
+    async def fetch_reviews(pid: int, headers: Mapping[str, str]) -> tuple[int, dict[str, Any], str]:
+        return await fetch("reviews", f"/reviews/{pid}", REVIEWS_ERROR, headers)
+
+    async def fetch_ratings(pid: int, headers: Mapping[str, str]) -> tuple[int, dict[str, Any], str]:
+        return await fetch("ratings", f"/ratings/{pid}", RATINGS_ERROR, headers)
 
     async def productpage(request: web.Request) -> web.Response:
         headers = forwarded_headers(request)
-        (ds, details), (rs, reviews) = await asyncio.gather(fetch_details(0, headers), fetch_reviews(0, headers))
+        (ds, details, dwhy), (rs, reviews, rwhy) = await asyncio.gather(
+            fetch_details(0, headers), fetch_reviews(0, headers)
+        )
         page = render_page(request.cookies.get("user"), details, reviews)
         degraded = [name for name, s in (("details", ds), ("reviews", rs)) if s != 200]
         h = _pod_headers(ident)
         if degraded:
             h["x-bookinfo-degraded"] = ",".join(degraded)
+            h["x-bookinfo-degraded-why"] = "; ".join(w for w in (dwhy, rwhy) if w)
         return web.Response(text=page, content_type="text/html", headers=h)
 
     async def index(request: web.Request) -> web.Response:
@@ -306,21 +315,21 @@ def productpage_app(ident: PodIdentity, env: Mapping[str, str], caller: Caller) 
         pid = _product_id(request)
         if pid is None:
             return _json({"error": "please provide numeric product id"}, ident, 400)
-        status, doc = await fetch_details(pid, forwarded_headers(request))
+        status, doc, _why = await fetch_details(pid, forwarded_headers(request))
         return _json(doc, ident, status)
 
     async def product_reviews(request: web.Request) -> web.Response:
         pid = _product_id(request)
         if pid is None:
             return _json({"error": "please provide numeric product id"}, ident, 400)
-        status, doc = await fetch_reviews(pid, forwarded_headers(request))
+        status, doc, _why = await fetch_reviews(pid, forwarded_headers(request))
         return _json(doc, ident, status)
 
     async def product_ratings(request: web.Request) -> web.Response:
         pid = _product_id(request)
         if pid is None:
             return _json({"error": "please provide numeric product id"}, ident, 400)
-        status, doc = await fetch_ratings(pid, forwarded_headers(request))
+        status, doc, _why = await fetch_ratings(pid, forwarded_headers(request))
         return _json(doc, ident, status)
 
     async def static(request: web.Request) -> web.Response:

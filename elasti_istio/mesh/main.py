@@ -18,6 +18,7 @@ from elasti_istio.kube import Kube, load_connection
 from elasti_istio.mesh import routing
 from elasti_istio.mesh.metrics import Metrics
 from elasti_istio.mesh.proxy import INGRESS, OUTBOUND, Proxy
+from elasti_istio.mesh.routing import Destination
 from elasti_istio.mesh.state import MeshState
 
 log = logging.getLogger("elasti.mesh")
@@ -104,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_main(args))
 
 
+def _endpoint_count(state: MeshState, dest: Destination) -> int | None:
+    """Ready endpoints the destination would send to now; None when it has no cluster (no Service,
+    port or subset)."""
+    up = state.upstream(dest, None, None)
+    return None if isinstance(up, str) else len(state.endpoints(*up.service, up.port_name, up.labels))
+
+
 def _describe(state: MeshState) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for role in ("ingress", "mesh"):
@@ -116,7 +124,13 @@ def _describe(state: MeshState) -> dict[str, Any]:
                     {
                         "route": r.name,
                         "destinations": [
-                            {"host": d.host, "subset": d.subset, "port": d.port, "weight": d.weight}
+                            {
+                                "host": d.host,
+                                "subset": d.subset,
+                                "port": d.port,
+                                "weight": d.weight,
+                                "endpoints": _endpoint_count(state, d),
+                            }
                             for d in r.destinations
                         ],
                     }

@@ -156,30 +156,20 @@ class Proxy:
         rec.destination_service = dest.host
         if dest.service is not None:
             rec.destination_service_namespace, rec.destination_service_name = dest.service
-        service = self.state.service(*dest.service) if dest.service else None
-        if service is None:
-            if decision.route is None:  # a name no VirtualService and no Service knows
+        up = self.state.upstream(dest, req_port, source_ns)
+        if isinstance(up, str):
+            no_service = dest.service is None or self.state.service(*dest.service) is None
+            if decision.route is None and no_service:  # a name no VirtualService and no Service knows
                 rec.destination_service = rec.destination_service_name = UNKNOWN
                 rec.destination_service_namespace = UNKNOWN
                 rec.response_flags = "NR"
                 return local_reply(404)
-            rec.response_flags = "NC"
+            rec.response_flags = up
             return local_reply(503)
-        assert dest.service is not None
-        port = routing.target_port(service, dest.port or req_port)
-        if port is None:
-            rec.response_flags = "NC"
-            return local_reply(503)
-        labels: dict[str, str] | None = None
-        if dest.subset:
-            labels = self.state.subset_labels(dest.host, dest.subset, source_ns)
-            if labels is None:
-                rec.response_flags = "NC"
-                return local_reply(503)
-        cluster = (*dest.service, port[1], tuple(sorted((labels or {}).items())))
+        cluster = up.key
 
         def endpoints() -> list[Endpoint]:
-            return self.state.endpoints(dest.service[0], dest.service[1], port[1], labels)  # type: ignore[index]
+            return self.state.endpoints(*up.service, up.port_name, up.labels)
 
         if not endpoints():
             rec.response_flags = "UH"

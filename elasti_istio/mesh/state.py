@@ -8,6 +8,7 @@ request and steady traffic costs dictionary lookups only.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Any
 from elasti_istio.kube import Kube, KubeError, Resource
 from elasti_istio.kube.informer import Informer
 from elasti_istio.mesh import routing
-from elasti_istio.mesh.routing import Endpoint, RouteTable
+from elasti_istio.mesh.routing import Destination, Endpoint, RouteTable
 from elasti_istio.resources import (
     DESTINATIONRULES,
     ENDPOINTSLICES_V1,
@@ -38,6 +39,19 @@ async def endpointslice_resource(kube: Kube) -> Resource:
         return ENDPOINTSLICES_V1 if await kube.serves(ENDPOINTSLICES_V1) else ENDPOINTSLICES_V1BETA1
     except KubeError:
         return ENDPOINTSLICES_V1BETA1
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """A cluster in Envoy's terms: one Service port, narrowed to a subset's pod labels."""
+
+    service: tuple[str, str]
+    port_name: str
+    labels: dict[str, str] | None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (*self.service, self.port_name, tuple(sorted((self.labels or {}).items())))
 
 
 class MeshState:
@@ -206,6 +220,22 @@ class MeshState:
             found = routing.slice_endpoints(slices, port_name, self._pod_labels, labels)
             self._ep_cache[key] = found
         return found
+
+    def upstream(self, dest: Destination, req_port: int | None, source_ns: str | None) -> Upstream | str:
+        """Where a destination sends (Service port and subset labels), or the response flag that says
+        why it cannot: ``NC`` (no Service, port or subset) as Envoy reports a missing cluster."""
+        service = self.service(*dest.service) if dest.service else None
+        if service is None or dest.service is None:
+            return "NC"
+        port = routing.target_port(service, dest.port or req_port)
+        if port is None:
+            return "NC"
+        labels: dict[str, str] | None = None
+        if dest.subset:
+            labels = self.subset_labels(dest.host, dest.subset, source_ns)
+            if labels is None:
+                return "NC"
+        return Upstream(dest.service, port[1], labels)
 
     def next_index(self, key: tuple[Any, ...]) -> int:
         """Round-robin position for a cluster (Service port and subset)."""

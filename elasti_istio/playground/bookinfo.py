@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,26 @@ def describe_routes(spec: dict[str, Any]) -> list[str]:
     return lines
 
 
+def destinations_without_endpoints(routes: dict[str, Any], namespace: str) -> list[str]:
+    """Weighted destinations of the namespace's Services for which the mesh (``/debug/routes``) has no
+    ready endpoint yet. Kubernetes' EndpointSlice controller can trail pod readiness by a second
+    (its retry after a stale-cache sync), so a Deployment being ready does not mean routable."""
+    suffix = f".{namespace}.svc.cluster.local"
+    missing = set()
+    for host_routes in ((routes.get("mesh") or {}).get("hosts") or {}).values():
+        for route in host_routes:
+            for d in route.get("destinations") or []:
+                if d.get("weight") and d["host"].endswith(suffix) and not d.get("endpoints"):
+                    missing.add(d["host"].removesuffix(suffix) + (f" subset {d['subset']}" if d.get("subset") else ""))
+    return sorted(missing)
+
+
+def unrouted(mesh_metrics_url: str, namespace: str) -> list[str]:
+    """:func:`destinations_without_endpoints` as the running mesh sees them now."""
+    with urllib.request.urlopen(mesh_metrics_url + "/debug/routes", timeout=10) as resp:
+        return destinations_without_endpoints(json.load(resp), namespace)
+
+
 def get_page(base_url: str, path: str = "/productpage", timeout: float = 90) -> tuple[int, dict[str, str], str]:
     """One GET on a fresh connection, never retried."""
     conn = http.client.HTTPConnection(base_url.removeprefix("http://"), timeout=timeout)
@@ -99,7 +121,8 @@ def page_problem(status: int, headers: dict[str, str], body: str) -> str | None:
     if status != 200:
         return f"status {status}: {body[:200]!r}"
     if headers.get("x-bookinfo-degraded"):
-        return f"the page was rendered without {headers['x-bookinfo-degraded']}"
+        why = headers.get("x-bookinfo-degraded-why")
+        return f"the page was rendered without {headers['x-bookinfo-degraded']}" + (f" ({why})" if why else "")
     if DETAILS_ERROR in body or DETAILS_MARK not in body:
         return "the page has no book details"
     return None

@@ -150,6 +150,9 @@ class Playground:
         waiting = [n for n in bookinfo.ELASTISERVICES if bookinfo.phase(api, self.namespace, n) != "Serving"]
         if waiting:
             return "ElastiServices not Serving yet: " + ", ".join(waiting)
+        unrouted = bookinfo.unrouted(self._mesh().metrics, self.namespace)
+        if unrouted:
+            return "the mesh has no ready endpoint yet for " + ", ".join(unrouted)
         status, headers, body = bookinfo.get_page(self.gateway_url, timeout=10)
         problem = bookinfo.page_problem(status, headers, body)
         return f"productpage through the gateway: {problem}" if problem else ""
@@ -174,6 +177,11 @@ class Playground:
         if self.api is None:
             raise PlaygroundError("the cluster is not started")
         return self.api
+
+    def _mesh(self) -> MeshProc:
+        if self.mesh is None:
+            raise PlaygroundError("the mesh is not started")
+        return self.mesh
 
     def _info(self) -> ClusterInfo:
         if self.info is None:

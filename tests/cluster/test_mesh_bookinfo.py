@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import http.client
+import json
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import yaml
 from kubernetes import utils
 from kubernetes.client.exceptions import ApiException
 
+from elasti_istio.playground.bookinfo import unrouted
 from tests.conftest import K8s, MeshInfo
 from tests.helpers import wait_for
 
@@ -98,6 +100,7 @@ def bookinfo(k8s: K8s, namespace: str, mesh: MeshInfo) -> Iterator[str]:
     apply(k8s, namespace, load("bookinfo.yaml") + load("bookinfo-gateway.yaml") + load("destination-rule-all.yaml"))
     try:
         wait_for(lambda: deployments_ready(k8s, namespace), timeout=60, what="bookinfo deployments ready")
+        wait_for(lambda: not unrouted(mesh.metrics, namespace), timeout=30, what="every subset to have endpoints")
         wait_for(
             lambda: request(mesh.ingress, "/productpage")[0] == 200,
             timeout=30,
@@ -156,6 +159,25 @@ def test_reviews_v2_gets_stars_from_ratings_through_the_mesh(k8s: K8s, mesh: Mes
         timeout=30,
         what="reviews reporting ratings unavailable",
     )
+
+
+def test_debug_routes_count_the_ready_endpoints_of_each_subset(k8s: K8s, mesh: MeshInfo, bookinfo: str) -> None:
+    apply(k8s, bookinfo, load("virtual-service-reviews-v2-v3.yaml"))  # reviews: v2 50, v3 50
+    wait_for(lambda: not unrouted(mesh.metrics, bookinfo), timeout=30, what="endpoints for reviews v2 and v3")
+    k8s.apps.patch_namespaced_deployment_scale("reviews-v3", bookinfo, {"spec": {"replicas": 0}})  # type: ignore[attr-defined]
+    wait_for(
+        lambda: unrouted(mesh.metrics, bookinfo) == ["reviews subset v3"],
+        timeout=30,
+        what="reviews v3 without endpoints",
+    )
+    k8s.apps.patch_namespaced_deployment_scale("reviews-v3", bookinfo, {"spec": {"replicas": 2}})  # type: ignore[attr-defined]
+
+    def v3_endpoints() -> int:
+        with urllib.request.urlopen(f"{mesh.metrics}/debug/routes", timeout=10) as resp:
+            routes = json.load(resp)["mesh"]["hosts"][f"reviews.{bookinfo}.svc.cluster.local"]
+        return sum(d["endpoints"] for r in routes for d in r["destinations"] if d["subset"] == "v3")
+
+    wait_for(lambda: v3_endpoints() == 2, timeout=30, what="two endpoints for reviews v3")
 
 
 def test_header_match_sends_jason_to_v2_and_others_to_v3(k8s: K8s, mesh: MeshInfo, bookinfo: str) -> None:

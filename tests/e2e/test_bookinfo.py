@@ -26,6 +26,7 @@ def bookinfo(e2e: System, namespace: str, controller: ControllerProc) -> str:
     until(lambda: bi.deployments_ready(e2e.api, namespace) == (6, 6), "6 Bookinfo Deployments ready", 90)
     for es in bi.ELASTISERVICES:
         until(lambda es=es: phase(e2e.api, namespace, es) == "Serving", f"{es} Serving")
+    until(lambda: not bi.unrouted(e2e.mesh.metrics, namespace), "the mesh to have endpoints for every subset")
     return namespace
 
 

@@ -87,12 +87,48 @@ def test_routes_are_described_per_destination() -> None:
         (200, {}, "<h4>Book Details</h4> reviews", None),
         (503, {}, "no healthy upstream", "status 503"),
         (200, {"x-bookinfo-degraded": "details"}, "Book Details", "without details"),
+        (
+            200,
+            {"x-bookinfo-degraded": "reviews", "x-bookinfo-degraded-why": "reviews: 503 no healthy upstream"},
+            "Book Details",
+            "without reviews (reviews: 503 no healthy upstream)",
+        ),
         (200, {}, "Sorry, product details are currently unavailable for this book.", "no book details"),
     ],
 )
 def test_page_problems(status: int, headers: dict[str, str], body: str, problem: str | None) -> None:
     found = bookinfo.page_problem(status, headers, body)
     assert found == problem if problem is None else problem in (found or "")
+
+
+def test_destinations_without_endpoints_are_the_weighted_ones_of_the_namespace() -> None:
+    def dest(host: str, subset: str | None, weight: int, endpoints: int | None) -> dict[str, Any]:
+        return {"host": host, "subset": subset, "port": None, "weight": weight, "endpoints": endpoints}
+
+    sfx = ".bookinfo.svc.cluster.local"
+    routes = {
+        "ingress": {"hosts": {"*": [{"route": "r", "destinations": [dest("productpage" + sfx, None, 100, 0)]}]}},
+        "mesh": {
+            "hosts": {
+                "reviews" + sfx: [
+                    {
+                        "route": "reviews",
+                        "destinations": [
+                            dest("reviews" + sfx, "v1", 50, 1),
+                            dest("reviews" + sfx, "v2", 30, 0),
+                            dest("reviews" + sfx, "v3", 20, None),
+                        ],
+                    }
+                ],
+                "details" + sfx: [{"route": "d", "destinations": [dest("details" + sfx, "v1", 0, 0)]}],
+                "other.elsewhere.svc.cluster.local": [
+                    {"route": "o", "destinations": [dest("other.elsewhere.svc.cluster.local", None, 100, 0)]}
+                ],
+            }
+        },
+    }
+    assert bookinfo.destinations_without_endpoints(routes, "bookinfo") == ["reviews subset v2", "reviews subset v3"]
+    assert bookinfo.destinations_without_endpoints({}, "bookinfo") == []
 
 
 def test_activator_workload_forwards_both_ports_and_follows_readiness() -> None:
