@@ -158,7 +158,9 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
         if t_dep is not None:
             aside["ready_to_deployment_event"].append(t_dep - ack)
         since_ready = ", ".join(
-            f"{what} +{ms(t - ack)}" for what, t in (("status event", t_es), ("EndpointSlice event", t_eps)) if t
+            f"{what} +{ms(t - ack)}"
+            for what, t in (("status event", t_es), ("EndpointSlice event", t_eps), ("serve routes event", t_vs))
+            if t
         )
         ctx.log(
             f"  cycle {i + 1}/{s.cycles}: Ready→answer {ms(t_done - ack)} ({since_ready}), cold start "
