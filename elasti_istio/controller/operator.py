@@ -48,6 +48,10 @@ WORKLOADS = (
 # Watched only while their CRDs are installed: a watch of a missing resource makes kopf give up.
 OPTIONAL = (ROLLOUTS, SCALEDOBJECTS)
 API_CHECK_SECONDS = 15.0
+# The activators that were waiting on a wake already know the target is ready and are sending its held
+# requests; the status write meant for the others waits this long so that it does not compete with
+# those first forwards for the API server (the EndpointSlice the mesh needs is written meanwhile).
+STATUS_AFTER_ANSWERED_WAKES = 0.03
 
 
 class Controller:
@@ -189,11 +193,13 @@ class Controller:
     def release_now(self, key: str, ready: int) -> None:
         """Tells the activators waiting on a wake at once, and writes the first ready replica to the
         ElastiService's status outside the work queue (where a reconcile of the same key in progress
-        would delay it): the other activators release their held requests on it."""
+        would delay it): the other activators release their held requests on it. When some activator
+        was waiting, that write comes a moment later (:data:`STATUS_AFTER_ANSWERED_WAKES`)."""
         if not self.ready():
             return
-        self.waker.ready(*split_key(key), ready)
-        task = asyncio.create_task(self.reconciler.release_at_once(key, ready), name=f"release-{key}")
+        answered = self.waker.ready(*split_key(key), ready)
+        delay = STATUS_AFTER_ANSWERED_WAKES if answered else 0.0
+        task = asyncio.create_task(self.reconciler.release_at_once(key, ready, delay), name=f"release-{key}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

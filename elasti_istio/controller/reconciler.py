@@ -164,12 +164,14 @@ class Reconciler:
             except Exception as exc:  # the full reconcile retries with fresh data
                 log.debug("%s: early switch of %s/%s failed: %s", key, vk[0], vk[1], exc)
 
-    async def release_at_once(self, key: Key, ready: int) -> None:
+    async def release_at_once(self, key: Key, ready: int, delay: float = 0.0) -> None:
         """Tells the activators that a target just got its first ready replica, before anything else is
         read: they release the held requests on ``status.readyReplicas``, and every read the full
         reconcile makes first would be added to each held request's wait. The full reconcile that
         follows checks everything and writes the rest of the status."""
         ns, name = split_key(key)
+        if delay:
+            await asyncio.sleep(delay)
         try:
             await self.kube.patch(ELASTISERVICES, name, {"status": {"readyReplicas": ready}}, ns, sub="status")
         except (KubeError, OSError) as exc:  # the full reconcile writes it too

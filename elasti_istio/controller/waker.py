@@ -84,11 +84,14 @@ class Waker:
         self._token = TokenFile(token_file) if token_file else None
         self._ready_waiters: dict[str, set[asyncio.Future[int]]] = {}
 
-    def ready(self, namespace: str, name: str, replicas: int) -> None:
-        """The target just got a first ready replica: answers the wakes waiting for it."""
+    def ready(self, namespace: str, name: str, replicas: int) -> int:
+        """The target just got a first ready replica: answers the wakes waiting for it (how many)."""
+        answered = 0
         for fut in self._ready_waiters.pop(f"{namespace}/{name}", ()):
             if not fut.done():
                 fut.set_result(replicas)
+                answered += 1
+        return answered
 
     async def wake_and_wait(self, namespace: str, name: str, wait: float) -> dict[str, Any]:
         """The answer's phase and readiness; the waiter is registered before the wake, so a ready

@@ -44,10 +44,10 @@ async def test_answered_when_a_ready_replica_is_seen(served: tuple[Waker, Phase,
         while "ns/svc" not in waker._ready_waiters:
             await asyncio.sleep(0.01)
     assert not call.done()  # still waiting: nothing is ready yet
-    waker.ready("ns", "other", 1)  # another ElastiService: no answer for this one
+    assert waker.ready("ns", "other", 1) == 0  # another ElastiService: no answer for this one
     await asyncio.sleep(0.05)
     assert not call.done()
-    waker.ready("ns", "svc", 2)
+    assert waker.ready("ns", "svc", 2) == 1
     assert (await asyncio.wait_for(call, 10)).result == "ready"
     assert not waker._ready_waiters  # nothing left behind
 
