@@ -23,16 +23,17 @@ log = logging.getLogger(__name__)
 
 SYNC_WAIT = 5.0  # a request that arrives before the first list completed waits this long for it
 RETRY_AFTER = "1"
-FIRST_RETRY = 0.001  # the prober's pause after "no healthy upstream", FAST_RETRIES times, then doubling
-FAST_RETRIES = 16
+FIRST_RETRY = 0.001  # the prober's shortest pause after "no healthy upstream"
+RETRY_SHARE = 0.1  # ... and after that a tenth of the time it has been retrying
 
 
-def retry_pause(interval: float, retries: int) -> float:
-    """The prober's pause before forwarding again after ``retries`` "no healthy upstream" answers. A
-    target is reported ready when its first pod is, and the mesh learns of the new endpoint about
-    then, often a few milliseconds later: the first retries come every millisecond, then twice as
-    long each time up to ``interval``."""
-    return min(interval, FIRST_RETRY * 2 ** max(0, retries - FAST_RETRIES + 1))
+def retry_pause(interval: float, retrying_for: float) -> float:
+    """The prober's pause before forwarding again, ``retrying_for`` seconds after the mesh first
+    answered "no healthy upstream". A target is reported ready when its first pod is, and the mesh
+    learns of the new endpoint about then, usually a few milliseconds later, sometimes tens: the pause
+    is a tenth of the wait so far (1 ms at least, ``interval`` at most), so a slow endpoint adds at most
+    about 10% to the wait while the retries thin out (about 10 per tenfold of waiting)."""
+    return min(interval, max(FIRST_RETRY, retrying_for * RETRY_SHARE))
 
 
 def error(status: int, err: str, detail: str, retry_after: bool = False, close: bool = False) -> web.Response:
@@ -140,7 +141,8 @@ class Proxy:
         )
         held = was_held = probing = False
         held_at = 0.0
-        mark = retries = 0
+        mark = 0
+        retrying_since: float | None = None
         outcome = "client_gone"  # unless something else is decided before the handler ends
         try:
             while True:
@@ -184,8 +186,9 @@ class Proxy:
                         )
                     probing = self.holds.probe(key, request)
                     if probing:
-                        step = retry_pause(target.retry_interval, retries)
-                        retries += 1
+                        if retrying_since is None:
+                            retrying_since = loop.time()
+                        step = retry_pause(target.retry_interval, loop.time() - retrying_since)
                     else:
                         step = target.retry_interval
                 else:

@@ -121,8 +121,8 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
         sw = put_to_sleep(ctx, rec, "cold")
         if sw is not None:
             to_proxy.append(sw)
-        # This process times the answer and its watches time the events: a garbage collection of its own
-        # (tens of milliseconds, as the recorded events pile up) must not land inside a measured wake.
+        # This process times the answer: a garbage collection of its own must not land inside a measured
+        # wake (the events are recorded in another process).
         gc.collect()
         gc.disable()
         try:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import multiprocessing
 import re
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -58,90 +59,119 @@ class Seen:
     obj: dict[str, Any]
 
 
+WATCHED = (
+    (DEPLOYMENTS, "Deployment"),
+    (VIRTUALSERVICES, "VirtualService"),
+    (PODS, "Pod"),
+    (ELASTISERVICES, "ElastiService"),
+    (ENDPOINTSLICES_V1BETA1, "EndpointSlice"),
+)
+
+
 @dataclass
 class Recorder:
-    """Watches Deployments, VirtualServices, Pods, ElastiServices and EndpointSlices of ``bench`` in a thread,
-    each event timed."""
+    """Watches Deployments, VirtualServices, Pods, ElastiServices and EndpointSlices of ``bench``, each
+    event timed, in a process of its own: the measuring client must not share an interpreter (GIL,
+    garbage collector) with the decoding of the very events that arrive while it waits for an answer.
+    Events stay there until asked for."""
 
     kubeconfig: Path
-    events: list[Seen] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _ready: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+    _proc: multiprocessing.process.BaseProcess | None = None
+    _conn: Connection | None = None
 
     def start(self) -> Recorder:
-        self._thread = threading.Thread(target=self._run, name="watch-recorder", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30) or self.error is not None:
-            raise RuntimeError(f"watch recorder did not start ({self.error!r})")
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_record, args=(str(self.kubeconfig), child), name="watch-recorder", daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        if not parent.poll(60):
+            raise RuntimeError("watch recorder did not start")
+        status = parent.recv()
+        if status != "ready":
+            raise RuntimeError(f"watch recorder did not start ({status})")
         return self
 
     def stop(self) -> None:
-        loop = self._loop
-        if loop is not None:
-
-            def cancel_all() -> None:
-                for task in asyncio.all_tasks(loop):
-                    task.cancel()
-                loop.call_soon(loop.stop)
-
-            loop.call_soon_threadsafe(cancel_all)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        try:
-            kube = Kube(load_connection(str(self.kubeconfig)), user_agent="elasti-bench")
-        except Exception as exc:
-            self.error = exc
-            self._ready.set()
-            raise
-        started = 0
-
-        async def watch(res: Any, kind: str) -> None:
-            nonlocal started
-            listed = await kube.list(res, NS)
-            rv = listed["metadata"]["resourceVersion"]
-            started += 1
-            if started == 5:
-                self._ready.set()
-            while True:
-                try:
-                    async for etype, obj in kube.watch(res, NS, resource_version=rv, timeout_seconds=290):
-                        t = time.time()
-                        rv = obj.get("metadata", {}).get("resourceVersion", rv)
-                        if etype != "BOOKMARK":
-                            self.events.append(Seen(t, kind, obj["metadata"]["name"], etype, obj))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    rv = (await kube.list(res, NS))["metadata"]["resourceVersion"]
-
-        for res, kind in (
-            (DEPLOYMENTS, "Deployment"),
-            (VIRTUALSERVICES, "VirtualService"),
-            (PODS, "Pod"),
-            (ELASTISERVICES, "ElastiService"),
-            (ENDPOINTSLICES_V1BETA1, "EndpointSlice"),
-        ):
-            self._loop.create_task(watch(res, kind))
-        try:
-            self._loop.run_forever()
-        finally:
-            with contextlib.suppress(Exception):
-                self._loop.run_until_complete(asyncio.sleep(0))  # let the cancelled watches finish
-                self._loop.run_until_complete(kube.close())
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(("stop",))
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc = None
 
     def since(self, t0: float, kind: str, name_prefix: str) -> list[Seen]:
-        return [e for e in list(self.events) if e.t >= t0 and e.kind == kind and e.name.startswith(name_prefix)]
+        assert self._conn is not None, "the recorder is not running"
+        self._conn.send(("since", t0, kind, name_prefix))
+        if not self._conn.poll(60):
+            raise RuntimeError("watch recorder did not answer")
+        return list(self._conn.recv())
 
     def first(self, t0: float, kind: str, name: str, pred: Callable[[dict[str, Any]], bool]) -> float | None:
         for e in self.since(t0, kind, name):
             if (kind in ("Pod", "EndpointSlice") or e.name == name) and pred(e.obj):
                 return e.t
         return None
+
+
+def _record(kubeconfig: str, conn: Connection) -> None:
+    """The recorder process: one watch per kind, answering ``since`` queries from the pipe."""
+    loop = asyncio.new_event_loop()
+    events: list[Seen] = []
+    try:
+        kube = Kube(load_connection(kubeconfig), user_agent="elasti-bench")
+    except Exception as exc:
+        conn.send(f"error: {exc!r}")
+        return
+    started = 0
+
+    async def watch(res: Any, kind: str) -> None:
+        nonlocal started
+        listed = await kube.list(res, NS)
+        rv = listed["metadata"]["resourceVersion"]
+        started += 1
+        if started == len(WATCHED):
+            conn.send("ready")
+        while True:
+            try:
+                async for etype, obj in kube.watch(res, NS, resource_version=rv, timeout_seconds=290):
+                    t = time.time()
+                    rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                    if etype != "BOOKMARK":
+                        events.append(Seen(t, kind, obj["metadata"]["name"], etype, obj))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                rv = (await kube.list(res, NS))["metadata"]["resourceVersion"]
+
+    def on_request() -> None:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):
+            req = ("stop",)
+        if req[0] == "since":
+            _, t0, kind, prefix = req
+            conn.send([e for e in events if e.t >= t0 and e.kind == kind and e.name.startswith(prefix)])
+            return
+        for task in tasks:
+            task.cancel()
+        loop.call_soon(loop.stop)
+
+    tasks = [loop.create_task(watch(res, kind)) for res, kind in WATCHED]
+    loop.add_reader(conn.fileno(), on_request)
+    try:
+        loop.run_forever()
+    finally:
+        with contextlib.suppress(Exception):
+            loop.remove_reader(conn.fileno())
+            loop.run_until_complete(asyncio.sleep(0))  # let the cancelled watches finish
+            loop.run_until_complete(kube.close())
+        loop.close()
 
 
 def deployment_ready(dep: dict[str, Any]) -> bool:

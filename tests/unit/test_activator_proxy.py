@@ -444,8 +444,11 @@ async def test_one_request_probes_the_mesh_for_all(env: Env) -> None:
     )
 
 
-def test_retry_pause_doubles_up_to_the_interval() -> None:
-    assert [retry_pause(0.1, n) for n in range(23)] == [0.001] * 16 + [0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1]
+def test_retry_pause_is_a_tenth_of_the_wait_between_1_ms_and_the_interval() -> None:
+    assert [retry_pause(0.1, t) for t in (0, 0.005, 0.01)] == [0.001] * 3
+    assert retry_pause(0.1, 0.04) == pytest.approx(0.004)
+    assert retry_pause(0.1, 0.5) == pytest.approx(0.05)
+    assert retry_pause(0.1, 5) == 0.1
     assert retry_pause(0.0005, 0) == 0.0005
 
 
