@@ -158,19 +158,19 @@ def _record(kubeconfig: str, conn: Connection) -> None:
             _, t0, kind, prefix = req
             conn.send([e for e in events if e.t >= t0 and e.kind == kind and e.name.startswith(prefix)])
             return
-        for task in tasks:
-            task.cancel()
-        loop.call_soon(loop.stop)
+        loop.remove_reader(conn.fileno())  # the parent closes its end next: no second "stop"
+        loop.stop()
 
     tasks = [loop.create_task(watch(res, kind)) for res, kind in WATCHED]
     loop.add_reader(conn.fileno(), on_request)
     try:
         loop.run_forever()
     finally:
-        with contextlib.suppress(Exception):
-            loop.remove_reader(conn.fileno())
-            loop.run_until_complete(asyncio.sleep(0))  # let the cancelled watches finish
-            loop.run_until_complete(kube.close())
+        loop.remove_reader(conn.fileno())
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))  # the watches end
+        loop.run_until_complete(kube.close())
         loop.close()
 
 
