@@ -94,14 +94,9 @@ class Holds:
         ``retryInterval``, so a thousand released requests do not all retry every few milliseconds."""
         return self._probers.setdefault(key, request) is request
 
-    def reached(self, key: Key, request: object) -> None:
-        """A forward reached the workload: when it was the prober's, the others go now."""
-        if self._probers.get(key) is request:
-            del self._probers[key]
-            self._signal(key)
-
-    def stop_probing(self, key: Key, request: object) -> None:
-        """The prober gave up (its client left, it timed out): another request takes its place."""
+    def end_probe(self, key: Key, request: object) -> None:
+        """``request`` stops probing: its forward reached the workload (the others go now), or it gave
+        up (its client left, it timed out: another request takes its place)."""
         if self._probers.get(key) is request:
             del self._probers[key]
             self._signal(key)

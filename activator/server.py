@@ -164,7 +164,7 @@ class Proxy:
                         outcome = "forwarded"
                         if probing:
                             probing = False
-                            self.holds.reached(key, request)
+                            self.holds.end_probe(key, request)
                         if held:
                             held = False
                             self.holds.leave(key, tm)
@@ -245,7 +245,7 @@ class Proxy:
             raise
         finally:
             if probing:
-                self.holds.stop_probing(key, request)
+                self.holds.end_probe(key, request)
             if held:
                 self.holds.leave(key, tm)
                 tm.hold_seconds.observe(loop.time() - held_at)

@@ -16,6 +16,7 @@ from typing import Any
 
 from benchmarks import system as S
 from benchmarks import tools as T
+from elasti_istio.controller.workloads import pod_is_ready
 from elasti_istio.playground.procs import ActivatorProc, free_ports
 from elasti_istio.playground.stack import Playground
 
@@ -145,7 +146,7 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
         t_vs = rec.first(t_send, "VirtualService", "cold", lambda o: not S.vs_proxied(o))
         if t_dep is not None and t_vs is not None:
             to_serve.append(t_vs - t_dep)
-        t_pod = rec.first(t_send, "Pod", "cold-", S.pod_ready)
+        t_pod = rec.first(t_send, "Pod", "cold-", pod_is_ready)
         if t_pod is not None:
             pod_watch.append(t_pod - ack)
         t_es = rec.first(t_send, "ElastiService", "cold", S.es_ready)

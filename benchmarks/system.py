@@ -190,11 +190,6 @@ def slice_ready(eps: dict[str, Any]) -> bool:
     return any((ep.get("conditions") or {}).get("ready") for ep in eps.get("endpoints") or [])
 
 
-def pod_ready(pod: dict[str, Any]) -> bool:
-    conds = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
-
-
 # ---- the kubelet's Ready clock -------------------------------------------------------------------
 def ready_times(kubelet_log: Path) -> list[tuple[str, str, float, float]]:
     """(namespace, pod, acknowledged, sent) for every "Ready written" line of the kubelet stand-in."""

@@ -25,6 +25,7 @@ log = logging.getLogger("elasti.controller")
 RESTART_BACKOFF = (0.5, 30.0)  # first and longest pause before kopf is started again
 WIND_DOWN = 10.0  # how long a failed kopf may take to end by itself before it is cancelled
 HEALTHY_AFTER = 60.0  # a run this long resets the backoff
+FAILURE_LOGGERS = ("kopf._core.reactor.running", "kopf._core.reactor.orchestration")  # where "has failed" is said
 
 
 class _FailureSpotter(logging.Handler):
@@ -76,7 +77,7 @@ class KopfRunner:
 
     def start(self) -> None:
         self._caller = asyncio.get_running_loop()
-        for name in ("kopf._core.reactor.running", "kopf._core.reactor.orchestration"):
+        for name in FAILURE_LOGGERS:
             logging.getLogger(name).addHandler(self._spotter)
         logging.getLogger("kopf._core.reactor.running").addFilter(self._quiet)
         self._thread = threading.Thread(target=self._main, name="kopf", daemon=True)
@@ -104,7 +105,7 @@ class KopfRunner:
             await asyncio.to_thread(self._thread.join, timeout)
             if self._thread.is_alive():
                 log.warning("kopf's watches did not stop within %.0fs", timeout)
-        for name in ("kopf._core.reactor.running", "kopf._core.reactor.orchestration"):
+        for name in FAILURE_LOGGERS:
             logging.getLogger(name).removeHandler(self._spotter)
         logging.getLogger("kopf._core.reactor.running").removeFilter(self._quiet)
 
