@@ -20,6 +20,14 @@ PODS = Resource("", "v1", "pods", kind="Pod")
 EVENTS = Resource("", "v1", "events", kind="Event")
 NODES = Resource("", "v1", "nodes", namespaced=False, kind="Node")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", kind="Lease")
+NAMESPACES = Resource("", "v1", "namespaces", namespaced=False, kind="Namespace")
+VALIDATING_WEBHOOKS = Resource(
+    "admissionregistration.k8s.io",
+    "v1",
+    "validatingwebhookconfigurations",
+    namespaced=False,
+    kind="ValidatingWebhookConfiguration",
+)
 CRDS = Resource(
     "apiextensions.k8s.io", "v1", "customresourcedefinitions", namespaced=False, kind="CustomResourceDefinition"
 )

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from yarl import URL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +147,16 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 class Caller:
-    """Calls other services through the mesh proxy, from the pod's address."""
+    """Calls other services through the pod's Istio sidecar.
 
-    def __init__(self, ident: PodIdentity, mesh_proxy: str | None, timeout: float) -> None:
+    The sidecar does not capture traffic: it listens on its own address at each service port (an
+    Istio ``Sidecar`` with ``captureMode: NONE``), so ``http://reviews:9080/x`` is sent to
+    ``<sidecar>:9080`` in absolute-URI form and Envoy routes it by the service name.
+    """
+
+    def __init__(self, ident: PodIdentity, sidecar: str | None, timeout: float) -> None:
         self.ident = ident
-        self.mesh_proxy = mesh_proxy
+        self.sidecar = sidecar
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
@@ -158,7 +164,7 @@ class Caller:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(local_addr=(self.ident.ip, 0), limit=0, use_dns_cache=False),
+                connector=aiohttp.TCPConnector(limit=0, use_dns_cache=False),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
@@ -172,11 +178,17 @@ class Caller:
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None
     ) -> tuple[int, dict[str, str], bytes]:
         """``(status, headers, body)``; status 0 when the call failed before any answer."""
-        if self.mesh_proxy is None:
-            return 0, {}, b"no mesh proxy configured: service names do not resolve"
+        if self.sidecar is None:
+            return 0, {}, b"no sidecar (sidecar.istio.io/inject): service names do not resolve"
         try:
+            port = URL(url).port or 80
             async with self.session.request(
-                method, url, headers=dict(headers), data=body, proxy=self.mesh_proxy, allow_redirects=False
+                method,
+                url,
+                headers=dict(headers),
+                data=body,
+                proxy=f"http://{self.sidecar}:{port}",
+                allow_redirects=False,
             ) as resp:
                 return resp.status, dict(resp.headers), await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -350,14 +350,14 @@ def productpage_app(ident: PodIdentity, env: Mapping[str, str], caller: Caller) 
 
 
 def bookinfo_app(
-    kind: tuple[str, int], ident: PodIdentity, env: Mapping[str, str], mesh_proxy: str | None, timeout: float
+    kind: tuple[str, int], ident: PodIdentity, env: Mapping[str, str], sidecar: str | None, timeout: float
 ) -> web.Application:
     service, version = kind
     if service == "details":
         return details_app(ident)
     if service == "ratings":
         return ratings_app(ident)
-    caller = Caller(ident, mesh_proxy, timeout)
+    caller = Caller(ident, sidecar, timeout)
     if service == "reviews":
         return reviews_app(ident, version, env, caller)
     return productpage_app(ident, env, caller)

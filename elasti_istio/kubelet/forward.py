@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 
+from elasti_istio.localcluster.podnet import NetnsSockets
+
 log = logging.getLogger("elasti.kubelet")
 
 
@@ -35,14 +37,18 @@ def parse_forward(value: str, ports: list[int]) -> dict[int, tuple[str, int]]:
 
 
 class TcpForwarder:
-    def __init__(self, listen_ip: str, listen_port: int, target: tuple[str, int]) -> None:
+    def __init__(
+        self, listen_ip: str, listen_port: int, target: tuple[str, int], sockets: NetnsSockets | None = None
+    ) -> None:
         self.listen = (listen_ip, listen_port)
+        self.sockets = sockets or NetnsSockets(None)
         self.target = target
         self.server: asyncio.Server | None = None
         self.active: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, *self.listen, reuse_address=True)
+        sock = await asyncio.to_thread(self.sockets.listen, *self.listen)
+        self.server = await asyncio.start_server(self._serve, sock=sock)
 
     def inflight(self) -> int:
         return len(self.active)

@@ -1,4 +1,4 @@
-"""Loopback addresses for pods: Linux routes all of 127.0.0.0/8 to ``lo``, so each pod gets its own."""
+"""Pod addresses from the node's pod range (local in the pod network namespace, so any can be bound)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import ipaddress
 class PodAddresses:
     def __init__(self, cidr: str) -> None:
         self.net = ipaddress.ip_network(cidr)
-        if not self.net.subnet_of(ipaddress.ip_network("127.0.0.0/8")):  # type: ignore[arg-type]
-            raise ValueError(f"pod range {cidr} must be inside 127.0.0.0/8")
+        if self.net.version != 4 or self.net.num_addresses < 4:
+            raise ValueError(f"pod range {cidr} must be an IPv4 network of at least 4 addresses")
         self.used: set[str] = set()
         self._hosts = self.net.hosts()
 

@@ -1,4 +1,4 @@
-"""One simulated node: binds pending Pods, runs their apps on loopback, reports their status.
+"""One simulated node: binds pending Pods, runs their apps on their pod addresses, reports their status.
 
 Only Pods bound to this node are handled (a Pod naming another node is left alone, as a kubelet
 would). A Pod's containers serve on ``podIP:containerPort`` after its startup delay; then the Pod is
@@ -30,6 +30,8 @@ from elasti_istio.kubelet.apps import Caller, PodIdentity, generic_app, inflight
 from elasti_istio.kubelet.bookinfo import bookinfo_app, bookinfo_kind
 from elasti_istio.kubelet.forward import TcpForwarder, parse_forward
 from elasti_istio.kubelet.ipam import PodAddresses
+from elasti_istio.kubelet.sidecar import ANN_SIDECAR_ADDRESS, Sidecar, SidecarConfig, namespace_labels, wants_sidecar
+from elasti_istio.localcluster.podnet import NetnsSockets
 from elasti_istio.resources import ANN_SIM_FORWARD, ANN_SIM_READINESS_URL, ANN_SIM_STARTUP, NODES, PODS
 
 log = logging.getLogger("elasti.kubelet")
@@ -88,6 +90,7 @@ class PodRuntime:
         self.forwarders: list[TcpForwarder] = []
         self.ready: bool | None = None
         self.readiness: asyncio.Task[None] | None = None
+        self.sidecar: Sidecar | None = None
         self.changed = asyncio.Event()
         self.gone = False
         self.task: asyncio.Task[None] | None = None
@@ -118,8 +121,12 @@ class PodRuntime:
                     await self.patch_status(ready=False, running=False)
                     await self._wait_or_deleted(self.startup_seconds())
                 if not self.deleting:
+                    self.sidecar = await kl.sidecar_for(self.latest, self.ip)
                     await self.start_apps()
-                    if self.annotation(ANN_SIM_READINESS_URL):
+                    live = self.sidecar is None or await self.sidecar.start()
+                    if not live:
+                        log.error("%s/%s: stays unready: its sidecar is not live", self.namespace, self.name)
+                    elif self.annotation(ANN_SIM_READINESS_URL):
                         self.readiness = asyncio.create_task(self._readiness_loop())
                     else:
                         self.ready = True
@@ -175,9 +182,10 @@ class PodRuntime:
         kl = self.kubelet
         ident = PodIdentity(self.namespace, self.name, self.ip, port, container["name"])
         kind = bookinfo_kind(container.get("image") or "")
+        sidecar = self.sidecar.address if self.sidecar is not None else None
         if kind is not None:
-            return bookinfo_app(kind, ident, container_env(container), kl.mesh_proxy, kl.app_timeout)
-        return generic_app(ident, Caller(ident, kl.mesh_proxy, kl.app_timeout))
+            return bookinfo_app(kind, ident, container_env(container), sidecar, kl.app_timeout)
+        return generic_app(ident, Caller(ident, sidecar, kl.app_timeout))
 
     async def _start_forwarders(self, spec: str) -> None:
         assert self.ip is not None
@@ -191,7 +199,7 @@ class PodRuntime:
             target = targets.get(port)
             if target is None:
                 continue
-            fwd = TcpForwarder(self.ip, port, target)
+            fwd = TcpForwarder(self.ip, port, target, self.kubelet.sockets)
             try:
                 await fwd.start()
             except OSError as exc:
@@ -211,8 +219,9 @@ class PodRuntime:
             app = self._app(containers[container], port)
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=30, handler_cancellation=True)
             await runner.setup()
-            site = web.TCPSite(runner, self.ip, port, reuse_address=True)
             try:
+                sock = await asyncio.to_thread(self.kubelet.sockets.listen, self.ip, port)
+                site = web.SockSite(runner, sock)
                 await site.start()
             except OSError as exc:
                 log.error("%s/%s: cannot listen on %s:%s: %s", self.namespace, self.name, self.ip, port, exc)
@@ -245,6 +254,9 @@ class PodRuntime:
         for fwd in forwarders:
             with contextlib.suppress(Exception):
                 await fwd.close()
+        sidecar, self.sidecar = self.sidecar, None
+        if sidecar is not None:  # after the apps, as Istio stops the proxy last
+            await sidecar.stop()
 
     async def terminate(self) -> None:
         grace = self.latest["metadata"].get("deletionGracePeriodSeconds")
@@ -329,15 +341,17 @@ class Kubelet:
         pod_cidr: str,
         startup_seconds: float = 1.0,
         *,
-        mesh_proxy: str | None = None,
         app_timeout: float = 30.0,
         readiness_interval: float = 0.15,
+        netns: str | None = None,
+        sidecars: SidecarConfig | None = None,
     ) -> None:
         self.kube = kube
+        self.sockets = NetnsSockets(netns)
+        self.sidecars = sidecars
         self.node_name = node_name
         self.addresses = PodAddresses(pod_cidr)
         self.startup_seconds = startup_seconds
-        self.mesh_proxy = mesh_proxy or None
         self.app_timeout = app_timeout
         self.readiness_interval = readiness_interval
         self._probe_session: aiohttp.ClientSession | None = None
@@ -345,6 +359,21 @@ class Kubelet:
         self._binding: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.informer = Informer(kube, PODS, self.on_pod, relist_seconds=120, name="pods")
+
+    async def sidecar_for(self, pod: dict[str, Any], ip: str) -> Sidecar | None:
+        """The pod's Istio sidecar when it asks for one (not started yet); its address is written on the pod."""
+        if self.sidecars is None:
+            return None
+        meta = pod["metadata"]
+        if not wants_sidecar(pod, await namespace_labels(self.kube, meta["namespace"])):
+            return None
+        sidecar = Sidecar(self.sidecars, self.kube, pod, ip)
+        patch = {"metadata": {"annotations": {ANN_SIDECAR_ADDRESS: sidecar.address}}}
+        await self.retry(
+            lambda: self.kube.patch(PODS, meta["name"], patch, meta["namespace"]),
+            f"annotating {meta['namespace']}/{meta['name']} with its sidecar address",
+        )
+        return sidecar
 
     async def retry(self, fn: Any, what: str, stop: Any = None, attempts: int = 20) -> Any:
         delay = 0.1

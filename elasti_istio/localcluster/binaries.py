@@ -1,18 +1,38 @@
-"""Finds etcd, kube-apiserver and kube-controller-manager, installing them once when missing."""
+"""Finds the programs the local cluster runs, installing them once when missing.
+
+Control plane: etcd, kube-apiserver, kube-controller-manager (``KUBEBUILDER_ASSETS`` when set).
+Mesh: pilot-discovery (istiod), Istio's CRDs of the same build, and envoy — always from the cache.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
 
-NAMES = ("etcd", "kube-apiserver", "kube-controller-manager")
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager")
+MESH = ("pilot-discovery", "envoy")
+ISTIO_CRDS = "istio-crds.yaml"
 
 
 class BinariesMissing(RuntimeError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Binaries:
+    control_plane: Path
+    mesh: Path
+
+    def __getitem__(self, name: str) -> Path:
+        return (self.control_plane if name in CONTROL_PLANE else self.mesh) / name
+
+    @property
+    def istio_crds(self) -> Path:
+        return self.mesh / ISTIO_CRDS
 
 
 def cache_dir() -> Path:
@@ -23,32 +43,38 @@ def install_script() -> Path:
     return Path(str(resources.files("elasti_istio.localcluster") / "install-control-plane.sh"))
 
 
-def _complete(folder: Path) -> bool:
-    return all((folder / n).is_file() and os.access(folder / n, os.X_OK) for n in NAMES)
+def _executables(folder: Path, names: tuple[str, ...]) -> list[str]:
+    """The names that are not an executable file in ``folder``."""
+    return [n for n in names if not ((folder / n).is_file() and os.access(folder / n, os.X_OK))]
 
 
-def find(install: bool = True) -> Path:
-    """The folder holding the three programs.
+def _missing(control_plane: Path, mesh: Path) -> list[str]:
+    missing = _executables(control_plane, CONTROL_PLANE) + _executables(mesh, MESH)
+    if not (mesh / ISTIO_CRDS).is_file():
+        missing.append(ISTIO_CRDS)
+    return missing
 
-    ``KUBEBUILDER_ASSETS`` wins when set (it must then be complete); otherwise the cache, filled by
-    the install script on first use (its progress goes to stderr).
-    """
+
+def find(install: bool = True) -> Binaries:
+    """Where each program is; the install script fills the cache on first use (progress on stderr)."""
+    mesh = cache_dir() / "bin"
     assets = os.environ.get("KUBEBUILDER_ASSETS")
-    if assets:
-        folder = Path(assets)
-        if not _complete(folder):
-            missing = [n for n in NAMES if not (folder / n).is_file()]
-            raise BinariesMissing(f"KUBEBUILDER_ASSETS={assets} lacks {', '.join(missing)}")
-        return folder
-    folder = cache_dir() / "bin"
-    if _complete(folder):
-        return folder
+    control_plane = Path(assets) if assets else mesh
+    if assets and (gone := _executables(control_plane, CONTROL_PLANE)):
+        raise BinariesMissing(f"KUBEBUILDER_ASSETS={assets} lacks {', '.join(gone)}")
+    missing = _missing(control_plane, mesh)
+    if not missing:
+        return Binaries(control_plane, mesh)
     if not install:
         raise BinariesMissing(
-            f"control-plane binaries not found in {folder}; run {install_script()} or set KUBEBUILDER_ASSETS"
+            f"{', '.join(missing)} not found in {mesh}; run {install_script()} (or set KUBEBUILDER_ASSETS for the "
+            "control plane)"
         )
-    print(f"control-plane binaries missing in {folder}: installing (first run only)", file=sys.stderr)
-    proc = subprocess.run(["bash", str(install_script())], stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0 or not _complete(folder):
-        raise BinariesMissing(f"installing the control plane failed (exit {proc.returncode}); see the output above")
-    return folder
+    print(f"missing in {mesh}: {', '.join(missing)}; building them (first run only)", file=sys.stderr)
+    env = dict(os.environ, ELASTI_SKIP_K8S="1") if assets else None
+    proc = subprocess.run(["bash", str(install_script())], stdout=subprocess.PIPE, text=True, env=env)
+    if proc.returncode != 0 or (missing := _missing(control_plane, mesh)):
+        raise BinariesMissing(
+            f"installing {', '.join(missing) or 'the binaries'} failed (exit {proc.returncode}); see the output above"
+        )
+    return Binaries(control_plane, mesh)

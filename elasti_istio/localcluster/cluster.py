@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from elasti_istio.kube import Kube, KubeError, load_connection
-from elasti_istio.localcluster import binaries, crds, identities
-from elasti_istio.resources import CRDS, NODES
+from elasti_istio.localcluster import binaries, crds, identities, istio
+from elasti_istio.localcluster.podnet import PodNetwork, PodNetworkError, enter_netns
+from elasti_istio.resources import CRDS, NAMESPACES, NODES, SERVICES, VALIDATING_WEBHOOKS, VIRTUALSERVICES
 
 DEFAULT_STATE_DIR = ".elasti/cluster"
 DEFAULT_NODE = "elasti-sim-node"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kubelet")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "istiod", "kubelet", "ingress-gateway")
 
 
 class ClusterError(RuntimeError):
@@ -49,6 +50,13 @@ class ClusterInfo:
     activator_kubeconfig: Path
     pod_cidr: str
     node_name: str
+    gateway: str = ""
+    istiod: str = ""
+
+    @property
+    def gateway_url(self) -> str:
+        """The ingress gateway (Envoy, fed by istiod) as the test client reaches it."""
+        return f"http://{self.gateway}"
 
 
 def _pdeathsig() -> None:
@@ -94,9 +102,10 @@ def pid_alive(pid: int | None, name: str | None = None) -> bool:
     return True
 
 
-def _pod_octet(state_dir: Path) -> int:
-    """Second octet of the pod range: derived from the state dir so two clusters rarely collide."""
-    return 10 + int(hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest(), 16) % 240
+def pod_network(state_dir: Path) -> PodNetwork:
+    """The cluster's pod network: names and range derived from the state dir, so two clusters rarely collide."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()
+    return PodNetwork(ident=digest[:8], octet=16 + int(digest, 16) % 224)
 
 
 class LocalCluster:
@@ -109,10 +118,8 @@ class LocalCluster:
         startup_seconds: float = 1.0,
         attached: bool = False,
         log: Callable[[str], None] | None = None,
-        mesh_proxy: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
-        self.mesh_proxy = mesh_proxy  # the kubelet's apps call other services through it
         self.apiserver_port = apiserver_port
         self.node_name = node_name
         self.startup_seconds = startup_seconds
@@ -150,6 +157,8 @@ class LocalCluster:
             activator_kubeconfig=self.state_dir / "activator.kubeconfig",
             pod_cidr=state["pod_cidr"],
             node_name=state["node_name"],
+            gateway=state.get("gateway", ""),
+            istiod=f"http://127.0.0.1:{state['ports']['istiod_http']}" if "istiod_http" in state["ports"] else "",
         )
 
     def component_status(self, state: dict[str, Any] | None = None) -> dict[str, bool]:
@@ -197,7 +206,7 @@ class LocalCluster:
                 self.down(quiet=True, keep_logs=True)
             raise
 
-    def _up(self, bins: Path) -> ClusterInfo:
+    def _up(self, bins: binaries.Binaries) -> ClusterInfo:
         sd = self.state_dir
         (sd / "logs").mkdir(exist_ok=True)
         pki = sd / "pki"
@@ -212,13 +221,15 @@ class LocalCluster:
         etcd_port, peer_port = free_port(), free_port()
         api_port = self.apiserver_port or free_port()
         server = f"https://127.0.0.1:{api_port}"
-        octet = _pod_octet(sd)
+        podnet = pod_network(sd)
         state: dict[str, Any] = {
             "version": 1,
             "server": server,
             "ports": {"etcd": etcd_port, "etcd_peer": peer_port, "apiserver": api_port},
             "etcd_data": str(etcd_data),
-            "pod_cidr": f"127.{octet}.0.0/16",
+            "pod_cidr": podnet.pod_cidr,
+            "netns": podnet.netns,
+            "pod_network": {"ident": podnet.ident, "octet": podnet.octet},
             "node_name": self.node_name,
             "tokens": tokens,
             "procs": {},
@@ -226,12 +237,17 @@ class LocalCluster:
         self._write_state(state)
 
         t0 = time.monotonic()
+        self.log(f"making the pod network {podnet.pod_cidr} (network namespace {podnet.netns})")
+        try:
+            podnet.up()
+        except PodNetworkError as exc:
+            raise ClusterError(str(exc)) from exc
         self.log("starting etcd")
         self._start(
             state,
             "etcd",
             [
-                str(bins / "etcd"),
+                str(bins["etcd"]),
                 "--name",
                 "elasti",
                 "--data-dir",
@@ -271,16 +287,15 @@ class LocalCluster:
             state,
             "kube-controller-manager",
             [
-                str(bins / "kube-controller-manager"),
+                str(bins["kube-controller-manager"]),
                 "--kubeconfig",
                 str(sd / "admin.kubeconfig"),
                 "--leader-elect=false",
-                "--controllers=*,-nodelifecycle,-endpoint",
+                "--controllers=*,-node-lifecycle-controller",
                 f"--service-account-private-key-file={sa_key}",
                 "--use-service-account-credentials=false",
                 "--bind-address=127.0.0.1",
                 "--secure-port=0",
-                "--port=0",
                 "--concurrent-deployment-syncs=10",
                 "--concurrent-replicaset-syncs=10",
                 "--concurrent-namespace-syncs=10",
@@ -292,7 +307,10 @@ class LocalCluster:
         )
 
         self.log("installing CRDs")
-        asyncio.run(self._install_crds(sd / "admin.kubeconfig"))
+        asyncio.run(self._install_crds(sd / "admin.kubeconfig", bins.istio_crds))
+
+        self.log("starting istiod")
+        self._start_istiod(bins, state, podnet)
 
         self.log("starting the kubelet stand-in")
         self._start(
@@ -308,28 +326,39 @@ class LocalCluster:
                 "--node-name",
                 self.node_name,
                 "--pod-cidr",
-                state["pod_cidr"],
+                podnet.pods_cidr,
+                "--netns",
+                str(podnet.netns_path),
+                "--envoy",
+                str(bins["envoy"]),
+                "--xds-address",
+                f"{podnet.host_ip}:{state['ports']['istiod_xds']}",
+                "--run-dir",
+                str(sd / "sidecars"),
                 "--startup-seconds",
                 str(self.startup_seconds),
-                *(["--mesh-proxy", self.mesh_proxy] if self.mesh_proxy else []),
             ],
             match="elasti_istio",
         )
         asyncio.run(self._wait_node(sd / "admin.kubeconfig"))
+
+        self.log("starting the ingress gateway (Envoy)")
+        self._start_gateway(bins, state, podnet)
         self.log(f"cluster up in {time.monotonic() - t0:.1f}s")
         return self.info(state)
 
     def apiserver_argv(
-        self, bins: Path, state: dict[str, Any], cert_dir: Path, sa_key: Path, sa_pub: Path
+        self, bins: binaries.Binaries, state: dict[str, Any], cert_dir: Path, sa_key: Path, sa_pub: Path
     ) -> list[str]:
         return [
-            str(bins / "kube-apiserver"),
+            str(bins["kube-apiserver"]),
             f"--etcd-servers=http://127.0.0.1:{state['ports']['etcd']}",
             f"--cert-dir={cert_dir}",
             f"--secure-port={state['ports']['apiserver']}",
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
-            "--insecure-port=0",
+            # No Endpoints for the kubernetes Service: its address (loopback) is not a valid endpoint.
+            "--endpoint-reconciler-type=none",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={sa_pub}",
@@ -343,23 +372,138 @@ class LocalCluster:
             "--v=0",
         ]
 
-    def _start(self, state: dict[str, Any], name: str, argv: list[str], match: str) -> None:
+    def _start(
+        self,
+        state: dict[str, Any],
+        name: str,
+        argv: list[str],
+        match: str,
+        *,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+    ) -> None:
         logf = (self.state_dir / "logs" / f"{name}.log").open("ab")
-        env = dict(os.environ)
+        attached = self.attached
+
+        def preexec() -> None:
+            if attached:
+                _pdeathsig()
+            if netns:
+                enter_netns(netns)
+
         proc = subprocess.Popen(
             argv,
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_pdeathsig if self.attached else None,
-            env=env,
+            preexec_fn=preexec if (attached or netns) else None,
+            env={**os.environ, **(env or {})},
             cwd=str(self.state_dir),
         )
         logf.close()
         self.procs[name] = proc
-        state["procs"][name] = {"pid": proc.pid, "argv": argv, "match": match}
+        state["procs"][name] = {"pid": proc.pid, "argv": argv, "match": match, "env": env or {}, "netns": netns}
         self._write_state(state)
+
+    def _start_istiod(self, bins: binaries.Binaries, state: dict[str, Any], podnet: PodNetwork) -> None:
+        sd = self.state_dir
+        ports = state["ports"]
+        ports["istiod_xds"] = free_port(podnet.host_ip)
+        for key in ("istiod_http", "istiod_webhook", "istiod_monitoring", "istiod_ctrlz"):
+            ports[key] = free_port()
+        certs = istio.make_certificates(sd / "pki" / "istio")
+        argv = istio.istiod_argv(
+            bins["pilot-discovery"], sd / "admin.kubeconfig", sd / "istio", certs, ports, podnet.host_ip
+        )
+        asyncio.run(self._prepare_istio_namespace(sd / "admin.kubeconfig"))
+        self._start(state, "istiod", argv, match="pilot-discovery", env=dict(istio.ISTIOD_ENV))
+        ready = f"http://127.0.0.1:{ports['istiod_http']}/ready"
+        self._wait(lambda: self._http_get(ready, None), "istiod", 120)
+        webhook = istio.webhook_configuration(
+            f"https://127.0.0.1:{ports['istiod_webhook']}/validate", certs["ca"].read_bytes()
+        )
+        asyncio.run(self._register_webhook(sd / "admin.kubeconfig", webhook))
+
+    async def _prepare_istio_namespace(self, kubeconfig: Path) -> None:
+        async with Kube(load_connection(str(kubeconfig))) as kube:
+            ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": istio.ISTIO_NAMESPACE}}
+            for res, body, where in (
+                (NAMESPACES, ns, None),
+                (SERVICES, istio.gateway_service(), istio.ISTIO_NAMESPACE),
+            ):
+                try:
+                    await kube.create(res, body, where)
+                except KubeError as exc:
+                    if exc.status != 409:
+                        raise
+
+    async def _register_webhook(self, kubeconfig: Path, webhook: dict[str, Any]) -> None:
+        """Registers Istio's validating webhook and waits until it judges writes (a refused dry run)."""
+        async with Kube(load_connection(str(kubeconfig))) as kube:
+            try:
+                await kube.create(VALIDATING_WEBHOOKS, webhook)
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+            probe = {
+                "apiVersion": f"{VIRTUALSERVICES.group}/{VIRTUALSERVICES.version}",
+                "kind": "VirtualService",
+                "metadata": {"name": "elasti-webhook-probe"},
+                "spec": {
+                    "hosts": ["probe"],
+                    "http": [
+                        {
+                            "route": [
+                                {"destination": {"host": "a"}, "weight": 0},
+                                {"destination": {"host": "b"}, "weight": 0},
+                            ]
+                        }
+                    ],
+                },
+            }
+            deadline = time.monotonic() + 60
+            last = ""
+            while time.monotonic() < deadline:
+                try:
+                    await kube.request(
+                        "POST", VIRTUALSERVICES.path(istio.ISTIO_NAMESPACE), body=probe, params={"dryRun": "All"}
+                    )
+                    last = "an invalid VirtualService was accepted"
+                except KubeError as exc:
+                    if "total destination weight = 0" in exc.message:
+                        return
+                    last = exc.message
+                await asyncio.sleep(0.2)
+            raise ClusterError(f"Istio's validating webhook is not judging VirtualServices after 60s ({last})")
+
+    def _start_gateway(self, bins: binaries.Binaries, state: dict[str, Any], podnet: PodNetwork) -> None:
+        sd = self.state_dir
+        admin_port = 15000  # on the gateway's own address in the pod network
+        bootstrap = istio.write_json(
+            sd / "istio" / "gateway.json",
+            istio.envoy_bootstrap(
+                kind="router",
+                ip=podnet.ns_ip,
+                pod="istio-ingressgateway-local",
+                namespace=istio.ISTIO_NAMESPACE,
+                labels=dict(istio.GATEWAY_LABELS),
+                xds=(podnet.host_ip, state["ports"]["istiod_xds"]),
+                admin=(podnet.ns_ip, admin_port),
+                workload=istio.GATEWAY_SERVICE,
+            ),
+        )
+        state["gateway"] = f"{podnet.ns_ip}:{istio.GATEWAY_TARGET_PORT}"
+        state["gateway_admin"] = f"{podnet.ns_ip}:{admin_port}"
+        self._start(
+            state,
+            "ingress-gateway",
+            istio.envoy_argv(bins["envoy"], bootstrap),
+            match="envoy",
+            netns=str(podnet.netns_path),
+        )
+        admin = f"http://{podnet.ns_ip}:{admin_port}/ready"
+        self._wait(lambda: self._http_get(admin, None), "ingress-gateway", 60)
 
     def restart_component(self, name: str, *, stop_only: bool = False) -> None:
         """Stops one component and starts it again with the same arguments (fault tests)."""
@@ -370,7 +514,7 @@ class LocalCluster:
         _stop_pid(entry["pid"], entry.get("match"), self.procs.get(name))
         if stop_only:
             return
-        self._start(state, name, entry["argv"], entry["match"])
+        self._start(state, name, entry["argv"], entry["match"], env=entry.get("env"), netns=entry.get("netns"))
         if name == "etcd":
             port = state["ports"]["etcd"]
             self._wait(lambda: self._http_get(f"http://127.0.0.1:{port}/health", None), "etcd", 30)
@@ -410,13 +554,10 @@ class LocalCluster:
         with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
             return bytes(resp.read())
 
-    async def _install_crds(self, kubeconfig: Path) -> None:
+    async def _install_crds(self, kubeconfig: Path, istio_crds: Path) -> None:
         async with Kube(load_connection(str(kubeconfig))) as kube:
-            version = await kube.request("GET", "/version")
-            minor = int("".join(ch for ch in str(version.get("minor", "20")) if ch.isdigit()) or 20)
             names = []
-            for doc in crds.all_crds():
-                doc = crds.sanitize(doc, minor)
+            for doc in crds.all_crds(istio_crds):
                 names.append(doc["metadata"]["name"])
                 await apply_crd(kube, doc)
             deadline = time.monotonic() + 60
@@ -460,6 +601,9 @@ class LocalCluster:
                 _stop_pid(entry["pid"], entry.get("match"), self.procs.get(name))
                 if not quiet:
                     self.log(f"stopped {name}")
+        net = (state or {}).get("pod_network")
+        if net:
+            PodNetwork(**net).down()
         etcd_data = (state or {}).get("etcd_data")
         if etcd_data:
             shutil.rmtree(etcd_data, ignore_errors=True)

@@ -1,15 +1,15 @@
-"""The CRDs the local cluster installs, sanitized for the API server's version."""
+"""The CRDs the local cluster installs, all as published (CEL validation rules included)."""
 
 from __future__ import annotations
 
-import copy
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-THIRD_PARTY = ("istio-networking.yaml", "keda-scaledobjects.yaml", "argo-rollouts.yaml")
+# Istio's come from the build of istiod (``istio-crds.yaml`` beside pilot-discovery), so they match it.
+THIRD_PARTY = ("keda-scaledobjects.yaml", "argo-rollouts.yaml")
 
 
 def elastiservice_crd_path() -> Path:
@@ -30,40 +30,6 @@ def third_party_documents() -> list[dict[str, Any]]:
     return docs
 
 
-def all_crds() -> list[dict[str, Any]]:
-    return load_documents(elastiservice_crd_path()) + third_party_documents()
-
-
-def sanitize(doc: dict[str, Any], server_minor: int = 20) -> dict[str, Any]:
-    """Returns a copy that an API server of version 1.<server_minor> accepts.
-
-    Before 1.25 the server does not know ``x-kubernetes-validations``; 1.20 also refuses the empty
-    defaults (``default: ""``, read back as null) in Argo Rollouts' schema; a list-map key that loses
-    its default becomes required. Everything else is kept as published.
-    """
-    out = copy.deepcopy(doc)
-    if server_minor >= 25:
-        return out
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            node.pop("x-kubernetes-validations", None)
-            if "default" in node and node["default"] in (None, ""):
-                del node["default"]
-            for v in node.values():
-                walk(v)
-            keys = node.get("x-kubernetes-list-map-keys") or []
-            items = node.get("items") or {}
-            props = items.get("properties") or {}
-            for k in keys:
-                # A map key must have a default or be required; with the default gone, require it.
-                if k in props and "default" not in props[k] and k not in items.get("required", []):
-                    items.setdefault("required", []).append(k)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-        return node
-
-    for version in out.get("spec", {}).get("versions", []):
-        walk(version.get("schema"))
-    return out
+def all_crds(istio_crds: Path) -> list[dict[str, Any]]:
+    """Ours, Istio's (every CRD of the istiod build at hand) and the KEDA and Argo Rollouts ones we read."""
+    return load_documents(elastiservice_crd_path()) + load_documents(istio_crds) + third_party_documents()
