@@ -55,8 +55,10 @@ class Activator:
             self.control, cfg.controller_url, self.metrics, token_file=self.wake_token_file, wait=cfg.wake_wait
         )
         self.holds = Holds(self.registry, self.notifier, self.metrics, cfg.max_held)
-        self.fast_upstream = UpstreamClient(cfg.upstream_proxy, cfg.upstream_connections)
-        self.forwarder = Forwarder(self.upstream, cfg.upstream_proxy, cfg.cold_start_header, self.fast_upstream)
+        self.fast_upstream = UpstreamClient(cfg.upstream_proxy, cfg.upstream_connections, sidecar=cfg.sidecar_address)
+        self.forwarder = Forwarder(
+            self.upstream, cfg.upstream_proxy, cfg.cold_start_header, self.fast_upstream, sidecar=cfg.sidecar_address
+        )
         self.proxy = Proxy(cfg, self.registry, self.holds, self.forwarder, self.metrics)
         self.admin = Admin(self.registry, self.holds, self.metrics)
 

@@ -147,6 +147,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
+        "--sidecar-address",
+        metavar="HOST",
+        help="the activator's Istio sidecar does not capture traffic (a Sidecar resource with captureMode NONE "
+        "binding its egress listeners on HOST, one per Service port): send each upstream request to HOST at the "
+        "origin's port, in absolute-URI form",
+    )
+    options.add(
+        p,
         "--upstream-connections",
         type=int,
         default=DEFAULT_UPSTREAM_CONNECTIONS,
@@ -188,6 +196,7 @@ class Config:
     max_headers: int = DEFAULT_MAX_HEADERS
     cold_start_header: bool = True
     upstream_proxy: str | None = None
+    sidecar_address: str | None = None
     upstream_connections: int = DEFAULT_UPSTREAM_CONNECTIONS
     cluster_domain: str = "cluster.local"
     wake_token_file: str | None = None
@@ -202,6 +211,8 @@ class Config:
             raise SystemExit(
                 "--drain-timeout, --retry-body-limit, --max-body-size and --request-body-timeout must not be negative"
             )
+        if args.upstream_proxy and args.sidecar_address:
+            raise SystemExit("--upstream-proxy and --sidecar-address are exclusive: give one of them")
         if not 0 <= args.wake_wait <= 60:
             raise SystemExit("--wake-wait must be from 0 to 60 seconds")
         if min(args.max_line_size, args.max_field_size) < 256 or args.max_headers < 8:
@@ -222,6 +233,7 @@ class Config:
             max_headers=args.max_headers,
             cold_start_header=args.cold_start_header,
             upstream_proxy=args.upstream_proxy or None,
+            sidecar_address=args.sidecar_address or None,
             upstream_connections=args.upstream_connections,
             cluster_domain=args.cluster_domain.strip("."),
             wake_token_file=args.wake_token_file or None,

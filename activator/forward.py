@@ -250,11 +250,20 @@ class Forwarder:
         proxy: str | None,
         cold_start_header: bool,
         fast: UpstreamClient | None = None,
+        *,
+        sidecar: str | None = None,
     ) -> None:
         self.session = session
         self.proxy = proxy
+        self.sidecar = sidecar
         self.cold_start_header = cold_start_header
         self.fast = fast
+
+    def proxy_for(self, target: Target) -> str | None:
+        """The forward proxy for this origin: the sidecar's listener at the origin's port, or the one proxy."""
+        if self.sidecar is not None and target.authority:
+            return f"http://{self.sidecar}:{target.authority.rpartition(':')[2]}"
+        return self.proxy
 
     async def send(self, request: web.BaseRequest, target: Target, body: RequestBody) -> Upstream | None:
         """Sends the request once; None when the mesh says the origin is not ready (nothing reached it).
@@ -284,7 +293,7 @@ class Forwarder:
                     headers=upstream_headers(request, target),
                     data=payload,
                     allow_redirects=False,
-                    proxy=self.proxy,
+                    proxy=self.proxy_for(target),
                 )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if body.failure is not None:
@@ -369,7 +378,7 @@ class Forwarder:
                 headers=upstream_headers(request, target, _REQUEST_DROP | _WS_DROP),
                 protocols=protocols,
                 origin=request.headers.get("Origin"),
-                proxy=self.proxy,
+                proxy=self.proxy_for(target),
                 max_msg_size=0,
             )
         except aiohttp.WSServerHandshakeError as exc:

@@ -407,7 +407,8 @@ class Response:
 
 
 class UpstreamClient:
-    """Requests to origins (``http://host:port``), directly or through one HTTP forward proxy.
+    """Requests to origins (``http://host:port``), directly, through one HTTP forward proxy, or through a
+    sidecar that listens at each origin's port on its own address (``sidecar``).
 
     At most ``limit_per_origin`` connections are open per origin; further requests wait for one to
     come back. Idle connections are kept ``keepalive_timeout`` seconds.
@@ -420,7 +421,9 @@ class UpstreamClient:
         *,
         connect_timeout: float = 10.0,
         keepalive_timeout: float = 30.0,
+        sidecar: str | None = None,
     ) -> None:
+        self.sidecar = sidecar
         self.proxy: tuple[str, int] | None = None
         if proxy:
             url = URL(proxy)
@@ -442,7 +445,8 @@ class UpstreamClient:
         ``target`` is the origin-form path and query; ``head`` the header lines without framing
         headers (Content-Length is set here from ``body``).
         """
-        line = f"{method} http://{origin}{target} HTTP/1.1" if self.proxy else f"{method} {target} HTTP/1.1"
+        proxied = self.proxy is not None or self.sidecar is not None
+        line = f"{method} http://{origin}{target} HTTP/1.1" if proxied else f"{method} {target} HTTP/1.1"
         if body is not None:
             head = [*head, f"Content-Length: {len(body)}"]
         data = ("\r\n".join((line, *head)) + "\r\n\r\n").encode("utf-8", "surrogateescape")
@@ -520,6 +524,8 @@ class UpstreamClient:
         else:
             host, _, p = origin.rpartition(":")
             host, port = host.strip("[]"), int(p)
+            if self.sidecar is not None:
+                host = self.sidecar
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):

@@ -15,7 +15,6 @@ COMMANDS = (
     "elasti_istio.controller.main",
     "elasti_istio.localcluster.main",
     "elasti_istio.kubelet.main",
-    "elasti_istio.mesh.main",
     "activator.main",
     "elasti_istio.playground.demo",
 )

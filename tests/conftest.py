@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from elasti_istio.localcluster.cluster import ClusterInfo, LocalCluster, free_port
-from elasti_istio.playground.procs import MeshProc
+from elasti_istio.localcluster.cluster import ClusterInfo, LocalCluster
+from elasti_istio.playground import mesh as meshview
+from elasti_istio.playground.manifests import Api
 
 CLUSTER_FIXTURES = {"cluster", "local_cluster", "k8s", "namespace", "mesh"}
 
@@ -28,45 +29,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @dataclass
 class MeshInfo:
-    """Where the mesh stand-in listens (``mesh`` fixture); the kubelet's apps already use ``outbound``."""
+    """The real mesh of the session cluster: istiod, the Envoy ingress gateway, and a client pod's sidecar.
 
-    ingress_port: int
-    outbound_port: int
-    metrics_port: int
+    The client sidecar does not capture traffic: it listens on its own address at each service port, so
+    a request to ``http://web.<ns>.svc.cluster.local:<port>/...`` is sent to ``client:<port>`` in
+    absolute-URI form (:meth:`proxy_for`), as an application pod's sidecar carries it.
+    """
 
-    @property
-    def ingress(self) -> str:
-        return f"http://127.0.0.1:{self.ingress_port}"
+    ingress: str
+    gateway_admin: str
+    istiod: str
+    client: str
+
+    def proxy_for(self, port: int = 80) -> str:
+        return f"http://{self.client}:{port}"
 
     @property
     def outbound(self) -> str:
-        return f"http://127.0.0.1:{self.outbound_port}"
+        """The client sidecar's listener for port 80 (the usual Service port of the tests)."""
+        return self.proxy_for(80)
 
     @property
-    def metrics(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
+    def client_admin(self) -> str:
+        return f"http://{self.client}:15000"
 
 
 @pytest.fixture(scope="session")
-def mesh_ports() -> MeshInfo:
-    """Chosen before the cluster starts, so that the kubelet stand-in can be told the outbound address."""
-    ports: list[int] = []
-    while len(ports) < 3:
-        p = free_port()
-        if p not in ports:
-            ports.append(p)
-    return MeshInfo(*ports)
-
-
-@pytest.fixture(scope="session")
-def local_cluster(tmp_path_factory: pytest.TempPathFactory, mesh_ports: MeshInfo) -> Iterator[LocalCluster]:
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     state_dir = tmp_path_factory.mktemp("cluster")
-    lc = LocalCluster(
-        state_dir,
-        attached=True,
-        startup_seconds=float(os.environ.get("ELASTI_TEST_STARTUP", "0.5")),
-        mesh_proxy=mesh_ports.outbound,
-    )
+    lc = LocalCluster(state_dir, attached=True, startup_seconds=float(os.environ.get("ELASTI_TEST_STARTUP", "0.5")))
     lc.up()
     try:
         yield lc
@@ -80,20 +71,15 @@ def cluster(local_cluster: LocalCluster) -> ClusterInfo:
 
 
 @pytest.fixture(scope="session")
-def mesh(cluster: ClusterInfo, mesh_ports: MeshInfo) -> Iterator[MeshInfo]:
-    """The mesh stand-in (``elasti-istio mesh``) as a process, ready once its watches have synced."""
-    proc = MeshProc(
-        cluster.admin_kubeconfig,
-        cluster.state_dir / "logs" / "mesh.log",
-        mesh_ports.ingress_port,
-        mesh_ports.outbound_port,
-        mesh_ports.metrics_port,
-    ).start()
+def mesh(cluster: ClusterInfo) -> Iterator[MeshInfo]:
+    """istiod and the gateway (parts of the cluster) plus the mesh client, every proxy synced."""
+    api = Api(cluster.admin_kubeconfig)
     try:
-        proc.wait_ready(60)
-        yield mesh_ports
+        client = meshview.start_client(api)
+        meshview.wait_synced(cluster.istiod, 60)
+        yield MeshInfo(cluster.gateway_url, cluster.gateway_admin, cluster.istiod, client)
     finally:
-        proc.stop(10)
+        api.close()
 
 
 @dataclass
@@ -110,7 +96,7 @@ class K8s:
     def endpoint_addresses(self, namespace: str, service: str) -> list[str]:
         slices = self.custom.list_namespaced_custom_object(  # type: ignore[attr-defined]
             "discovery.k8s.io",
-            "v1beta1",
+            "v1",
             namespace,
             "endpointslices",
             label_selector=f"kubernetes.io/service-name={service}",

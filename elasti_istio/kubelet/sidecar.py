@@ -40,7 +40,9 @@ INJECT = "sidecar.istio.io/inject"
 ANN_SIDECAR_PORTS = f"{GROUP}/sim-sidecar-ports"
 ANN_SIDECAR_ADDRESS = f"{GROUP}/sim-sidecar-address"
 ADMIN_PORT = 15000
-DEFAULT_PORTS = (80, 8080, 9080, 9090)
+# 8012: the activator's port. A route moved to the activator needs a cluster for it, and a sidecar imports
+# only the Services that have one of its egress listeners' ports.
+DEFAULT_PORTS = (80, 8012, 8080, 9080, 9090)
 
 
 def parse_ports(raw: str) -> tuple[int, ...]:
@@ -87,6 +89,8 @@ def sidecar_resource(pod: dict[str, Any], address: str, ports: tuple[int, ...]) 
         },
         "spec": {
             "workloadSelector": {"labels": {istio.SIDECAR_LABEL: selector_value(meta["name"])}},
+            # Without capture there is no original destination to pass unknown hosts through to.
+            "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"},
             "egress": [
                 {
                     "port": {"number": p, "protocol": "HTTP", "name": f"http-{p}"},

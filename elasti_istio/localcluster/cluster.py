@@ -51,6 +51,7 @@ class ClusterInfo:
     pod_cidr: str
     node_name: str
     gateway: str = ""
+    gateway_admin: str = ""
     istiod: str = ""
 
     @property
@@ -158,6 +159,7 @@ class LocalCluster:
             pod_cidr=state["pod_cidr"],
             node_name=state["node_name"],
             gateway=state.get("gateway", ""),
+            gateway_admin=f"http://{state['gateway_admin']}" if state.get("gateway_admin") else "",
             istiod=f"http://127.0.0.1:{state['ports']['istiod_http']}" if "istiod_http" in state["ports"] else "",
         )
 

@@ -22,9 +22,9 @@ PROXY_VERSION = "1.31.0"
 WEBHOOK_NAME = "elasti-local-istio-validator"
 GATEWAY_SERVICE = "istio-ingressgateway"
 GATEWAY_LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
-# Where the ingress gateway listens in the pod network: Bookinfo's Gateway says port 80; the
-# istio-ingressgateway Service maps it to this target port, as Istio's gateway chart maps 80 to 8080
-# (a port no simulated app uses, so the gateway's wildcard listener never takes a pod's port).
+# Where the ingress gateway listens in the pod network. Gateways name port 80 or, as Bookinfo's does,
+# 8080; the istio-ingressgateway Service maps both to this target port, as Istio's gateway chart maps
+# 80 to 8080, so that istiod binds the gateway's wildcard listener on a port no simulated app uses.
 GATEWAY_TARGET_PORT = 18080
 SIDECAR_LABEL = "elasti.truefoundry.com/sim-sidecar"
 
@@ -187,7 +187,10 @@ def gateway_service() -> dict[str, Any]:
         "metadata": {"name": GATEWAY_SERVICE, "namespace": ISTIO_NAMESPACE, "labels": dict(GATEWAY_LABELS)},
         "spec": {
             "selector": {"istio": "ingressgateway"},
-            "ports": [{"name": "http2", "port": 80, "targetPort": GATEWAY_TARGET_PORT}],
+            "ports": [
+                {"name": "http2", "port": 80, "targetPort": GATEWAY_TARGET_PORT},
+                {"name": "http-alt", "port": 8080, "targetPort": GATEWAY_TARGET_PORT},
+            ],
         },
     }
 
@@ -260,6 +263,16 @@ def envoy_bootstrap(
                     },
                 }
             ]
+        },
+        # Istio's tags: a cluster's statistics are labelled cluster_name="outbound|80||web.ns.svc.cluster.local"
+        # (istiod ends each cluster's stat name with ';' for this pattern), not split at its dots.
+        "stats_config": {
+            "use_all_default_tags": False,
+            "stats_tags": [
+                {"tag_name": "cluster_name", "regex": "^cluster(\\.(.+);)"},
+                {"tag_name": "response_code", "regex": "_rq(_(\\d{3}))$"},
+                {"tag_name": "response_code_class", "regex": "_rq(_(\\dxx))$"},
+            ],
         },
         "layered_runtime": {
             "layers": [{"name": "static", "static_layer": {"overload.global_downstream_max_connections": 100000}}]

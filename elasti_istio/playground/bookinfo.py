@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import http.client
-import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ FILES = (
 ELASTISERVICES = ("details", "reviews-v1", "reviews-v2", "reviews-v3")
 GROUP, VERSION = "elasti.truefoundry.com", "v1alpha1"
 DETAILS_MARK = "Book Details"
+INJECTION = {"istio-injection": "enabled"}
 DETAILS_ERROR = "product details are currently unavailable"
 
 
@@ -31,6 +30,8 @@ def examples_dir() -> Path:
 def apply(api: Api, namespace: str, directory: Path | None = None) -> None:
     directory = directory or examples_dir()
     api.ensure_namespace(namespace)
+    # As Istio's Bookinfo guide does: every pod of the namespace gets a sidecar.
+    api.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": INJECTION}})
     for name in FILES:
         api.apply_all(load(directory / name), namespace)
 
@@ -85,24 +86,43 @@ def describe_routes(spec: dict[str, Any]) -> list[str]:
     return lines
 
 
-def destinations_without_endpoints(routes: dict[str, Any], namespace: str) -> list[str]:
-    """Weighted destinations of the namespace's Services for which the mesh (``/debug/routes``) has no
-    ready endpoint yet. Kubernetes' EndpointSlice controller can trail pod readiness by a second
-    (its retry after a stale-cache sync), so a Deployment being ready does not mean routable."""
-    suffix = f".{namespace}.svc.cluster.local"
-    missing = set()
-    for host_routes in ((routes.get("mesh") or {}).get("hosts") or {}).values():
-        for route in host_routes:
-            for d in route.get("destinations") or []:
-                if d.get("weight") and d["host"].endswith(suffix) and not d.get("endpoints"):
-                    missing.add(d["host"].removesuffix(suffix) + (f" subset {d['subset']}" if d.get("subset") else ""))
+def weighted_destinations(virtualservices: list[dict[str, Any]], namespace: str) -> set[tuple[str, str]]:
+    """``(service, subset)`` of every destination in the namespace that a route gives traffic to."""
+    out = set()
+    for vs in virtualservices:
+        for route in (vs.get("spec") or {}).get("http") or []:
+            dests = route.get("route") or []
+            for d in dests:
+                weight = d.get("weight", 100 if len(dests) == 1 else 0)
+                host = d["destination"].get("host", "")
+                name = host.split(".")[0]
+                if weight and (host == name or host.split(".")[1:2] == [namespace]):
+                    out.add((name, d["destination"].get("subset") or ""))
+    return out
+
+
+def destinations_without_endpoints(wanted: set[tuple[str, str]], namespace: str, clusters: dict[str, int]) -> list[str]:
+    """The wanted destinations for which an Envoy (its ``/clusters``: name → healthy hosts) has no healthy
+    endpoint yet. Kubernetes' EndpointSlice controller can trail pod readiness and istiod debounces its
+    pushes, so a Deployment being ready does not mean routable."""
+    missing = []
+    for name, subset in sorted(wanted):
+        suffix = f"|{subset}|{name}.{namespace}.svc.cluster.local"
+        if not any(c.startswith("outbound|") and c.endswith(suffix) and n > 0 for c, n in clusters.items()):
+            missing.append(name + (f" subset {subset}" if subset else ""))
+    return missing
+
+
+def unrouted(api: Api, gateway_admin: str, namespace: str) -> list[str]:
+    """:func:`destinations_without_endpoints` as the gateway and every Ready sidecar of the namespace see it."""
+    from elasti_istio.playground.mesh import healthy_hosts, sidecar_admins
+
+    items = api.custom.list_namespaced_custom_object("networking.istio.io", "v1", namespace, "virtualservices")
+    wanted = weighted_destinations(items["items"], namespace)
+    missing: set[str] = set()
+    for admin in [gateway_admin, *sidecar_admins(api, namespace)]:
+        missing.update(destinations_without_endpoints(wanted, namespace, healthy_hosts(admin)))
     return sorted(missing)
-
-
-def unrouted(mesh_metrics_url: str, namespace: str) -> list[str]:
-    """:func:`destinations_without_endpoints` as the running mesh sees them now."""
-    with urllib.request.urlopen(mesh_metrics_url + "/debug/routes", timeout=10) as resp:
-        return destinations_without_endpoints(json.load(resp), namespace)
 
 
 def get_page(base_url: str, path: str = "/productpage", timeout: float = 90) -> tuple[int, dict[str, str], str]:

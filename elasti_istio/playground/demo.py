@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "demo",
         help="run Bookinfo on a local cluster and show details scaled to zero and woken by a request",
-        description="Starts a local cluster with Bookinfo, the mesh stand-in, the controller and the activator, "
+        description="Starts a local cluster (Kubernetes, istiod, an Envoy ingress gateway and sidecars) with Bookinfo, "
+        "the controller and the activator, "
         "then scales details-v1 to 0 as KEDA would, requests /productpage through the ingress gateway and shows "
         "the request held while details wakes, and the routes restored. Ctrl-C stops everything.",
     )
@@ -46,7 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=False,
         help="leave everything running after the story (gateway URL and commands printed) until Ctrl-C",
     )
-    options.add(p, "--ingress-port", type=int, default=0, help="ingress gateway port on 127.0.0.1 (0: a free one)")
     options.add(
         p,
         "--startup-seconds",
@@ -64,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     narrator = Narrator(out)
     pg = Playground(
         Path(args.state_dir),
-        ingress_port=args.ingress_port,
         startup_seconds=args.startup_seconds,
         namespace=args.bookinfo_namespace,
     )
@@ -81,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
                 rc = 1
                 narrator.timeline()
                 narrator.say(f"\nFAILED at step '{exc.title}': {exc.reason}")
-                narrator.say(f"Logs: {pg.logs_dir} (controller.log, activator.log, mesh.log, kubelet.log, ...)")
+                narrator.say(
+                    f"Logs: {pg.logs_dir} (controller.log, activator.log, istiod.log, ingress-gateway.log, "
+                    "kubelet.log, ...; sidecars in ../sidecars)"
+                )
             if args.keep and pg.info is not None:
                 try:
                     keep(pg, narrator)
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             # A second Ctrl-C (or a SIGTERM) must not cut the cleanup short.
             previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
             try:
-                narrator.say("stopping the controller, the activator, the mesh and the cluster ...")
+                narrator.say("stopping the controller, the activator and the cluster (istiod, the Envoys) ...")
                 pg.stop()
                 narrator.say(f"stopped; logs kept in {pg.logs_dir}")
             finally:
@@ -109,19 +111,20 @@ def story(pg: Playground, n: Narrator, timeout: float) -> None:
         since = time.monotonic()
         pg.cluster.log = lambda msg: n.progress(msg, since)
         info = pg.start_cluster()
-        n.detail("etcd, kube-apiserver, kube-controller-manager and the kubelet stand-in are up")
-        n.detail(f"API server {info.server}; pods get addresses in {info.pod_cidr}")
+        n.detail(
+            "etcd, kube-apiserver, kube-controller-manager, istiod, the kubelet stand-in and the Envoy ingress "
+            "gateway are up"
+        )
+        n.detail(f"API server {info.server}; pods get addresses in {info.pod_cidr}; gateway {info.gateway_url}")
     with n.step("install elasti-system: RBAC, activator Deployment"):
         pg.install_system()
         n.detail("the shipped RBAC (deploy/kustomize/base) and the elasti-activator Deployment and Service")
         n.detail("controller and activator run as system:serviceaccount:elasti-system:elasti-{controller,activator}")
-    with n.step("start the mesh stand-in"):
-        pg.start_mesh()
-        n.detail(f"ingress gateway {pg.gateway_url}, outbound proxy {pg.outbound_url}")
     with n.step("start the activator and the controller"):
         act = pg.start_activator()
         ctl = pg.start_controller()
-        n.detail(f"activator pid {act.pid} on 127.0.0.1:{act.port} (pod elasti-system/elasti-activator forwards to it)")
+        n.detail(f"activator pid {act.pid} on 127.0.0.1:{act.port} (pod elasti-system/elasti-activator forwards to it;")
+        n.detail("its upstream requests go through that pod's Envoy sidecar)")
         n.detail(f"controller pid {ctl.pid}, wake endpoint {ctl.base_url}")
     with n.step(f"deploy Bookinfo in namespace {ns}"):
         pg.deploy_bookinfo()
@@ -220,7 +223,7 @@ def request_and_watch(pg: Playground, n: Narrator, st: Step, timeout: float) -> 
 
 def keep(pg: Playground, n: Narrator) -> None:
     """Prints how to look around, then waits for Ctrl-C, reporting a process that exits meanwhile."""
-    assert pg.info is not None and pg.activator is not None and pg.controller is not None and pg.mesh is not None
+    assert pg.info is not None and pg.activator is not None and pg.controller is not None
     kc = pg.info.admin_kubeconfig
     ns = pg.namespace
     n.say()
@@ -237,7 +240,8 @@ def keep(pg: Playground, n: Narrator) -> None:
         f"curl -s {pg.gateway_url}/productpage | grep -c '{bookinfo.DETAILS_MARK}'",
         f"kubectl -n {ns} scale deployment reviews-v2 --replicas=0   # one version of three asleep",
         f"curl -s {pg.activator.admin_url}/metrics | grep ^elasti_",
-        f"curl -s {pg.mesh.metrics}/metrics | grep istio_requests_total",
+        f"curl -s {pg.info.gateway_admin}/stats/prometheus | grep envoy_cluster_upstream_rq_total",
+        f"curl -s {pg.info.istiod}/debug/syncz",
     ):
         n.say("  " + line if line else "")
     n.say("Ctrl-C stops everything.")

@@ -141,46 +141,6 @@ class Proc:
             time.sleep(0.05)
 
 
-class MeshProc(Proc):
-    """``elasti-istio mesh``: the ingress gateway and the sidecar outbound proxy."""
-
-    def __init__(
-        self, kubeconfig: Path, log_path: Path, ingress_port: int, outbound_port: int, metrics_port: int
-    ) -> None:
-        self.ingress_port, self.outbound_port, self.metrics_port = ingress_port, outbound_port, metrics_port
-        super().__init__(
-            [
-                "mesh",
-                "--kubeconfig",
-                str(kubeconfig),
-                "--ingress-listen",
-                f"127.0.0.1:{ingress_port}",
-                "--outbound-listen",
-                f"127.0.0.1:{outbound_port}",
-                "--metrics-listen",
-                f"127.0.0.1:{metrics_port}",
-            ],
-            log_path,
-            name="mesh",
-        )
-
-    @property
-    def ingress(self) -> str:
-        return f"http://127.0.0.1:{self.ingress_port}"
-
-    @property
-    def outbound(self) -> str:
-        return f"http://127.0.0.1:{self.outbound_port}"
-
-    @property
-    def metrics(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
-
-    def wait_ready(self, timeout: float = 60) -> MeshProc:
-        self.wait_http(self.metrics + "/readyz", timeout, "ready (watches synced)")
-        return self
-
-
 class ControllerProc(Proc):
     """``elasti-istio controller`` on loopback ports (0: a free one)."""
 
@@ -236,7 +196,7 @@ class ControllerProc(Proc):
 
 
 class ActivatorProc(Proc):
-    """``elasti-istio activator`` sending upstream requests through the mesh's outbound proxy."""
+    """``elasti-istio activator`` sending upstream requests through its pod's Istio sidecar."""
 
     def __init__(
         self,
@@ -244,7 +204,7 @@ class ActivatorProc(Proc):
         log_path: Path,
         *extra: str,
         controller_url: str,
-        upstream_proxy: str,
+        sidecar_address: str,
         port: int = 0,
         admin_port: int = 0,
         drain_timeout: float = 30.0,
@@ -263,8 +223,8 @@ class ActivatorProc(Proc):
                 f"127.0.0.1:{self.admin_port}",
                 "--controller-url",
                 controller_url,
-                "--upstream-proxy",
-                upstream_proxy,
+                "--sidecar-address",
+                sidecar_address,
                 "--drain-timeout",
                 str(drain_timeout),
                 "--log-level",

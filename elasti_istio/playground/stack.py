@@ -1,4 +1,5 @@
-"""The whole system on one machine: local cluster, elasti-system, mesh, activator, controller, Bookinfo.
+"""The whole system on one machine: local cluster (with istiod and the Envoy gateway), elasti-system,
+activator, controller, Bookinfo.
 
 Each part is a method so that a caller can time and narrate it; :meth:`Playground.stop` stops what was
 started, newest first, and is safe to call at any point (also twice).
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elasti_istio.localcluster.cluster import ClusterInfo, LocalCluster
-from elasti_istio.playground import bookinfo, system
+from elasti_istio.playground import bookinfo, mesh, system
 from elasti_istio.playground.manifests import Api
-from elasti_istio.playground.procs import ActivatorProc, ControllerProc, MeshProc, Proc, free_ports
+from elasti_istio.playground.procs import ActivatorProc, ControllerProc, Proc, free_ports
 
 
 class PlaygroundError(RuntimeError):
@@ -25,24 +26,19 @@ class PlaygroundError(RuntimeError):
 
 @dataclass
 class Ports:
-    ingress: int
-    outbound: int
-    mesh_metrics: int
     activator: int
     activator_admin: int
     wake: int
     controller_metrics: int
 
     @classmethod
-    def pick(cls, ingress: int = 0) -> Ports:
-        p = free_ports(7, avoid=(ingress,) if ingress else ())
-        return cls(ingress or p[0], *p[1:])
+    def pick(cls) -> Ports:
+        return cls(*free_ports(4))
 
 
 @dataclass
 class Playground:
     state_dir: Path
-    ingress_port: int = 0
     startup_seconds: float = 1.0
     namespace: str = "bookinfo"
     log: Callable[[str], None] = lambda _msg: None
@@ -50,20 +46,13 @@ class Playground:
     cluster: LocalCluster = field(init=False)
     info: ClusterInfo | None = field(init=False, default=None)
     api: Api | None = field(init=False, default=None)
-    mesh: MeshProc | None = field(init=False, default=None)
     activator: ActivatorProc | None = field(init=False, default=None)
     controller: ControllerProc | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).absolute()
-        self.ports = Ports.pick(self.ingress_port)
-        self.cluster = LocalCluster(
-            self.state_dir,
-            attached=True,
-            startup_seconds=self.startup_seconds,
-            mesh_proxy=f"http://127.0.0.1:{self.ports.outbound}",
-            log=self.log,
-        )
+        self.ports = Ports.pick()
+        self.cluster = LocalCluster(self.state_dir, attached=True, startup_seconds=self.startup_seconds, log=self.log)
 
     @property
     def logs_dir(self) -> Path:
@@ -71,14 +60,11 @@ class Playground:
 
     @property
     def gateway_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.ingress}"
-
-    @property
-    def outbound_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.outbound}"
+        """The Istio ingress gateway (Envoy) of the local cluster."""
+        return self._info().gateway_url
 
     def procs(self) -> list[Proc]:
-        return [p for p in (self.mesh, self.activator, self.controller) if p is not None]
+        return [p for p in (self.activator, self.controller) if p is not None]
 
     # ---- parts, in order --------------------------------------------------------------------
     def start_cluster(self) -> ClusterInfo:
@@ -98,25 +84,13 @@ class Playground:
     def install_system(self) -> None:
         system.install(self._api(), self.ports.activator, self.ports.activator_admin)
 
-    def start_mesh(self) -> MeshProc:
-        info = self._info()
-        self.mesh = MeshProc(
-            info.admin_kubeconfig,
-            self.logs_dir / "mesh.log",
-            self.ports.ingress,
-            self.ports.outbound,
-            self.ports.mesh_metrics,
-        ).start()
-        self.mesh.wait_ready()
-        return self.mesh
-
     def start_activator(self) -> ActivatorProc:
         info = self._info()
         self.activator = ActivatorProc(
             info.activator_kubeconfig,
             self.logs_dir / "activator.log",
             controller_url=f"http://127.0.0.1:{self.ports.wake}",
-            upstream_proxy=self.outbound_url,
+            sidecar_address=system.activator_sidecar(self._api()),
             port=self.ports.activator,
             admin_port=self.ports.activator_admin,
             drain_timeout=5,
@@ -150,9 +124,12 @@ class Playground:
         waiting = [n for n in bookinfo.ELASTISERVICES if bookinfo.phase(api, self.namespace, n) != "Serving"]
         if waiting:
             return "ElastiServices not Serving yet: " + ", ".join(waiting)
-        unrouted = bookinfo.unrouted(self._mesh().metrics, self.namespace)
+        unrouted = bookinfo.unrouted(self._api(), self._info().gateway_admin, self.namespace)
         if unrouted:
             return "the mesh has no ready endpoint yet for " + ", ".join(unrouted)
+        late = mesh.unsynced(self._info().istiod)
+        if late:
+            return "istiod has not seen these proxies ack their configuration yet: " + ", ".join(late)
         status, headers, body = bookinfo.get_page(self.gateway_url, timeout=10)
         problem = bookinfo.page_problem(status, headers, body)
         return f"productpage through the gateway: {problem}" if problem else ""
@@ -177,11 +154,6 @@ class Playground:
         if self.api is None:
             raise PlaygroundError("the cluster is not started")
         return self.api
-
-    def _mesh(self) -> MeshProc:
-        if self.mesh is None:
-            raise PlaygroundError("the mesh is not started")
-        return self.mesh
 
     def _info(self) -> ClusterInfo:
         if self.info is None:

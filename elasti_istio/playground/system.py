@@ -3,7 +3,9 @@
 The activator runs as a local process; its Pod in the cluster forwards ports 8012 and 9091 to it
 (``sim-forward``) and is Ready exactly while the process answers ``/readyz`` (``sim-readiness-url``).
 The mesh therefore routes ``elasti-activator.elasti-system.svc.cluster.local:8012`` to the process,
-and the controller's fail-open check sees the real activator's readiness.
+and the controller's fail-open check sees the real activator's readiness. The Pod has an Istio
+sidecar, as in a real install: the process sends its upstream requests to that Envoy
+(``--sidecar-address``, see :func:`activator_sidecar`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def activator_workload(port: int, admin_port: int, replicas: int = 1) -> list[di
                 "selector": {"matchLabels": {"app": ACTIVATOR}},
                 "template": {
                     "metadata": {
-                        "labels": labels,
+                        "labels": {**labels, "sidecar.istio.io/inject": "true"},
                         "annotations": {
                             ANNOTATION + "sim-forward": f"8012=127.0.0.1:{port},9091=127.0.0.1:{admin_port}",
                             ANNOTATION + "sim-readiness-url": f"http://127.0.0.1:{admin_port}/readyz",
@@ -130,6 +132,22 @@ def uninstall(api: Api) -> None:
 def activator_ready(api: Api) -> bool:
     dep = api.get("apps/v1", "Deployment", ACTIVATOR, SYSTEM_NAMESPACE)
     return bool(dep and ((dep.get("status") or {}).get("readyReplicas") or 0) >= 1)
+
+
+def activator_sidecar(api: Api, timeout: float = 90) -> str:
+    """The address of the activator Pod's sidecar, once the kubelet stand-in has given it one."""
+    from elasti_istio.playground.mesh import pod_sidecar
+
+    found: list[str] = []
+
+    def probe() -> bool:
+        address = pod_sidecar(api, SYSTEM_NAMESPACE, f"app={ACTIVATOR}")
+        if address:
+            found.append(address)
+        return bool(address)
+
+    _until(probe, "the activator Pod's sidecar address", timeout)
+    return found[0]
 
 
 def _namespace_active(api: Api) -> None:

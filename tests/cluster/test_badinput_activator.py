@@ -139,8 +139,8 @@ def activator(cluster: ClusterInfo, k8s: K8s, namespace: str, mesh: MeshInfo, tm
             namespace,
             "--controller-url",
             "http://127.0.0.1:9",  # no controller: nothing here needs a wake to succeed
-            "--upstream-proxy",
-            mesh.outbound,
+            "--sidecar-address",
+            mesh.client,
             "--max-line-size",
             str(MAX_LINE),
             "--max-field-size",

@@ -45,8 +45,8 @@ def test_status_wake_and_sleep(
             f"127.0.0.1:{admin}",
             "--controller-url",
             f"http://127.0.0.1:{free_port()}",
-            "--upstream-proxy",
-            mesh.outbound,
+            "--sidecar-address",
+            mesh.client,
         ],
         tmp_path / "activator.log",
     ).start()

@@ -289,8 +289,8 @@ def prometheus(mesh: MeshInfo, tmp_path_factory: pytest.TempPathFactory) -> Iter
     d = tmp_path_factory.mktemp("prometheus")
     (d / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: mesh\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{mesh.metrics_port}']\n"
+        "scrape_configs:\n  - job_name: mesh\n    metrics_path: /stats/prometheus\n    static_configs:\n"
+        f"      - targets: ['{mesh.client_admin.removeprefix('http://')}']\n"
     )
     port = free_port()
     log = (d / "prometheus.log").open("wb")
@@ -318,7 +318,7 @@ def traffic(mesh: MeshInfo, host: str, stop: threading.Event, results: list[int]
     import urllib.error
     import urllib.request
 
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": mesh.outbound}))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": mesh.proxy_for(9080)}))
     while not stop.is_set():
         try:
             with opener.open(f"http://{host}:9080/details/0", timeout=10) as resp:
@@ -334,9 +334,10 @@ def test_idle_scale_down_with_prometheus(
     k8s: K8s, namespace: str, start_controller: Any, mesh: MeshInfo, prometheus: str
 ) -> None:
     bookinfo(k8s, namespace)
+    # Envoy's own counter, as scraped from the calling sidecar: requests to any subset of details.
     query = (
-        f'sum(rate(istio_requests_total{{destination_service_namespace="{namespace}",'
-        f'destination_service_name="details"}}[5s]))'
+        f'sum(rate(envoy_cluster_upstream_rq_total{{cluster_name=~"outbound[|]9080[|].*[|]details[.]{namespace}'
+        f'[.]svc[.]cluster[.]local"}}[5s]))'
     )
     patch(
         k8s,

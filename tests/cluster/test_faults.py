@@ -59,7 +59,7 @@ def test_requests_held_across_a_control_plane_restart_are_served(
         "--namespace",
         namespace,
         controller_url=ctrl.wake_url.rsplit("/v1/", 1)[0],
-        upstream_proxy=mesh.outbound,
+        sidecar_address=mesh.client,
     ).start()
     try:
         act.wait_ready()
@@ -101,7 +101,7 @@ def test_activator_killed_with_requests_held(
         "--namespace",
         namespace,
         controller_url=f"http://127.0.0.1:{free_port()}",
-        upstream_proxy=mesh.outbound,
+        sidecar_address=mesh.client,
     ).start()
     act.wait_ready()
     create(

@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import itertools
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,10 +29,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import elasti_istio
 from elasti_istio.controller import vspatch
 from elasti_istio.kube import Kube, load_connection
 from elasti_istio.kube.client import JSON_PATCH
+from elasti_istio.localcluster import binaries
 from elasti_istio.localcluster.cluster import ClusterInfo
 from elasti_istio.resources import VIRTUALSERVICES
 from elasti_istio.vsrewrite import (
@@ -48,21 +48,23 @@ from elasti_istio.vsrewrite import (
     write_restore,
 )
 
-CRD = Path(elasti_istio.__file__).parent / "localcluster" / "crds" / "istio-networking.yaml"
+# Every test here needs the Istio CRDs of the local cluster's istiod build.
+pytestmark = pytest.mark.cluster
+
 ACT = ActivatorRef("elasti-activator.elasti-system.svc.cluster.local", 8012)
 SERVICE = "details"
 INT32 = (-(2**31), 2**31 - 1)
 
 
+@functools.cache
 def vs_spec_schema(version: str = VIRTUALSERVICES.version) -> dict[str, Any]:
-    for doc in yaml.safe_load_all(CRD.read_text()):
+    """From the Istio CRDs the local cluster installs (those of the istiod build it runs)."""
+    crds = binaries.find(install=False).istio_crds
+    for doc in yaml.safe_load_all(crds.read_text()):
         if doc and doc.get("kind") == "CustomResourceDefinition" and doc["spec"]["names"]["kind"] == "VirtualService":
             v = next(v for v in doc["spec"]["versions"] if v["name"] == version)
             return v["schema"]["openAPIV3Schema"]["properties"]["spec"]
     raise LookupError("no VirtualService CRD")
-
-
-SCHEMA = vs_spec_schema()
 
 
 # --- the generator ----------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class Generator:
         )
 
     def specs(self) -> st.SearchStrategy[dict[str, Any]]:
-        return self.build(SCHEMA)
+        return self.build(vs_spec_schema())
 
 
 # --- a structural check against the schema -------------------------------------------------------------
@@ -285,7 +287,7 @@ OFFLINE = Generator("shop")
 def check_rewrite(spec: dict[str, Any], ns: str, target: Target) -> tuple[dict[str, Any], Any]:
     """Proxy then serve, offline: schema-valid output, totals kept, exact restore."""
     proxied, entries = to_proxy(spec, ns, target, ACT)
-    assert violations(proxied, SCHEMA) == [], violations(proxied, SCHEMA)
+    assert violations(proxied, vs_spec_schema()) == [], violations(proxied, vs_spec_schema())
     for before, after in zip(spec.get("http") or [], proxied.get("http") or [], strict=True):
         if isinstance(before.get("route"), list) and before["route"]:
             assert route_total(after["route"]) == route_total(before["route"])
@@ -302,7 +304,7 @@ def test_generated_specs_are_valid_under_the_schema(record_property: Any) -> Non
     def one(spec: dict[str, Any], target: Target) -> None:
         nonlocal tried
         tried += 1
-        assert violations(spec, SCHEMA) == []
+        assert violations(spec, vs_spec_schema()) == []
         check_rewrite(spec, "shop", target)
 
     one()

@@ -1,4 +1,5 @@
-"""The end-to-end suite's system: the session cluster and mesh, plus elasti-system and one activator.
+"""The end-to-end suite's system: the session cluster and its real mesh (istiod, Envoy gateway and
+sidecars), plus elasti-system and one activator whose upstream requests go through its pod's sidecar.
 
 For the duration of this package the shipped RBAC is installed (the activator's ClusterRoleBinding
 included: it only reads ElastiServices); the controller's ClusterRole is granted per test namespace,
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from elasti_istio.localcluster.cluster import ClusterInfo
+from elasti_istio.playground import mesh as meshview
 from elasti_istio.playground import system
 from elasti_istio.playground.manifests import Api
 from elasti_istio.playground.procs import ActivatorProc, ControllerProc, free_ports
@@ -36,7 +38,7 @@ class System:
 
     @property
     def sidecar(self) -> Sidecar:
-        return Sidecar(self.mesh.outbound)
+        return Sidecar(self.mesh.client)
 
     def activator_ready(self) -> None:
         """The process answers /readyz and its Pod is Ready, so the controllers route to it."""
@@ -48,13 +50,13 @@ class System:
 def e2e(k8s: K8s, cluster: ClusterInfo, mesh: MeshInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     api = Api(cluster.admin_kubeconfig)
     logs = tmp_path_factory.mktemp("e2e")
-    wake_port, port, admin_port = free_ports(3, avoid=(mesh.ingress_port, mesh.outbound_port, mesh.metrics_port))
+    wake_port, port, admin_port = free_ports(3)
     system.install(api, port, admin_port, cluster_wide_controller=False)
     activator = ActivatorProc(
         cluster.activator_kubeconfig,
         logs / "activator.log",
         controller_url=f"http://127.0.0.1:{wake_port}",
-        upstream_proxy=mesh.outbound,
+        sidecar_address=system.activator_sidecar(api),
         port=port,
         admin_port=admin_port,
         drain_timeout=5,
@@ -63,6 +65,7 @@ def e2e(k8s: K8s, cluster: ClusterInfo, mesh: MeshInfo, tmp_path_factory: pytest
     sys_ = System(api, cluster, mesh, activator, wake_port, logs)
     try:
         sys_.activator_ready()
+        meshview.wait_synced(cluster.istiod, 60)
         yield sys_
     finally:
         activator.stop()

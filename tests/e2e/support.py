@@ -1,7 +1,7 @@
 """What the end-to-end scenarios share: a generic app with its ElastiService, and clients that never retry.
 
-Every request goes through the mesh stand-in: the sidecar outbound proxy in absolute-URI form, as an
-application pod's sidecar carries it (``GET http://web.<ns>.svc.cluster.local/... HTTP/1.1``).
+Every request goes through the real mesh: the mesh client's Envoy sidecar, at the target's port, in
+absolute-URI form, as an application pod's sidecar carries it (``GET http://web.<ns>.svc.cluster.local/...``).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,13 +43,17 @@ class Answer:
 
 
 class Sidecar:
-    """Requests through the mesh's outbound proxy; each on a fresh connection unless one is passed."""
+    """Requests through the mesh client's sidecar; each on a fresh connection unless one is passed.
 
-    def __init__(self, outbound: str) -> None:
-        self.hostport = outbound.removeprefix("http://")
+    The sidecar listens on its address at each service port: a request goes to the listener of its
+    target's port.
+    """
 
-    def connection(self, timeout: float = 60) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.hostport, timeout=timeout)
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def connection(self, timeout: float = 60, port: int = 80) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.address, port, timeout=timeout)
 
     def request(
         self,
@@ -62,7 +67,7 @@ class Sidecar:
         chunked: bool = False,
     ) -> Answer:
         own = conn is None
-        c = conn or self.connection(timeout)
+        c = conn or self.connection(timeout, urllib.parse.urlsplit(target).port or 80)
         try:
             c.request(method, target, body=body, headers=headers or {}, encode_chunked=chunked)
             resp = c.getresponse()

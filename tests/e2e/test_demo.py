@@ -9,32 +9,35 @@ from pathlib import Path
 
 import pytest
 
-from elasti_istio.localcluster.cluster import ClusterInfo, _pod_octet
+from elasti_istio.localcluster.cluster import ClusterInfo, pod_network
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
 STEPS = (
     "[1] start the local cluster",
     "[2] install elasti-system",
-    "[3] start the mesh stand-in",
-    "[4] start the activator and the controller",
-    "[5] deploy Bookinfo in namespace bookinfo",
-    "[6] scale details-v1 to 0, as KEDA would",
+    "[3] start the activator and the controller",
+    "[4] deploy Bookinfo in namespace bookinfo",
+    "[5] scale details-v1 to 0, as KEDA would",
     "weight 100  sets elasti-service: bookinfo/details",
-    "[7] GET /productpage through the ingress gateway",
+    "[6] GET /productpage through the ingress gateway",
     "held by the activator",
     "the controller scaled details-v1 to 1",
     "the page is complete",
-    "[8] routes restored",
+    "[7] routes restored",
     "Timeline",
     "All steps passed.",
 )
 
 
 def own_state_dir(base: Path, cluster: ClusterInfo) -> Path:
-    """A state dir whose pod address range differs from the session cluster's."""
-    taken = _pod_octet(cluster.state_dir)
-    return next(d for i in range(50) if _pod_octet(d := base / f"demo-{i}") != taken)
+    """A state dir whose pod network (range, namespace) differs from the session cluster's."""
+    taken = pod_network(cluster.state_dir)
+    return next(
+        d
+        for i in range(50)
+        if (net := pod_network(d := base / f"demo-{i}")).octet != taken.octet and net.ident != taken.ident
+    )
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -69,4 +72,5 @@ def test_demo_runs_the_story_and_leaves_nothing_running(cluster: ClusterInfo, tm
     assert not missing, f"not narrated: {missing}"
     assert positions == sorted(positions), "steps out of order"
     assert not processes_mentioning(str(state)), "processes left behind"
+    assert not pod_network(state).exists(), "the demo's network namespace was left behind"
     assert (state / "logs" / "controller.log").exists() and (state / "logs" / "activator.log").exists()

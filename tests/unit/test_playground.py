@@ -101,34 +101,44 @@ def test_page_problems(status: int, headers: dict[str, str], body: str, problem:
     assert found == problem if problem is None else problem in (found or "")
 
 
-def test_destinations_without_endpoints_are_the_weighted_ones_of_the_namespace() -> None:
-    def dest(host: str, subset: str | None, weight: int, endpoints: int | None) -> dict[str, Any]:
-        return {"host": host, "subset": subset, "port": None, "weight": weight, "endpoints": endpoints}
+def test_weighted_destinations_are_those_of_the_namespace_that_get_traffic() -> None:
+    def vs(*routes: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"spec": {"http": [{"route": r} for r in routes]}}
 
-    sfx = ".bookinfo.svc.cluster.local"
-    routes = {
-        "ingress": {"hosts": {"*": [{"route": "r", "destinations": [dest("productpage" + sfx, None, 100, 0)]}]}},
-        "mesh": {
-            "hosts": {
-                "reviews" + sfx: [
-                    {
-                        "route": "reviews",
-                        "destinations": [
-                            dest("reviews" + sfx, "v1", 50, 1),
-                            dest("reviews" + sfx, "v2", 30, 0),
-                            dest("reviews" + sfx, "v3", 20, None),
-                        ],
-                    }
-                ],
-                "details" + sfx: [{"route": "d", "destinations": [dest("details" + sfx, "v1", 0, 0)]}],
-                "other.elsewhere.svc.cluster.local": [
-                    {"route": "o", "destinations": [dest("other.elsewhere.svc.cluster.local", None, 100, 0)]}
-                ],
-            }
-        },
+    def d(host: str, subset: str | None = None, weight: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"destination": {"host": host, **({"subset": subset} if subset else {})}}
+        if weight is not None:
+            out["weight"] = weight
+        return out
+
+    items = [
+        vs([d("productpage")]),
+        vs([d("reviews", "v1", 50), d("reviews", "v2", 50), d("reviews", "v3", 0)]),
+        vs([d("details.bookinfo.svc.cluster.local", "v1")]),
+        vs([d("other.elsewhere.svc.cluster.local")]),
+    ]
+    assert bookinfo.weighted_destinations(items, "bookinfo") == {
+        ("productpage", ""),
+        ("reviews", "v1"),
+        ("reviews", "v2"),
+        ("details", "v1"),
     }
-    assert bookinfo.destinations_without_endpoints(routes, "bookinfo") == ["reviews subset v2", "reviews subset v3"]
-    assert bookinfo.destinations_without_endpoints({}, "bookinfo") == []
+
+
+def test_destinations_without_endpoints_are_those_without_a_healthy_host_in_envoy() -> None:
+    sfx = ".bookinfo.svc.cluster.local"
+    clusters = {
+        f"outbound|9080||productpage{sfx}": 1,
+        f"outbound|9080|v1|reviews{sfx}": 2,
+        f"outbound|9080|v2|reviews{sfx}": 0,
+        "outbound|9080|v1|details.other.svc.cluster.local": 1,
+    }
+    wanted = {("productpage", ""), ("reviews", "v1"), ("reviews", "v2"), ("details", "v1")}
+    assert bookinfo.destinations_without_endpoints(wanted, "bookinfo", clusters) == [
+        "details subset v1",
+        "reviews subset v2",
+    ]
+    assert bookinfo.destinations_without_endpoints(set(), "bookinfo", clusters) == []
 
 
 def test_activator_workload_forwards_both_ports_and_follows_readiness() -> None:
