@@ -2,8 +2,8 @@
 
 Pinning (two cores): for the activator throughput figure the proxy under test (the activator, or
 nginx) runs on CPU 0 and the load generator (wrk, or the open-loop Python generator) with the backend
-nginx on CPU 1; the warm path pins the mesh stand-in to CPU 0 and wrk with the apps to CPU 1 (see
-``PINNING``, printed at the start and stored in results.json).
+nginx on CPU 1; the warm path pins the Envoy ingress gateway to CPU 0 and wrk with the apps to CPU 1
+(see ``PINNING``, printed at the start and stored in results.json).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from elasti_istio.playground.stack import Playground
 
 PINNING = (
     "figure 4: proxy under test (activator or nginx) on CPU 0; wrk / the open-loop generator and the backend nginx "
-    "on CPU 1. Figure 5: the mesh stand-in on CPU 0, wrk and the apps (kubelet stand-in) on CPU 1. Figures 1-3: "
-    "nothing pinned. Otherwise the cluster (etcd, kube-apiserver, kube-controller-manager, kubelet stand-in), the "
-    "controller and the mesh run unpinned."
+    "on CPU 1. Figure 5: the Envoy ingress gateway on CPU 0, wrk and the apps (kubelet stand-in) on CPU 1. "
+    "Figures 1-3: nothing pinned. Otherwise the cluster (etcd, kube-apiserver, kube-controller-manager, istiod, "
+    "kubelet stand-in, the Envoy sidecars) and the controller run unpinned."
 )
 
 
@@ -67,17 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         print("starting the system", flush=True)
         info = pg.start_cluster()
         pg.install_system()
-        pg.start_mesh()
+        pg.start_mesh_client()
         pg.start_activator()
         pg.start_controller()
         assert pg.api is not None
         pg.api.ensure_namespace(S.NS)
-        rec = S.Recorder(info.admin_kubeconfig).start()
+        rec = S.Recorder(info.admin_kubeconfig, info.istiod).start()
         docs = S.workload("cold", elastiservice=True)
         docs += S.workload(
             "burst", elastiservice=True, startup=settings.burst_startup, queue_limit=max(settings.bursts)
         )
         docs += S.workload("web", elastiservice=True) + S.workload("plain", elastiservice=False)
+        docs += [S.gateway()]
         pg.api.apply_all(docs, S.NS)
         for name in ("cold", "burst", "web"):
             S.until(lambda n=name: ctx.bench.serving(n), f"{name} Serving", timeout=120)

@@ -35,7 +35,7 @@ class Settings:
     rate_seconds: float = 10.0
     warm_seconds: float = 3.0
     warm_rounds: int = 5
-    settle: float = 0.3  # after a switch, for the mesh's own watch to apply it
+    settle: float = 0.3  # after a switch, for istiod's push (debounced 100 ms) to reach the Envoys
 
     @classmethod
     def quick(cls) -> Settings:
@@ -112,9 +112,13 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
     s, b = ctx.settings, ctx.bench
     overhead, whole, to_proxy, to_serve, pod_watch, patch_rtt = [], [], [], [], [], []
     # On the path: the activator hears of the ready pod from its wake call within a millisecond, so the
-    # answer waits for the mesh to learn of the endpoint (Kubernetes' EndpointSlice controller), then
-    # for the mesh, the activator and the app.
-    steps: dict[str, list[float]] = {"ready_to_endpointslice_event": [], "endpointslice_event_to_answer": []}
+    # answer waits for the mesh to learn of the endpoint: Kubernetes' EndpointSlice controller, then
+    # istiod (debounce, then a push to the activator's sidecar), then Envoy, the activator and the app.
+    steps: dict[str, list[float]] = {
+        "ready_to_endpointslice_event": [],
+        "endpointslice_event_to_istiod_push": [],
+        "istiod_push_to_answer": [],
+    }
     # Beside it, for comparison: the ElastiService status (other activator replicas) and the workload's own.
     aside: dict[str, list[float]] = {"ready_to_es_status_event": [], "ready_to_deployment_event": []}
     failures = 0
@@ -129,7 +133,7 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
         try:
             t_send = time.time()
             status, headers, body, t_done = S.sidecar_get(
-                ctx.pg.outbound_url, f"http://{S.authority('cold')}{S.APP_PATH}"
+                ctx.pg.client_url(80), f"http://{S.authority('cold')}{S.APP_PATH}"
             )
         finally:
             gc.enable()
@@ -151,16 +155,23 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
             pod_watch.append(t_pod - ack)
         t_es = rec.first(t_send, "ElastiService", "cold", S.es_ready)
         t_eps = rec.first(t_send, "EndpointSlice", "cold-elasti-origin-", S.slice_ready)
-        if t_eps is not None:
+        t_push = rec.first(t_eps, "EDSPush", "elasti-activator-", lambda _o: True) if t_eps is not None else None
+        if t_eps is not None and t_push is not None and t_push <= t_done:
             steps["ready_to_endpointslice_event"].append(t_eps - ack)
-            steps["endpointslice_event_to_answer"].append(t_done - t_eps)
+            steps["endpointslice_event_to_istiod_push"].append(t_push - t_eps)
+            steps["istiod_push_to_answer"].append(t_done - t_push)
         if t_es is not None:
             aside["ready_to_es_status_event"].append(t_es - ack)
         if t_dep is not None:
             aside["ready_to_deployment_event"].append(t_dep - ack)
         since_ready = ", ".join(
             f"{what} +{ms(t - ack)}"
-            for what, t in (("status event", t_es), ("EndpointSlice event", t_eps), ("serve routes event", t_vs))
+            for what, t in (
+                ("status event", t_es),
+                ("EndpointSlice event", t_eps),
+                ("istiod push", t_push),
+                ("serve routes event", t_vs),
+            )
             if t
         )
         ctx.log(
@@ -188,7 +199,12 @@ def cold_starts(ctx: Context, rec: S.Recorder) -> None:
     if pod_watch:
         ctx.put("pod_ready_watch_delay_p50_ms", pct(pod_watch, 0.5) * 1000)
     for parts, label, sep in (
-        (steps, "1. where it goes (p50): Ready → origin EndpointSlice event → answer", " + "),
+        (
+            steps,
+            "1. where it goes (p50): Ready → origin EndpointSlice event → istiod EDS push to the activator's "
+            "sidecar → answer",
+            " + ",
+        ),
         (aside, "1. for comparison (p50): Ready → ElastiService status event; Ready → Deployment ready event", "; "),
     ):
         if all(parts.values()):
@@ -453,24 +469,22 @@ def warm_path(ctx: Context) -> None:
     s, pg = ctx.settings, ctx.pg
     S.until(lambda: ctx.bench.serving("web"), "web Serving")
     scripts = {
-        name: T.wrk_script(
-            ctx.workdir / f"warm-{name}.lua",
-            headers={"Host": S.authority(name)},
-            target=f"http://{S.authority(name)}{S.APP_PATH}",
-        )
+        name: T.wrk_script(ctx.workdir / f"warm-{name}.lua", headers={"Host": S.gateway_host(name)}, target=S.APP_PATH)
         for name in ("web", "plain")
     }
+    for name in ("web", "plain"):
+        S.until(
+            lambda n=name: S.gateway_status(pg.gateway_url, S.gateway_host(n)) == 200,
+            f"{name} through the gateway",
+        )
     runs: dict[str, list[T.WrkResult]] = {"web": [], "plain": []}
-    # The mesh stand-in on CPU 0, the apps (kubelet stand-in) with wrk on CPU 1, for the time of the runs:
+    # The Envoy gateway on CPU 0, the apps (kubelet stand-in) with wrk on CPU 1, for the time of the runs:
     # both paths then see the same share of the machine, run after run, in turn.
     kubelet = pg.cluster.procs.get("kubelet")
-    mesh_pid = pg.mesh.pid if pg.mesh else None
+    gateway = pg.cluster.procs.get("ingress-gateway")
+    mesh_pid = gateway.pid if gateway else None
     cpu_us: dict[str, list[float]] = {"web": [], "plain": []}
-    pinned = [
-        (p, cpu)
-        for p, cpu in ((pg.mesh.pid if pg.mesh else None, PROXY_CPU), (kubelet.pid if kubelet else None, CLIENT_CPU))
-        if p
-    ]
+    pinned = [(p, cpu) for p, cpu in ((mesh_pid, PROXY_CPU), (kubelet.pid if kubelet else None, CLIENT_CPU)) if p]
     for pid, cpu in pinned:
         T.pin(pid, cpu)
     try:
@@ -478,7 +492,7 @@ def warm_path(ctx: Context) -> None:
             for name in ("plain", "web"):
                 cpu0 = T.cpu_seconds(mesh_pid) if mesh_pid else 0.0
                 r = T.wrk(
-                    pg.outbound_url + "/", seconds=s.warm_seconds, connections=16, cpus=CLIENT_CPU, lua=scripts[name]
+                    pg.gateway_url + "/", seconds=s.warm_seconds, connections=16, cpus=CLIENT_CPU, lua=scripts[name]
                 )
                 runs[name].append(r)
                 if mesh_pid and r.requests:
@@ -496,14 +510,15 @@ def warm_path(ctx: Context) -> None:
     ctx.put("warm_with_over_without_elastiservice", ratio)
     extra = ""
     if cpu_us["web"] and cpu_us["plain"]:
-        # The mesh's CPU per request does not depend on what else the machine is doing.
+        # The gateway's CPU per request does not depend on what else the machine is doing.
         cw, cp = median(cpu_us["web"]), median(cpu_us["plain"])
         ctx.put("warm_web_mesh_cpu_us_per_request", cw)
         ctx.put("warm_plain_mesh_cpu_us_per_request", cp)
         ctx.put("warm_mesh_cpu_with_over_without_elastiservice", cw / cp)
-        extra = f"; mesh CPU per request {cw:.0f} / {cp:.0f} µs, ratio {cw / cp:.3f}"
+        extra = f"; gateway CPU per request {cw:.0f} / {cp:.0f} µs, ratio {cw / cp:.3f}"
     ctx.row(
-        f"5. warm path through the mesh (serve mode), with / without an ElastiService ({len(runs['web'])} runs each)",
+        f"5. warm path through the Envoy ingress gateway (serve mode), with / without an ElastiService "
+        f"({len(runs['web'])} runs each)",
         f"{med['web'].rps:,.0f} / {med['plain'].rps:,.0f} req/s, ratio {ratio:.3f}{extra}",
         "~1.0",
     )

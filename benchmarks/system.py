@@ -1,11 +1,13 @@
-"""The system under test: the playground (cluster, elasti-system, mesh, activator, controller) plus the
-benchmark's workloads, a watch recorder with a timestamp per event, and the kubelet's Ready clock.
+"""The system under test: the playground (cluster with istiod and Envoy, elasti-system, activator,
+controller, mesh client) plus the benchmark's workloads, a watch recorder with a timestamp per event
+(and per istiod push to the activator's sidecar), and the kubelet's Ready clock.
 
 Workloads in namespace ``bench`` (the generic test app, one replica each):
 - ``cold``: taken to zero and woken again for the cold-start and switch figures;
 - ``burst``: the same with a longer startup delay, so that a whole burst is held before it wakes;
 - ``web``: an ElastiService that stays in serve mode (warm path; late traffic for the activator);
 - ``plain``: no ElastiService (the warm path's baseline).
+``web`` and ``plain`` are also routed from the ingress gateway (``<name>.bench.example``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from elasti_istio.kube import Kube, load_connection
 from elasti_istio.playground.bookinfo import proxied
 from elasti_istio.playground.manifests import Api
 from elasti_istio.playground.workloads import web_app
-from elasti_istio.resources import DEPLOYMENTS, ELASTISERVICES, ENDPOINTSLICES_V1BETA1, PODS, VIRTUALSERVICES
+from elasti_istio.resources import DEPLOYMENTS, ELASTISERVICES, ENDPOINTSLICES_V1, PODS, VIRTUALSERVICES
 
 NS = "bench"
 GROUP, VERSION = "elasti.truefoundry.com", "v1alpha1"
@@ -34,8 +36,11 @@ APP_PATH = "/status/200"  # the generic app's smallest answer
 READY_LINE = re.compile(r"(\S+)/(\S+): Ready written at ([\d.]+) \(sent ([\d.]+)\)")
 
 
+GATEWAY = "bench-gateway"
+
+
 def workload(name: str, *, elastiservice: bool, startup: float | None = None, queue_limit: int = 1000) -> list[dict]:
-    return web_app(
+    docs = web_app(
         name,
         elastiservice=elastiservice,
         startup_seconds=startup,
@@ -43,6 +48,27 @@ def workload(name: str, *, elastiservice: bool, startup: float | None = None, qu
         hold_timeout="120s",
         image="bench/httpbin",
     )
+    if name in ("web", "plain"):  # also reached through the ingress gateway (figure 5)
+        vs = next(d for d in docs if d["kind"] == "VirtualService")
+        vs["spec"]["hosts"] = [name, gateway_host(name)]
+        vs["spec"]["gateways"] = ["mesh", GATEWAY]
+    return docs
+
+
+def gateway_host(name: str) -> str:
+    return f"{name}.{NS}.example"
+
+
+def gateway() -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": GATEWAY},
+        "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": [f"*.{NS}.example"]}],
+        },
+    }
 
 
 def authority(name: str) -> str:
@@ -64,7 +90,7 @@ WATCHED = (
     (VIRTUALSERVICES, "VirtualService"),
     (PODS, "Pod"),
     (ELASTISERVICES, "ElastiService"),
-    (ENDPOINTSLICES_V1BETA1, "EndpointSlice"),
+    (ENDPOINTSLICES_V1, "EndpointSlice"),
 )
 
 
@@ -76,13 +102,16 @@ class Recorder:
     Events stay there until asked for."""
 
     kubeconfig: Path
+    istiod: str = ""
     _proc: multiprocessing.process.BaseProcess | None = None
     _conn: Connection | None = None
 
     def start(self) -> Recorder:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_record, args=(str(self.kubeconfig), child), name="watch-recorder", daemon=True)
+        self._proc = ctx.Process(
+            target=_record, args=(str(self.kubeconfig), self.istiod, child), name="watch-recorder", daemon=True
+        )
         self._proc.start()
         child.close()
         self._conn = parent
@@ -114,13 +143,27 @@ class Recorder:
 
     def first(self, t0: float, kind: str, name: str, pred: Callable[[dict[str, Any]], bool]) -> float | None:
         for e in self.since(t0, kind, name):
-            if (kind in ("Pod", "EndpointSlice") or e.name == name) and pred(e.obj):
+            if (kind in ("Pod", "EndpointSlice", "EDSPush") or e.name == name) and pred(e.obj):
                 return e.t
         return None
 
 
-def _record(kubeconfig: str, conn: Connection) -> None:
-    """The recorder process: one watch per kind, answering ``since`` queries from the pipe."""
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+
+def _sent_time(value: str) -> float:
+    """istiod's RFC 3339 ``sentTime`` (nanoseconds) as a Unix time."""
+    import datetime as dt
+
+    head, _, frac = value.rstrip("Z").partition(".")
+    base = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp()
+    return base + (float("0." + frac) if frac else 0.0)
+
+
+def _record(kubeconfig: str, istiod: str, conn: Connection) -> None:
+    """The recorder process: one watch per kind and istiod's pushes of endpoints to the activator's sidecar
+    (``/debug/syncz``, polled every 10 ms: an ``EDSPush`` at istiod's own ``sentTime``), answering
+    ``since`` queries from the pipe."""
     loop = asyncio.new_event_loop()
     events: list[Seen] = []
     try:
@@ -161,7 +204,29 @@ def _record(kubeconfig: str, conn: Connection) -> None:
         loop.remove_reader(conn.fileno())  # the parent closes its end next: no second "stop"
         loop.stop()
 
+    async def eds_pushes() -> None:
+        import aiohttp
+
+        seen: dict[str, str] = {}
+        url = f"{istiod}/debug/syncz?namespace=elasti-system"
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(url) as resp:
+                        entries = await resp.json(content_type=None)
+                    for e in entries or []:
+                        eds = ((e.get("resources") or {}).get(EDS)) or {}
+                        sent, when = eds.get("sent"), eds.get("sentTime")
+                        if sent and when and seen.get(e["proxy"]) != sent:
+                            seen[e["proxy"]] = sent
+                            events.append(Seen(_sent_time(when), "EDSPush", e["proxy"], "PUSH", eds))
+                except (aiohttp.ClientError, ValueError, OSError):
+                    pass
+                await asyncio.sleep(0.01)
+
     tasks = [loop.create_task(watch(res, kind)) for res, kind in WATCHED]
+    if istiod:
+        tasks.append(loop.create_task(eds_pushes()))
     loop.add_reader(conn.fileno(), on_request)
     try:
         loop.run_forever()
@@ -271,7 +336,8 @@ def until(probe: Callable[[], object], what: str, timeout: float = 90, interval:
 
 
 def sidecar_get(outbound: str, target: str, timeout: float = 120) -> tuple[int, dict[str, str], bytes, float]:
-    """One GET through the mesh's outbound proxy on a fresh connection; (status, headers, body, t_complete)."""
+    """One GET through the mesh client's sidecar (its listener for the target's port) on a fresh connection;
+    (status, headers, body, t_complete)."""
     conn = http.client.HTTPConnection(outbound.removeprefix("http://"), timeout=timeout)
     try:
         conn.request("GET", target)
@@ -279,5 +345,17 @@ def sidecar_get(outbound: str, target: str, timeout: float = 120) -> tuple[int, 
         body = resp.read()
         done = time.time()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body, done
+    finally:
+        conn.close()
+
+
+def gateway_status(gateway_url: str, host: str) -> int:
+    """The status of one GET of the app's smallest answer through the ingress gateway for ``host``."""
+    conn = http.client.HTTPConnection(gateway_url.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("GET", APP_PATH, headers={"Host": host})
+        resp = conn.getresponse()
+        resp.read()
+        return int(resp.status)
     finally:
         conn.close()

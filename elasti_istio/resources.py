@@ -31,8 +31,6 @@ VALIDATING_WEBHOOKS = Resource(
 CRDS = Resource(
     "apiextensions.k8s.io", "v1", "customresourcedefinitions", namespaced=False, kind="CustomResourceDefinition"
 )
-# 1.20 serves discovery.k8s.io/v1beta1 only; v1 from 1.21. Simulators pick what the server serves.
-ENDPOINTSLICES_V1BETA1 = Resource("discovery.k8s.io", "v1beta1", "endpointslices", kind="EndpointSlice")
 ENDPOINTSLICES_V1 = Resource("discovery.k8s.io", "v1", "endpointslices", kind="EndpointSlice")
 
 # Annotations and labels.

@@ -53,6 +53,12 @@ class MeshInfo:
     def client_admin(self) -> str:
         return f"http://{self.client}:15000"
 
+    def routable(self, service: str, namespace: str, port: int, subset: str = "", admin: str | None = None) -> bool:
+        """The client's sidecar (or the Envoy at ``admin``) has a healthy endpoint for the destination:
+        what a test waits for before it sends traffic to a workload that just turned Ready."""
+        cluster = f"outbound|{port}|{subset}|{service}.{namespace}.svc.cluster.local"
+        return meshview.healthy_hosts(admin or self.client_admin).get(cluster, 0) > 0
+
 
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:

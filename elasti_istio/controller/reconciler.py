@@ -40,6 +40,7 @@ from elasti_istio.resources import (
     DEPLOYMENTS,
     DESTINATIONRULES,
     ELASTISERVICES,
+    ENDPOINTSLICES_V1,
     GROUP,
     PODS,
     REPLICASETS,
@@ -57,6 +58,10 @@ KEDA_PAUSED = "autoscaling.keda.sh/paused"
 PAUSED_BY_US = f"{GROUP}/paused-keda"
 HOLD_UNTIL = f"{GROUP}/wake-hold-until"
 MANAGED_LABEL = f"{GROUP}/elastiservice"
+# Before routes go back to a woken target: how often its Service's EndpointSlices are looked at, and
+# for how long at most (seconds).
+ENDPOINTS_POLL = 0.05
+ENDPOINTS_WAIT = 10.0
 
 
 class Blocked(Exception):
@@ -98,6 +103,8 @@ class Reconciler:
         # Targets a watch event showed going to 0 replicas, and when their routes were switched early.
         self.went_to_zero: set[Key] = set()
         self.pod_ready: dict[Key, int] = {}  # ready pods of waking targets, from the pod watches
+        self.endpoints_wait: dict[Key, float] = {}  # since when routes wait for the target's endpoints
+        self.endpoints_forbidden = False
         self.switched_early: dict[Key, float] = {}
         self._routing_cache: dict[Key, tuple[int, Any]] = {}
         self._reported: dict[tuple[Key, str], tuple[str, str]] = {}
@@ -188,6 +195,7 @@ class Reconciler:
             self._routing_cache,
             self.trigger_state,
             self._locks,
+            self.endpoints_wait,
         ):
             d.pop(key, None)  # type: ignore[attr-defined]
         self.waking.discard(key)
@@ -499,8 +507,16 @@ class Reconciler:
             desired = "proxy"
         elif state.ready >= 1:
             desired = "serve"
+            if proxied_now and not await self.endpoints_listed(key, r):
+                # The mesh learns of a pod from the Service's EndpointSlices (through istiod's debounced
+                # push): routes that went back before that would meet "no healthy upstream". Meanwhile
+                # the activator forwards the traffic; bounded by ENDPOINTS_WAIT.
+                desired = "proxy"
+                requeue = min(requeue or ENDPOINTS_POLL, ENDPOINTS_POLL)
         else:
             desired = "proxy" if proxied_now else "serve"
+        if desired == "serve":
+            self.endpoints_wait.pop(key, None)
 
         # Release held requests as early as possible: readyReplicas first, routes after.
         if state.ready != status.get("readyReplicas") and state.ready >= 1 and proxied_now:
@@ -802,6 +818,44 @@ class Reconciler:
             log.info("%s/%s: origin Service %s follows the public Service", ns, meta["name"], r.origin_name)
 
         await retry_on_conflict(attempt)
+
+    async def endpoints_listed(self, key: Key, r: Resolved) -> bool:
+        """Whether the public Service's EndpointSlices list a ready endpoint that is a pod of the target.
+
+        True also when they cannot be read (no permission: the switch then follows pod readiness
+        alone) and once ``ENDPOINTS_WAIT`` has passed since the first look (a Service that does not
+        select the target's pods must not keep its routes on the activator forever).
+        """
+        spec, state = r.spec, r.state
+        since = self.endpoints_wait.setdefault(key, time.monotonic())
+        if time.monotonic() - since > ENDPOINTS_WAIT:
+            log.warning(
+                "%s: no EndpointSlice of Service %s lists a ready pod of %s %s after %.0fs; routes go back anyway",
+                key, spec.service, state.kind, state.name, ENDPOINTS_WAIT,
+            )  # fmt: skip
+            return True
+        selector = origin_selector(state, (r.service.get("spec") or {}).get("selector") or {}, r.subset_labels)
+        try:
+            slices = await self.kube.list(
+                ENDPOINTSLICES_V1, spec.namespace, labelSelector=f"kubernetes.io/service-name={spec.service}"
+            )
+            sel = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+            pods = await self.kube.list(PODS, spec.namespace, labelSelector=sel) if sel else {}
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            if not self.endpoints_forbidden:
+                self.endpoints_forbidden = True
+                log.warning("cannot read EndpointSlices (%s): routes go back on pod readiness alone", exc.message)
+            return True
+        names = {p["metadata"]["name"] for p in pods.get("items") or []}
+        for eps in slices.get("items") or []:
+            for ep in eps.get("endpoints") or []:
+                ref = ep.get("targetRef") or {}
+                ready = (ep.get("conditions") or {}).get("ready")
+                if ready is not False and ref.get("kind") == "Pod" and ref.get("name") in names:
+                    return True
+        return False
 
     async def count_pods(self, namespace: str, selector: dict[str, str]) -> int:
         if not selector:

@@ -124,3 +124,34 @@ def start_client(api: Api, timeout: float = 90) -> str:
                 return address
         time.sleep(0.1)
     raise TimeoutError(f"the mesh client's sidecar was not ready within {timeout:.0f}s")
+
+
+def routed_clusters(admin: str, host: str, port: int | None = None) -> set[str] | None:
+    """The clusters one Envoy sends traffic for ``host`` (on ``port``, or on any port) to now: weight > 0,
+    any route of its virtual hosts. None when that Envoy has no virtual host for it yet."""
+    doc = get_json(admin.rstrip("/") + "/config_dump?resource=dynamic_route_configs")
+    out: set[str] | None = None
+    for config in doc.get("configs") or []:
+        rc = config.get("route_config") or {}
+        if port is not None and rc.get("name") != str(port):
+            continue
+        for vh in rc.get("virtual_hosts") or []:
+            if host not in (vh.get("domains") or []):
+                continue
+            out = out or set()
+            for route in vh.get("routes") or []:
+                action = route.get("route") or {}
+                if action.get("cluster"):
+                    out.add(action["cluster"])
+                for wc in (action.get("weighted_clusters") or {}).get("clusters") or []:
+                    if int(wc.get("weight") or 0) > 0:
+                        out.add(wc["name"])
+    return out
+
+
+def routes_to_activator(admin: str, host: str, port: int | None = None) -> bool | None:
+    """Whether one Envoy sends traffic for ``host`` to the activator now (None: it has no route for it)."""
+    clusters = routed_clusters(admin, host, port)
+    if clusters is None:
+        return None
+    return any("|elasti-activator." in c for c in clusters)

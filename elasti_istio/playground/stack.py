@@ -47,6 +47,7 @@ class Playground:
     info: ClusterInfo | None = field(init=False, default=None)
     api: Api | None = field(init=False, default=None)
     activator: ActivatorProc | None = field(init=False, default=None)
+    client: str | None = field(init=False, default=None)
     controller: ControllerProc | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -83,6 +84,17 @@ class Playground:
 
     def install_system(self) -> None:
         system.install(self._api(), self.ports.activator, self.ports.activator_admin)
+
+    def start_mesh_client(self) -> str:
+        """A pod with only an Envoy sidecar, for callers inside the mesh; its sidecar's address."""
+        self.client = mesh.start_client(self._api())
+        return self.client
+
+    def client_url(self, port: int = 80) -> str:
+        """The mesh client's sidecar listener for a service port (requests in absolute-URI form)."""
+        if self.client is None:
+            raise PlaygroundError("the mesh client is not started")
+        return f"http://{self.client}:{port}"
 
     def start_activator(self) -> ActivatorProc:
         info = self._info()

@@ -356,6 +356,7 @@ def test_idle_scale_down_with_prometheus(
             }
         },
     )
+    wait_until(lambda: mesh.routable("details", namespace, 9080, "v1"), 60, "details routable from the mesh client")
     stop, results = threading.Event(), []
     t = threading.Thread(target=traffic, args=(mesh, f"details.{namespace}.svc.cluster.local", stop, results))
     t.start()

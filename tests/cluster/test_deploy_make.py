@@ -1,7 +1,7 @@
 """``make deploy`` / ``make undeploy`` against the local cluster: ElastiServices go first, their
 finalizers run while the controller is still there, and nothing is removed while one is left.
 
-The overlay applied is the cluster-wide one minus what the 1.20 server cannot take (PDB, HPA) and
+The overlay applied is the cluster-wide one, PodDisruptionBudget and HorizontalPodAutoscaler included,
 minus the CRD, which the test session shares. The controller runs as a local process with the
 identity the applied bindings name; the Deployments' pods run the kubelet stand-in's test app.
 """
@@ -29,16 +29,6 @@ kind: Kustomization
 resources:
   - ../cluster-wide
 patches:
-  - patch: |
-      $patch: delete
-      apiVersion: policy/v1
-      kind: PodDisruptionBudget
-      metadata: {name: elasti-activator, namespace: elasti-system}
-  - patch: |
-      $patch: delete
-      apiVersion: autoscaling/v2
-      kind: HorizontalPodAutoscaler
-      metadata: {name: elasti-activator, namespace: elasti-system}
   - patch: |
       $patch: delete
       apiVersion: apiextensions.k8s.io/v1

@@ -21,6 +21,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from elasti_istio.localcluster.cluster import ClusterInfo
+from elasti_istio.playground import mesh as meshview
 from tests.cluster.test_mesh_bookinfo import via_sidecar
 from tests.conftest import K8s, MeshInfo
 from tests.harness import Proc, apply, condition, es, free_port, get, http_json, load, ready_replicas, scale, wait_until
@@ -182,8 +183,21 @@ def test_rendered_manifests_are_valid_for_the_server(
     watch_namespaces(tree, [namespace])
     for docs in (shipped("cluster-wide"), render(tree, "namespace-scoped")):
         unserved = sorted(d["kind"] for d in docs if d["apiVersion"] not in served)
-        assert unserved == [], unserved  # PodDisruptionBudget and HorizontalPodAutoscaler included
+        assert unserved == [], unserved
+        assert {"PodDisruptionBudget", "HorizontalPodAutoscaler"} <= {d["kind"] for d in docs}
         run_kubectl(cluster.admin_kubeconfig, "apply", "--dry-run=server", "-f", "-", docs=docs)
+
+
+def test_helm_chart_is_valid_for_the_server(cluster: ClusterInfo, installed: Installed) -> None:
+    """The chart as Helm renders it, PodDisruptionBudget and HorizontalPodAutoscaler included (server-side
+    dry run; the CRD the chart carries is the one the cluster already has)."""
+    from tests.unit.test_deploy_helm import helm
+
+    docs = helm()["docs"]
+    served = set(run_kubectl(cluster.admin_kubeconfig, "api-versions").split())
+    assert sorted(d["kind"] for d in docs if d["apiVersion"] not in served) == []
+    assert {"PodDisruptionBudget", "HorizontalPodAutoscaler"} <= {d["kind"] for d in docs}
+    run_kubectl(cluster.admin_kubeconfig, "apply", "--dry-run=server", "-f", "-", docs=docs)
 
 
 def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
@@ -224,6 +238,8 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
         scale(k8s, namespace, "details-v1", 0)
         wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="ScaledToZero")
         assert proxied(vs_spec(k8s, namespace, "details"))
+        fqdn = f"details.{namespace}.svc.cluster.local"
+        wait_until(lambda: meshview.routes_to_activator(mesh.client_admin, fqdn) is True, what="istiod's push")
         # A request through the mesh is held by the activator, which wakes details with the token.
         code, headers, body = via_sidecar(mesh, f"http://details.{namespace}.svc.cluster.local:9080/details/0")
         assert code == 200, body

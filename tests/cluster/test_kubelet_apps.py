@@ -14,6 +14,7 @@ import pytest
 from kubernetes import client
 
 from elasti_istio.kubelet.forward import parse_forward
+from elasti_istio.playground.bookinfo import INJECTION
 from tests.cluster.test_mesh_bookinfo import apply, load, via_sidecar
 from tests.conftest import K8s, MeshInfo
 from tests.helpers import wait_for
@@ -147,6 +148,7 @@ def test_sim_forward_pod_relays_to_a_local_server(
     assert status == 200 and json.loads(body)["path"] == "/direct"
     # As the playground's activator is reached: a Service in front of the pod, through the mesh.
     wait_for(lambda: k8s.endpoint_addresses(namespace, "fwd") == [pod.status.pod_ip], what="endpoint for fwd")
+    wait_for(lambda: mesh.routable("fwd", namespace, 80), what="the mesh client's Envoy to have fwd's endpoint")
     status, _, body = via_sidecar(mesh, f"http://fwd.{namespace}.svc.cluster.local/via-mesh")
     assert status == 200
     doc = json.loads(body)
@@ -201,8 +203,14 @@ def test_sim_readiness_url_flips_ready_both_ways(k8s: K8s, namespace: str, local
     )
 
 
+def sidecar_of(k8s: K8s, namespace: str, app: str) -> str:
+    pods = k8s.core.list_namespaced_pod(namespace, label_selector=f"app={app}").items  # type: ignore[attr-defined]
+    return str(pods[0].metadata.annotations["elasti.truefoundry.com/sim-sidecar-address"])
+
+
 def test_bookinfo_apps_answer_like_the_real_ones(k8s: K8s, namespace: str, mesh: MeshInfo) -> None:
     """details and ratings from the real manifests; productpage alone shows the real error texts."""
+    k8s.core.patch_namespace(namespace, {"metadata": {"labels": INJECTION}})  # type: ignore[attr-defined]
     docs = [
         d
         for d in load("bookinfo.yaml")
@@ -239,6 +247,11 @@ def test_bookinfo_apps_answer_like_the_real_ones(k8s: K8s, namespace: str, mesh:
 
     # details is reachable (through the mesh), reviews does not exist in this namespace.
     wait_for(lambda: k8s.endpoint_addresses(namespace, "details") == [details_ip], what="details endpoint")
+    page_sidecar = f"http://{sidecar_of(k8s, namespace, 'productpage')}:15000"
+    wait_for(
+        lambda: mesh.routable("details", namespace, 9080, admin=page_sidecar),
+        what="productpage's sidecar to have details' endpoint",
+    )
     conn = http.client.HTTPConnection(page_ip, 9080, timeout=30)
     conn.request("GET", "/productpage")
     resp = conn.getresponse()

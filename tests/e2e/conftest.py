@@ -23,6 +23,7 @@ from elasti_istio.playground import system
 from elasti_istio.playground.manifests import Api
 from elasti_istio.playground.procs import ActivatorProc, ControllerProc, free_ports
 from tests.conftest import K8s, MeshInfo, _cleanup_namespace
+from tests.e2e import support
 from tests.e2e.support import Sidecar
 from tests.helpers import wait_for
 
@@ -63,6 +64,7 @@ def e2e(k8s: K8s, cluster: ClusterInfo, mesh: MeshInfo, tmp_path_factory: pytest
         log_level="debug",
     ).start()
     sys_ = System(api, cluster, mesh, activator, wake_port, logs)
+    support.ENVOYS[:] = [mesh.client_admin]
     try:
         sys_.activator_ready()
         meshview.wait_synced(cluster.istiod, 60)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from elasti_istio.playground import mesh as meshview
 from elasti_istio.playground.bookinfo import proxied
 from elasti_istio.playground.manifests import Api
 from elasti_istio.playground.workloads import web_app as web_app
@@ -139,6 +140,32 @@ def until(probe: Callable[[], Any], what: str, timeout: float = 45) -> Any:
     return wait_for(probe, timeout, what, interval=0.05)
 
 
+# The Envoys whose routes the scenarios wait for (set by the e2e fixture: the mesh client's sidecar).
+# A VirtualService written is not yet a route applied: istiod pushes it after its debounce.
+ENVOYS: list[str] = []
+
+
+def envoys_route(api: Api, ns: str, vs: str, to_activator: bool, admins: list[str] | None = None) -> bool:
+    """Every watched Envoy routes the VirtualService's hosts to the activator (or nowhere near it)."""
+    hosts = [h if "." in h else f"{h}.{ns}.svc.cluster.local" for h in vs_spec(api, ns, vs).get("hosts") or []]
+    return all(
+        meshview.routes_to_activator(admin, host) == to_activator for admin in (admins or ENVOYS) for host in hosts
+    )
+
+
+def mesh_serves(api: Api, ns: str, vs: str = "web", admins: list[str] | None = None) -> bool:
+    """Every watched Envoy routes the VirtualService's hosts to the workload (not to the activator) and has
+    a healthy endpoint for each cluster it routes them to."""
+    hosts = [h if "." in h else f"{h}.{ns}.svc.cluster.local" for h in vs_spec(api, ns, vs).get("hosts") or []]
+    for admin in admins or ENVOYS:
+        healthy = meshview.healthy_hosts(admin)
+        for host in hosts:
+            clusters = meshview.routed_clusters(admin, host)
+            if not clusters or any("|elasti-activator." in c or healthy.get(c, 0) == 0 for c in clusters):
+                return False
+    return True
+
+
 def serving(api: Api, ns: str, name: str = "web", vs: str | None = None) -> dict[str, Any]:
     """Waits for phase Serving with the routes on the Service; returns the VirtualService spec."""
     until(lambda: phase(api, ns, name) == "Serving", f"{ns}/{name} Serving")
@@ -147,15 +174,26 @@ def serving(api: Api, ns: str, name: str = "web", vs: str | None = None) -> dict
         spec = vs_spec(api, ns, vs or name)
         return None if proxied(spec) else spec
 
-    return dict(until(routes, "serve-mode routes"))
+    spec = dict(until(routes, "serve-mode routes"))
+    until(lambda: mesh_serves(api, ns, vs or name), "the mesh to route to the workload's endpoints")
+    return spec
 
 
 def to_zero(
-    api: Api, ns: str, target: str = "web", *, es: str | None = None, vs: str | None = None, kind: str = "Deployment"
+    api: Api,
+    ns: str,
+    target: str = "web",
+    *,
+    es: str | None = None,
+    vs: str | None = None,
+    kind: str = "Deployment",
+    envoys: list[str] | None = None,
 ) -> None:
-    """Scales ``target`` to 0 and waits until the routes go to the activator and no replica is left."""
+    """Scales ``target`` to 0 and waits until the routes go to the activator, in the VirtualService and in
+    the Envoys (``envoys``, by default the mesh client's sidecar), and no replica is left."""
     es = es or target
     vs = vs or es
     scale(api, ns, target, 0, kind)
     until(lambda: proxied(vs_spec(api, ns, vs)), f"{ns}/{vs} routed to the activator")
     until(lambda: phase(api, ns, es) == "ScaledToZero", f"{ns}/{es} ScaledToZero")
+    until(lambda: envoys_route(api, ns, vs, True, envoys), f"the mesh to route {ns}/{vs} to the activator")

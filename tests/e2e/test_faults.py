@@ -15,6 +15,7 @@ from elasti_istio.playground.procs import ControllerProc
 from tests.e2e.conftest import System
 from tests.e2e.support import (
     Answer,
+    mesh_serves,
     phase,
     replicas,
     scale,
@@ -39,6 +40,7 @@ def test_activator_down_fails_open(e2e: System, namespace: str, controller: Cont
         # Its Pod turns unready: routes go back to the Service and the target is woken.
         until(lambda: vs_spec(api, ns, "web") == original, "routes restored without an activator")
         until(lambda: replicas(api, ns, "web") == (1, 1), "target woken")
+        until(lambda: mesh_serves(api, ns), "the mesh to route to the woken pod")
         ans = e2e.sidecar.get(url(ns, "/open"))
         assert ans.status == 200 and not ans.cold, ans
         # A scale to zero while the activator is down is undone, and the routes never leave the Service.
@@ -65,6 +67,7 @@ def test_elastiservice_deleted_at_zero_wakes_and_restores(
     assert vs_spec(api, ns, "web") == original
     until(lambda: replicas(api, ns, "web") == (1, 1), "target woken")
     assert api.get("v1", "Service", "web-elasti-origin", ns) is None
+    until(lambda: mesh_serves(api, ns), "the mesh to route to the woken pod")
     ans = e2e.sidecar.get(url(ns, "/after-delete"))
     assert ans.status == 200 and not ans.cold, ans
 

@@ -23,6 +23,7 @@ from tests.e2e.conftest import System
 from tests.e2e.support import (
     Answer,
     in_threads,
+    mesh_serves,
     phase,
     replicas,
     scale,
@@ -89,6 +90,7 @@ def test_manual_scale_up_returns_to_serve(e2e: System, namespace: str, controlle
     scale(api, ns, "web", 1)
     until(lambda: vs_spec(api, ns, "web") == original, "the original routes back")
     until(lambda: phase(api, ns, "web") == "Serving", "Serving")
+    until(lambda: mesh_serves(api, ns), "the mesh to route to the pod")
     ans = e2e.sidecar.get(url(ns, "/hello"))
     assert ans.status == 200 and ans.headers["x-pod-name"].startswith("web-")
     assert not ans.cold, "the activator is still in the path"
@@ -128,6 +130,7 @@ def test_hold_timeout_answers_504(e2e: System, namespace: str, controller: Contr
     # At zero from the start, and a woken pod that takes ten minutes to turn Ready.
     api.apply_all(web_app(replicas=0, hold_timeout="2s", startup_seconds=600), ns)
     until(lambda: proxied(vs_spec(api, ns, "web")), "routes to the activator")
+    until(lambda: envoys_route(api, ns, "web", True), "the mesh to route to the activator")
     t = time.monotonic()
     ans = e2e.sidecar.get(url(ns, "/slow-to-wake"))
     waited = time.monotonic() - t

@@ -27,7 +27,7 @@ import helm_python as helm
 chart, values, namespace = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 with helm.Chart.load(chart) as c:
     out = {"manifests": c.render(values, name="elasti-istio", namespace=namespace, is_install=True), "crds": c.crds}
-out["lint"] = helm.lint(chart, values, strict=True, namespace=namespace, kube_version="v1.30.0")
+out["lint"] = helm.lint(chart, values, strict=True, namespace=namespace, kube_version="v1.37.2")
 print(json.dumps(out))
 """
 
