@@ -80,11 +80,15 @@ class Activator:
         await self._admin_runner.setup()
         await web.TCPSite(self._admin_runner, *cfg.admin_listen, reuse_address=True).start()
         log.info(
-            "proxy on %s, admin on %s, controller %s, upstream proxy %s, namespaces %s",
+            "proxy on %s, admin on %s, controller %s, upstream %s, namespaces %s",
             _fmt(self.proxy_address),
             _fmt(self.admin_address),
             cfg.controller_url,
-            cfg.upstream_proxy or "none",
+            f"through the sidecar at {cfg.sidecar_address}:<origin port>"
+            if cfg.sidecar_address
+            else f"through proxy {cfg.upstream_proxy}"
+            if cfg.upstream_proxy
+            else "direct",
             ",".join(cfg.namespaces) or "all",
         )
 

@@ -78,10 +78,10 @@ def pod_sidecar(api: Api, namespace: str, label_selector: str) -> str | None:
     return None
 
 
-def sidecar_admins(api: Api, namespace: str) -> list[str]:
-    """The admin URLs of the Ready pods' sidecars in a namespace."""
+def sidecar_admins(api: Api, namespace: str, label_selector: str = "") -> list[str]:
+    """The admin URLs of the Ready pods' sidecars in a namespace (those matching the selector)."""
     out = []
-    for pod in api.core.list_namespaced_pod(namespace).items:
+    for pod in api.core.list_namespaced_pod(namespace, label_selector=label_selector).items:
         address = (pod.metadata.annotations or {}).get(ANN_SIDECAR_ADDRESS)
         ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
         if address and ready and not pod.metadata.deletion_timestamp:

@@ -37,8 +37,8 @@ def bookinfo(e2e: System, namespace: str, controller: ControllerProc) -> str:
 
 
 def envoys(api: Api, ns: str) -> list[str]:
-    """The mesh client's sidecar and those of Bookinfo's pods (productpage calls details and reviews)."""
-    return [*support.ENVOYS, *meshview.sidecar_admins(api, ns)]
+    """The mesh client's sidecar and productpage's, which calls details and reviews."""
+    return [*support.ENVOYS, *meshview.sidecar_admins(api, ns, "app=productpage")]
 
 
 def test_productpage_calls_details_at_zero(e2e: System, bookinfo: str) -> None:

@@ -47,6 +47,8 @@ def test_activator_down_fails_open(e2e: System, namespace: str, controller: Cont
         scale(api, ns, "web", 0)
         until(lambda: replicas(api, ns, "web") == (1, 1), "target woken again")
         assert vs_spec(api, ns, "web") == original
+        # Nothing holds requests without an activator: the new pod is served once the mesh has it.
+        until(lambda: mesh_serves(api, ns), "the mesh to route to the pod woken again")
         ans = e2e.sidecar.get(url(ns, "/open-again"))
         assert ans.status == 200 and not ans.cold, ans
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import json
 import os
 import threading
@@ -22,6 +23,7 @@ from elasti_istio.playground.procs import ControllerProc
 from tests.e2e.conftest import System
 from tests.e2e.support import (
     Answer,
+    envoys_route,
     in_threads,
     mesh_serves,
     phase,
@@ -187,7 +189,9 @@ def test_websocket_at_zero(e2e: System, namespace: str, controller: ControllerPr
     async def talk() -> tuple[list[str], bool]:
         async with (
             aiohttp.ClientSession() as session,
-            session.ws_connect(url(ns, "/ws").replace("http://", "ws://"), proxy=e2e.mesh.outbound) as ws,
+            # As an application with a sidecar that does not capture traffic opens it: to the sidecar's
+            # listener for the port, the Service named by Host (Envoy takes no ws:// absolute URI).
+            session.ws_connect(f"ws://{e2e.mesh.client}:80/ws", headers={"Host": f"web.{ns}.svc.cluster.local"}) as ws,
         ):
             cold = ws._response.headers.get("x-elasti-cold-start") == "true"
             got = []
@@ -286,3 +290,55 @@ def test_statefulset_target(e2e: System, namespace: str, controller: ControllerP
     assert ans.headers["x-pod-name"] == "web-0"
     until(lambda: vs_spec(api, ns, "web") == original, "the original routes back")
     assert replicas(api, ns, "web", "StatefulSet") == (1, 1)
+
+
+def test_through_the_real_gateway_at_zero_held_and_served(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    """Through the Envoy ingress gateway: a workload at zero without an ElastiService gets Envoy's own
+    503; with one, the same request is held, the workload woken, and the answer is the workload's."""
+    api, ns = e2e.api, namespace
+    host = f"web.{ns}.example"
+    gateway_vs = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "web-gw", "annotations": {"elasti.truefoundry.com/elastiservice": "web"}},
+        "spec": {"hosts": [host], "gateways": ["web-gw"], "http": [{"route": [{"destination": {"host": "web"}}]}]},
+    }
+    gateway = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": "web-gw"},
+        "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": [host]}],
+        },
+    }
+    gw = [e2e.mesh.gateway_admin]
+
+    def via_gateway(path: str) -> Answer:
+        conn = http.client.HTTPConnection(e2e.mesh.ingress.removeprefix("http://"), timeout=60)
+        try:
+            conn.request("GET", path, headers={"Host": host})
+            resp = conn.getresponse()
+            return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    # No ElastiService: Envoy's own answer, no upstream saw the request.
+    api.apply_all([d for d in web_app(replicas=0) if d["kind"] != "ElastiService"] + [gateway, gateway_vs], ns)
+    ans = until(lambda: (a := via_gateway("/nobody")).status == 503 and a, "Envoy's 503 at the gateway")
+    assert ans.body == b"no healthy upstream" and "x-envoy-upstream-service-time" not in ans.headers, ans
+    assert replicas(api, ns, "web") == (0, 0)
+
+    # With an ElastiService: held by the activator, woken, served.
+    api.apply_all([d for d in web_app(replicas=0) if d["kind"] == "ElastiService"], ns)
+    until(lambda: proxied(vs_spec(api, ns, "web-gw")), "the gateway's route moved to the activator")
+    until(lambda: envoys_route(api, ns, "web-gw", True, gw), "the gateway to route to the activator")
+    ans = via_gateway("/through-the-gateway")
+    assert ans.status == 200 and ans.cold, ans
+    assert json.loads(ans.body)["path"] == "/through-the-gateway"
+    assert ans.headers["x-pod-name"].startswith("web-")
+    until(lambda: mesh_serves(api, ns, "web-gw", gw), "the gateway to route to the workload again")
+    ans = via_gateway("/warm")
+    assert ans.status == 200 and not ans.cold, ans

@@ -872,3 +872,20 @@ def test_limit_named_in_the_answer() -> None:
         "malformed request",
         "Invalid header token: b'a b' ^",
     )
+
+
+def test_sidecar_address_flag_and_its_exclusivity() -> None:
+    from activator.forward import Forwarder
+    from activator.registry import Target
+
+    p = argparse.ArgumentParser()
+    add_flags(p)
+    cfg = Config.from_args(p.parse_args(["--sidecar-address", "10.1.64.7"]))
+    assert (cfg.sidecar_address, cfg.upstream_proxy) == ("10.1.64.7", None)
+    with pytest.raises(SystemExit):
+        Config.from_args(p.parse_args(["--sidecar-address", "10.1.64.7", "--upstream-proxy", "http://p:3128"]))
+    assert "--sidecar-address" in p.format_help()
+    target = Target("ns", "web", authority="web-elasti-origin.ns.svc.cluster.local:9090")
+    fwd = Forwarder(None, None, True, sidecar="10.1.64.7")  # type: ignore[arg-type]
+    assert fwd.proxy_for(target) == "http://10.1.64.7:9090"  # the sidecar's listener for the origin's port
+    assert Forwarder(None, "http://p:3128", True).proxy_for(target) == "http://p:3128"  # type: ignore[arg-type]

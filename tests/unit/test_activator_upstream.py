@@ -270,6 +270,20 @@ async def test_through_a_forward_proxy_the_target_is_absolute() -> None:
         await srv.stop()
 
 
+async def test_through_a_sidecar_the_listener_of_the_origins_port_gets_the_absolute_target() -> None:
+    """A sidecar without capture listens on its address at each Service port: the origin's port picks it."""
+    srv = await Scripted(ok()).start()
+    client = UpstreamClient(None, 10, sidecar="127.0.0.1")
+    try:
+        resp = await client.request("GET", f"web-origin.ns.svc.cluster.local:{srv.port}", "/a", ["Host: x"], None)
+        await resp.read()
+        resp.release()
+        assert srv.heads[0].startswith(f"GET http://web-origin.ns.svc.cluster.local:{srv.port}/a HTTP/1.1\r\n".encode())
+    finally:
+        await client.close()
+        await srv.stop()
+
+
 async def test_refused_connection_is_a_client_error() -> None:
     client = UpstreamClient(None, 10)
     try:
