@@ -1,6 +1,6 @@
 """``elasti-istio demo``: Bookinfo scaled to zero and back, end to end, narrated.
 
-Brings up the playground (local cluster, elasti-system with the shipped RBAC, the mesh stand-in, the
+Brings up the playground (local cluster with istiod and Envoy, elasti-system with the shipped RBAC, the
 real controller and activator as processes, Bookinfo), then: details-v1 is scaled to 0 as KEDA would,
 the details VirtualService is shown routing to the activator, /productpage is requested through the
 ingress gateway, the request is held while details wakes, the complete page comes back, and the

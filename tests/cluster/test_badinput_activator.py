@@ -4,8 +4,8 @@ a valid request, the workload's answer through the mesh); after each batch a wel
 ElastiService is still forwarded and answered, and the process's resident memory stays bounded.
 
 The activator runs as in production: its own process with the activator identity's RBAC (get/list/watch
-on ElastiServices only), reading ElastiServices from the API server and forwarding through the mesh
-stand-in to a simulated pod.
+on ElastiServices only), reading ElastiServices from the API server and forwarding through a real Envoy
+sidecar (the mesh client's, fed by istiod) to a simulated pod.
 """
 
 from __future__ import annotations

@@ -359,7 +359,7 @@ class ApiServer:
 
     def close(self) -> None:
         # Generated VirtualServices (hosts like "*" included) must not outlive the test while the
-        # namespace is being deleted: the session's mesh stand-in sees every namespace.
+        # namespace is being deleted: the session's istiod sees every namespace.
         self.run(self.kube.request("DELETE", VIRTUALSERVICES.path(self.ns)))
         self.run(self.kube.close())
         self.loop.close()
