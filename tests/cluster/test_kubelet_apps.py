@@ -249,8 +249,8 @@ def test_bookinfo_apps_answer_like_the_real_ones(k8s: K8s, namespace: str, mesh:
     wait_for(lambda: k8s.endpoint_addresses(namespace, "details") == [details_ip], what="details endpoint")
     page_sidecar = f"http://{sidecar_of(k8s, namespace, 'productpage')}:15000"
     wait_for(
-        lambda: mesh.routable("details", namespace, 9080, admin=page_sidecar),
-        what="productpage's sidecar to have details' endpoint",
+        lambda: all(mesh.routable(svc, namespace, 9080, admin=page_sidecar) for svc in ("details", "ratings")),
+        what="productpage's sidecar to have the endpoints of details and ratings",
     )
     conn = http.client.HTTPConnection(page_ip, 9080, timeout=30)
     conn.request("GET", "/productpage")

@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 
 from elasti_istio.playground.bookinfo import INJECTION, unrouted
 from elasti_istio.playground.manifests import Api
-from elasti_istio.playground.mesh import healthy_hosts
+from elasti_istio.playground.mesh import healthy_hosts, sidecar_admins
 from tests.conftest import K8s, MeshInfo
 from tests.helpers import wait_for
 
@@ -109,6 +109,16 @@ def bookinfo(k8s: K8s, namespace: str, mesh: MeshInfo) -> Iterator[str]:
         wait_for(lambda: deployments_ready(k8s, namespace), timeout=90, what="bookinfo deployments ready")
         wait_for(
             lambda: not unrouted(api, mesh.gateway_admin, namespace), timeout=60, what="every subset to have endpoints"
+        )
+        # Without VirtualServices of their own, the apps call each Service's default cluster.
+        wait_for(
+            lambda: all(
+                mesh.routable(svc, namespace, 9080, admin=admin)
+                for admin in sidecar_admins(api, namespace)
+                for svc in ("details", "reviews", "ratings")
+            ),
+            timeout=60,
+            what="every sidecar of Bookinfo to have the endpoints of details, reviews and ratings",
         )
         wait_for(
             lambda: request(mesh.ingress, "/productpage")[0] == 200,
