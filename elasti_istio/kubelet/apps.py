@@ -67,8 +67,16 @@ async def echo_body(request: web.Request) -> web.StreamResponse:
 
 
 async def status(request: web.Request) -> web.StreamResponse:
+    """``/status/503``; ``?body=`` sets the text (an app relaying a dependency's "no healthy upstream")."""
     code = int(request.match_info["code"])
-    return web.Response(status=code, text=f"status {code}\n", headers=_pod_headers(_ident(request)))
+    text = request.query.get("body", f"status {code}\n")
+    return web.Response(status=code, text=text, headers=_pod_headers(_ident(request)))
+
+
+async def seen(request: web.Request) -> web.StreamResponse:
+    """How many requests this container has received for ``?path=`` (exactly-once checks)."""
+    path = request.query.get("path", "")
+    return web.json_response({"path": path, "count": request.app["seen"].get(path, 0)})
 
 
 async def delay(request: web.Request) -> web.StreamResponse:
@@ -220,7 +228,10 @@ async def call(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def track_inflight(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Counts requests in flight so that a terminating pod can let them finish."""
+    """Counts requests in flight so that a terminating pod can let them finish, and every request by path."""
+    counts = request.app.get("seen")
+    if counts is not None:
+        counts[request.path] = counts.get(request.path, 0) + 1
     request.app["inflight"][0] += 1
     try:
         return await handler(request)
@@ -236,10 +247,12 @@ def generic_app(ident: PodIdentity, caller: Caller | None = None) -> web.Applica
     app = web.Application(client_max_size=1 << 31, middlewares=[track_inflight])
     app["pod"] = ident
     app["inflight"] = [0]
+    app["seen"] = {}
     if caller is not None:
         app["caller"] = caller
         app.on_cleanup.append(lambda _app: caller.close())
     r = app.router
+    r.add_get("/seen", seen)
     r.add_route("*", "/call", call)
     r.add_route("*", "/status/{code:\\d{3}}", status)
     r.add_route("*", "/delay/{seconds:[0-9.]+}", delay)

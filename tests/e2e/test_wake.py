@@ -342,3 +342,25 @@ def test_through_the_real_gateway_at_zero_held_and_served(
     until(lambda: mesh_serves(api, ns, "web-gw", gw), "the gateway to route to the workload again")
     ans = via_gateway("/warm")
     assert ans.status == 200 and not ans.cold, ans
+
+
+def test_a_workloads_own_no_healthy_upstream_is_relayed_once(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    """The workload answers 503 "no healthy upstream" itself (an app relaying a failing dependency): the
+    held POST reaches it exactly once and its answer comes back as it is, not replayed until the hold
+    timeout. Envoy's own reply has no x-envoy-upstream-service-time; one from an upstream has it."""
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(hold_timeout="20s"), ns)
+    serving(api, ns)
+    to_zero(api, ns)
+    ans = e2e.sidecar.request("POST", url(ns, "/status/503?body=no%20healthy%20upstream"), b"once")
+    assert (ans.status, ans.body, ans.cold) == (503, b"no healthy upstream", True), ans
+    assert ans.headers["x-pod-name"].startswith("web-"), ans.headers  # the workload's answer
+    (pod,) = [p for p in api.core.list_namespaced_pod(ns, label_selector="app=web").items if p.status.pod_ip]
+    conn = http.client.HTTPConnection(pod.status.pod_ip, 8080, timeout=10)
+    try:
+        conn.request("GET", "/seen?path=/status/503")
+        assert json.loads(conn.getresponse().read())["count"] == 1
+    finally:
+        conn.close()

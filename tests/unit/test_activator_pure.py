@@ -193,3 +193,14 @@ def test_mesh_reply_recognised() -> None:
     )
     assert not mesh_not_ready(503, b"the app is overloaded")
     assert not mesh_not_ready(502, b"no healthy upstream")
+
+
+def test_an_answer_that_came_from_an_upstream_is_never_taken_for_the_mesh() -> None:
+    """Envoy's own replies carry no ``x-envoy-upstream-service-time``; an answer from an upstream does: a
+    workload relaying its own "no healthy upstream" must be relayed, never sent again."""
+    upstream = {"x-envoy-upstream-service-time": "3", "server": "envoy"}
+    assert not mesh_not_ready(503, b"no healthy upstream", upstream)
+    assert not mesh_not_ready(
+        503, b"upstream connect error or disconnect/reset before headers. reset reason: connection failure", upstream
+    )
+    assert mesh_not_ready(503, b"no healthy upstream", {"server": "envoy", "content-type": "text/plain"})
