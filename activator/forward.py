@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -57,9 +57,16 @@ class UpstreamError(Exception):
     """No response from upstream (connection refused, reset, malformed): answered 502."""
 
 
-def mesh_not_ready(status: int, body: bytes) -> bool:
-    """Envoy's local reply for "no ready endpoint" or "could not connect": safe to send again."""
-    if status != 503:
+UPSTREAM_TIME = "x-envoy-upstream-service-time"
+
+
+def mesh_not_ready(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> bool:
+    """Envoy's local reply for "no ready endpoint" or "could not connect": safe to send again.
+
+    Only Envoy's own reply: an answer that came from an upstream carries ``x-envoy-upstream-service-time``
+    (a workload may relay a dependency's "no healthy upstream" itself) and is never taken for the mesh.
+    """
+    if status != 503 or (headers is not None and UPSTREAM_TIME in {k.lower() for k in headers}):
         return False
     return body.startswith(b"no healthy upstream") or (
         body.startswith(b"upstream connect error") and b"connection failure" in body
@@ -311,7 +318,7 @@ class Forwarder:
             raise UpstreamError(str(exc) or type(exc).__name__) from exc
         if length is None and not resp.content.at_eof():
             return Upstream(resp, data)  # longer than any mesh reply: the workload's own 503
-        if mesh_not_ready(resp.status, data):
+        if mesh_not_ready(resp.status, data, resp.headers):
             resp.release()
             return None
         return Upstream(resp, data)
@@ -423,6 +430,8 @@ def _looks_like_mesh_reply(headers: object) -> bool:
     get = getattr(headers, "get", None)
     if get is None:
         return True
+    if get(UPSTREAM_TIME) is not None:  # came from an upstream: the workload refused the handshake
+        return False
     ctype = (get("Content-Type") or "").lower()
     length = get("Content-Length")
     return ctype.startswith("text/plain") and (length is None or (length.isdigit() and int(length) <= _MESH_REPLY_MAX))

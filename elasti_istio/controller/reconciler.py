@@ -482,6 +482,7 @@ class Reconciler:
             conds = [c for c in conds if c["type"] != C.TRIGGERS]
 
         proxied_now = any(vsrewrite.is_proxied(v.get("spec") or {}, r.target, self.activator) for v in routing.values())
+        endpoints_listed = True
         if key in self.sleeping and act_ok:
             desired = "proxy"  # our own scale-down: routes go to the activator first
         elif not act_ok:
@@ -507,7 +508,7 @@ class Reconciler:
             desired = "proxy"
         elif state.ready >= 1:
             desired = "serve"
-            if proxied_now and not await self.endpoints_listed(key, r):
+            if proxied_now and not (endpoints_listed := await self.endpoints_listed(key, r)):
                 # The mesh learns of a pod from the Service's EndpointSlices (through istiod's debounced
                 # push): routes that went back before that would meet "no healthy upstream". Meanwhile
                 # the activator forwards the traffic; bounded by ENDPOINTS_WAIT.
@@ -571,6 +572,8 @@ class Reconciler:
             if pods_left or state.current:
                 requeue = 1.0 if requeue is None else min(requeue, 1.0)
         phase = C.phase_for(state, pods_left)
+        if phase == "Serving" and desired == "proxy" and not state.at_zero and not endpoints_listed:
+            phase = "ScalingUp"  # ready, but the routes wait for the Service's EndpointSlice to list it
 
         # Wake outcome.
         failure = self.wake_failure.get(key)
