@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 
 from elasti_istio.playground.bookinfo import INJECTION, unrouted
 from elasti_istio.playground.manifests import Api
-from elasti_istio.playground.mesh import healthy_hosts, sidecar_admins
+from elasti_istio.playground.mesh import healthy_hosts, routed_clusters, sidecar_admins
 from tests.conftest import K8s, MeshInfo
 from tests.helpers import wait_for
 
@@ -134,6 +134,16 @@ def bookinfo(k8s: K8s, namespace: str, mesh: MeshInfo) -> Iterator[str]:
         delete_istio(k8s, namespace, "Gateway", "bookinfo-gateway")
 
 
+def productpage_sidecar(k8s: K8s, namespace: str) -> str:
+    """The admin URL of productpage's Envoy sidecar (the caller of reviews)."""
+    api = Api(k8s.kubeconfig)
+    try:
+        (admin,) = sidecar_admins(api, namespace, "app=productpage")
+    finally:
+        api.close()
+    return admin
+
+
 def reviews_version(page: bytes) -> str:
     """v1: no stars; v2: black stars; v3: red stars (as real Bookinfo renders them)."""
     text = page.decode()
@@ -201,11 +211,11 @@ def test_envoy_has_the_ready_endpoints_of_each_subset(k8s: K8s, mesh: MeshInfo, 
 
 def test_header_match_sends_jason_to_v2_and_others_to_v3(k8s: K8s, mesh: MeshInfo, bookinfo: str) -> None:
     apply(k8s, bookinfo, load("virtual-service-reviews-jason-v2-v3.yaml"))
-    wait_for(
-        lambda: reviews_version(request(mesh.ingress, "/productpage")[2]) == "v3",
-        timeout=30,
-        what="reviews v3 for an anonymous user",
-    )
+    # productpage's sidecar (the caller of reviews) has the new routes: v2 for jason, v3 for the others.
+    page = productpage_sidecar(k8s, bookinfo)
+    fqdn = f"reviews.{bookinfo}.svc.cluster.local"
+    wanted = {f"outbound|9080|{v}|{fqdn}" for v in ("v2", "v3")}
+    wait_for(lambda: routed_clusters(page, fqdn, 9080) == wanted, timeout=30, what="istiod's push of the jason route")
     for _ in range(5):
         assert reviews_version(request(mesh.ingress, "/productpage", headers={"end-user": "jason"})[2]) == "v2"
         assert reviews_version(request(mesh.ingress, "/productpage")[2]) == "v3"
@@ -219,18 +229,17 @@ def test_header_match_sends_jason_to_v2_and_others_to_v3(k8s: K8s, mesh: MeshInf
 
 
 def test_subsets_and_weights(k8s: K8s, mesh: MeshInfo, bookinfo: str) -> None:
+    page = productpage_sidecar(k8s, bookinfo)
+    fqdn = f"reviews.{bookinfo}.svc.cluster.local"
+
+    def routed(*versions: str) -> bool:
+        return routed_clusters(page, fqdn, 9080) == {f"outbound|9080|{v}|{fqdn}" for v in versions}
+
     apply(k8s, bookinfo, load("virtual-service-all-v1.yaml"))
-    wait_for(
-        lambda: all(reviews_version(request(mesh.ingress, "/productpage")[2]) == "v1" for _ in range(6)),
-        timeout=30,
-        what="all reviews traffic on v1",
-    )
+    wait_for(lambda: routed("v1"), timeout=30, what="productpage's sidecar routing reviews to v1 only")
+    assert all(reviews_version(request(mesh.ingress, "/productpage")[2]) == "v1" for _ in range(6))
     apply(k8s, bookinfo, load("virtual-service-reviews-80-20.yaml"))
-    wait_for(
-        lambda: reviews_version(request(mesh.ingress, "/productpage")[2]) == "v2",
-        timeout=30,
-        what="the 80/20 split to take effect",
-    )
+    wait_for(lambda: routed("v1", "v2"), timeout=30, what="the 80/20 split in productpage's sidecar")
     counts = collections.Counter(reviews_version(request(mesh.ingress, "/productpage")[2]) for _ in range(200))
     # 200 draws at p=0.2: mean 40, sd ~5.7; [10, 80] is more than 5 sd on either side.
     assert set(counts) <= {"v1", "v2"}, counts
