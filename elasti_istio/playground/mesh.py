@@ -67,6 +67,15 @@ def healthy_hosts(admin: str) -> dict[str, int]:
     return out
 
 
+def cluster_hosts(admin: str, cluster: str) -> set[str]:
+    """The addresses one Envoy has for a cluster now, healthy or not."""
+    doc = get_json(admin.rstrip("/") + "/clusters?format=json")
+    for c in doc.get("cluster_statuses") or []:
+        if c["name"] == cluster:
+            return {h["address"]["socket_address"]["address"] for h in c.get("host_statuses") or []}
+    return set()
+
+
 def pod_sidecar(api: Api, namespace: str, label_selector: str) -> str | None:
     """The sidecar address of the first running pod matching the selector, once it has one."""
     for pod in api.core.list_namespaced_pod(namespace, label_selector=label_selector).items:

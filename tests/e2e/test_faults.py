@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from elasti_istio.playground import mesh as meshview
 from elasti_istio.playground.bookinfo import proxied
 from elasti_istio.playground.procs import ControllerProc
 from tests.e2e.conftest import System
@@ -47,8 +48,17 @@ def test_activator_down_fails_open(e2e: System, namespace: str, controller: Cont
         scale(api, ns, "web", 0)
         until(lambda: replicas(api, ns, "web") == (1, 1), "target woken again")
         assert vs_spec(api, ns, "web") == original
-        # Nothing holds requests without an activator: the new pod is served once the mesh has it.
+        # Nothing holds requests without an activator: the new pod is served once the mesh has it, and
+        # the stopped pod's endpoint is gone from it (until istiod pushes that, Envoy may pick it).
         until(lambda: mesh_serves(api, ns), "the mesh to route to the pod woken again")
+        cluster = f"outbound|80||web.{ns}.svc.cluster.local"
+
+        def only_ready_pods() -> bool:
+            pods = api.core.list_namespaced_pod(ns, label_selector="app=web").items
+            ready = {p.status.pod_ip for p in pods if not p.metadata.deletion_timestamp and p.status.pod_ip}
+            return bool(ready) and meshview.cluster_hosts(e2e.mesh.client_admin, cluster) == ready
+
+        until(only_ready_pods, "the client's Envoy to have only the running pod's endpoint")
         ans = e2e.sidecar.get(url(ns, "/open-again"))
         assert ans.status == 200 and not ans.cold, ans
     finally:
