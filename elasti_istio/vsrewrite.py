@@ -188,13 +188,22 @@ def routes_to(spec: dict, vs_namespace: str, target: Target, cluster_domain: str
     return any(_dest_matches(d, vs_namespace, target, cluster_domain) for _, route in _http_routes(spec) for d in route)
 
 
-def route_timeouts(spec: dict, vs_namespace: str, target: Target, cluster_domain: str = "cluster.local") -> list[str]:
-    """``timeout`` of the http rules that carry one of the target's destinations: a held request outlives none."""
+def route_timeouts(
+    spec: dict, vs_namespace: str, target: Target, cluster_domain: str = "cluster.local"
+) -> list[tuple[str, str]]:
+    """``(field, duration)`` of the ``timeout`` and ``retries.perTryTimeout`` of the http rules that carry
+    one of the target's destinations: Envoy ends a held request at whichever comes first."""
     out = []
     for rule, route in _http_routes(spec):
+        if not any(_dest_matches(d, vs_namespace, target, cluster_domain) for d in route):
+            continue
         timeout = rule.get("timeout")
-        if isinstance(timeout, str) and any(_dest_matches(d, vs_namespace, target, cluster_domain) for d in route):
-            out.append(timeout)
+        if isinstance(timeout, str):
+            out.append(("timeout", timeout))
+        retries = rule.get("retries")
+        per_try = retries.get("perTryTimeout") if isinstance(retries, dict) else None
+        if isinstance(per_try, str):
+            out.append(("retries.perTryTimeout", per_try))
     return out
 
 

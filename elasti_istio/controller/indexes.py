@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from elasti_istio.controller import spec as es_spec
+from elasti_istio.controller.workloads import serves
 from elasti_istio.resources import ANN_BIND, ANN_ORIGINAL_ROUTES
 
 Key = str  # "namespace/name" of an ElastiService
@@ -55,7 +56,10 @@ class Indexes:
     by_namespace: dict[str, set[Key]] = dataclasses.field(default_factory=lambda: defaultdict(set))
     # namespace -> bumped when DestinationRules or workloads change (invalidates cached subset analysis)
     routing_generation: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
-    workload_labels: dict[tuple[str, str, str], tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
+    # (ns, kind, name) -> (pod template labels, whether it serves): what the subset analysis depends on
+    workload_routing: dict[tuple[str, str, str], tuple[tuple[tuple[str, str], ...], bool]] = dataclasses.field(
+        default_factory=dict
+    )
 
     # ---- ElastiServices ----------------------------------------------------------------------
     def update_es(self, obj: dict[str, Any], deleted: bool = False) -> Key:
@@ -70,11 +74,14 @@ class Indexes:
         self.es_service[key] = (ns, spec.get("service", ""))
         ref = spec.get("scaleTargetRef") or {}
         targets = self.es_targets.setdefault(key, set())
+        before = set(targets)
         # Keep resolved targets (a ScaledObject's workload) added by the reconciler; refresh the declared one.
         targets.add((ns, ref.get("kind", ""), ref.get("name", "")))
         autoscaler = spec.get("autoscaler") or {}
         if autoscaler.get("type") == "keda" and autoscaler.get("name"):
             targets.add((ns, "ScaledObject", autoscaler["name"]))
+        if targets != before:
+            self.bump_routing(ns)  # who owns a shared Service depends on which workloads are targets
         self.es_vs[key] = {es_spec.parse_vs_ref(v, ns) for v in spec.get("virtualServices") or []}
         if spec.get("triggers"):
             self.es_triggers.add(key)
@@ -86,10 +93,13 @@ class Indexes:
         return set(self.es_triggers)
 
     def set_resolved_targets(self, key: Key, targets: set[tuple[str, str, str]]) -> None:
+        if self.es_targets.get(key) != targets:
+            self.bump_routing(split_key(key)[0])
         self.es_targets[key] = set(targets)
 
     def forget_es(self, key: Key) -> None:
         ns, _ = split_key(key)
+        self.bump_routing(ns)
         self.es_service.pop(key, None)
         self.es_targets.pop(key, None)
         self.es_vs.pop(key, None)
@@ -144,16 +154,26 @@ class Indexes:
         self.routing_generation[namespace] += 1
 
     def update_workload(self, namespace: str, kind: str, obj: dict[str, Any], deleted: bool = False) -> bool:
-        """Tracks pod template labels; True when they changed (subset analysis must be redone)."""
+        """Tracks pod template labels and whether the workload serves; True when either changed (the
+        subset analysis, and who owns a Service shared by several workloads, must be redone)."""
         name = (obj.get("metadata") or {}).get("name", "")
         wk = (namespace, kind, name)
         if deleted:
-            changed = self.workload_labels.pop(wk, None) is not None
+            changed = self.workload_routing.pop(wk, None) is not None
         else:
             labels = ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
-            frozen = tuple(sorted(labels.items()))
-            changed = self.workload_labels.get(wk) != frozen
-            self.workload_labels[wk] = frozen
+            seen = (tuple(sorted(labels.items())), serves(obj))
+            changed = self.workload_routing.get(wk) != seen
+            self.workload_routing[wk] = seen
         if changed:
             self.bump_routing(namespace)
         return changed
+
+    def elastic_targets(self, namespace: str) -> set[tuple[str, str]]:
+        """(kind, name) of every workload an ElastiService of the namespace scales."""
+        return {
+            (kind, name)
+            for key in self.by_namespace.get(namespace, set())
+            for ns, kind, name in self.es_targets.get(key, set())
+            if ns == namespace
+        }

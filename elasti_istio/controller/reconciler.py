@@ -64,6 +64,18 @@ ENDPOINTS_POLL = 0.05
 ENDPOINTS_WAIT = 10.0
 
 
+def keda_owner_pause(so: dict[str, Any] | None) -> str | None:
+    """The pause annotations of a ScaledObject its owner set (not this controller), as ``k=v`` text; None
+    when it is not paused, or paused by this controller."""
+    ann = ((so or {}).get("metadata") or {}).get("annotations") or {}
+    if PAUSED_BY_US in ann:
+        return None
+    found = [f"{k}={ann[k]}" for k in (KEDA_PAUSED_REPLICAS, KEDA_PAUSED) if k in ann]
+    if KEDA_PAUSED in ann and KEDA_PAUSED_REPLICAS not in ann and str(ann[KEDA_PAUSED]).lower() != "true":
+        return None  # "paused: false" is KEDA's way to unpause
+    return ", ".join(found) or None
+
+
 class Blocked(Exception):
     """The ElastiService cannot be acted on as it stands; a condition says why."""
 
@@ -309,7 +321,7 @@ class Reconciler:
         workloads: list[tuple[str, dict[str, Any]]] = []
         for kind, res in (("Deployment", DEPLOYMENTS), ("StatefulSet", STATEFULSETS), ("ReplicaSet", REPLICASETS)):
             workloads.extend((kind, o) for o in (await self.kube.list(res, ns)).get("items") or [])
-        whole = owns_whole_service(sel, state.kind, state.name, workloads)
+        whole = owns_whole_service(sel, state.kind, state.name, workloads, self.idx.elastic_targets(ns))
         target = vsrewrite.Target(
             namespace=ns, name=spec.name, service=spec.service, subsets=subsets, whole_service=whole
         )
@@ -417,13 +429,13 @@ class Reconciler:
         # Route timeouts shorter than the hold time cut held requests.
         short = []
         for (vns, vname), vs in routing.items():
-            for t in vsrewrite.route_timeouts(vs.get("spec") or {}, vns, r.target, self.cfg.cluster_domain):
+            for field, t in vsrewrite.route_timeouts(vs.get("spec") or {}, vns, r.target, self.cfg.cluster_domain):
                 try:
                     secs = vsrewrite.parse_duration(t)
                 except ValueError:
                     continue
                 if secs < spec.hold_timeout:
-                    short.append(f"{vns}/{vname} has a route timeout of {t}")
+                    short.append(f"{vns}/{vname} has a route {field} of {t}")
         if short:
             conds = self._problem(
                 es,
@@ -577,6 +589,9 @@ class Reconciler:
 
         # Wake outcome.
         failure = self.wake_failure.get(key)
+        if failure and failure[0] == "PausedByOwner" and keda_owner_pause(r.scaled_object) is None:
+            del self.wake_failure[key]  # the owner lifted the pause: traffic may wake it again
+            failure = None
         if failure is None and state.stuck and state.replicas > 0 and state.ready == 0:
             failure = state.stuck
         if failure is not None:
@@ -869,9 +884,14 @@ class Reconciler:
 
     # ---- waking ------------------------------------------------------------------------------
     async def scale_up(self, es: dict[str, Any], r: Resolved, reason: str, why: str) -> bool:
-        """Scales the target to minTargetReplicas (never down); True when a scale call was made."""
+        """Scales the target to minTargetReplicas (never down); True when a scale call was made.
+
+        A ScaledObject its owner paused below that (KEDA's pause: maintenance, or keeping a workload off)
+        is left as it is and the target is not scaled (False; the ``WakeFailed`` condition says why)."""
         spec = r.spec
         key = spec.key
+        if self.owner_paused(r):
+            return False
         await self.unpause_keda(r)
         res = WORKLOAD_RESOURCES[r.workload_kind]
         if r.scaled_object is not None and r.state.at_zero:
@@ -897,6 +917,20 @@ class Reconciler:
         log.info("%s: %s: %s %s scaled %d -> %d", key, reason, r.workload_kind, name, current, spec.min_replicas)
         return True
 
+    def owner_paused(self, r: Resolved) -> str | None:
+        """Why the target may not be woken: its ScaledObject paused by its owner below minTargetReplicas
+        (recorded as the wake's failure); None when it may."""
+        owner_pause = keda_owner_pause(r.scaled_object)
+        if owner_pause is None or r.state.replicas >= r.spec.min_replicas:
+            return None
+        so_name = ((r.scaled_object or {}).get("metadata") or {}).get("name", "")
+        msg = (
+            f"ScaledObject {so_name} is paused by its owner ({owner_pause}): {r.workload_kind} {r.state.name} "
+            "is not woken and held requests are answered 503; remove the pause to let traffic wake it"
+        )
+        self.wake_failure[r.spec.key] = ("PausedByOwner", msg)
+        return msg
+
     async def unpause_keda(self, r: Resolved) -> None:
         """Removes the KEDA pause annotations this controller set, so KEDA resumes from the woken count."""
         so = r.scaled_object
@@ -920,7 +954,7 @@ class Reconciler:
         so = r.scaled_object
         if so is None or int((so.get("spec") or {}).get("minReplicaCount") or 0) > 0:
             return
-        if r.spec.wake_hold_seconds <= 0:
+        if r.spec.wake_hold_seconds <= 0 or keda_owner_pause(so) is not None:
             return
         until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=r.spec.wake_hold_seconds)
         patch = {
@@ -962,6 +996,8 @@ class Reconciler:
         so = r.scaled_object
         if so is None or int((so.get("spec") or {}).get("minReplicaCount") or 0) == 0:
             return
+        if keda_owner_pause(so) is not None:
+            return  # the owner's pause is theirs: never rewritten, never removed
         patch = {"metadata": {"annotations": {KEDA_PAUSED_REPLICAS: "0", PAUSED_BY_US: "sleep", HOLD_UNTIL: None}}}
         await self.kube.patch(SCALEDOBJECTS, so["metadata"]["name"], patch, r.spec.namespace)
 
@@ -1127,6 +1163,11 @@ class Reconciler:
             asyncio.get_running_loop().call_soon(self._requeue, key)
             raise
         self.wake_failure.pop(key, None)
+        paused = self.owner_paused(r)
+        if paused:
+            metrics.WAKES.labels(namespace, name, "failed").inc()
+            asyncio.get_running_loop().call_soon(self._requeue, key)
+            raise Blocked(C.WAKE_FAILED, "PausedByOwner", paused)
         try:
             scaled = await self.scale_up(es, r, reason="Woken", why="a request arrived for the sleeping target")
         except KubeError:

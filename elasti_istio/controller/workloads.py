@@ -103,19 +103,38 @@ def target_subsets(
     return frozenset(names), labels
 
 
+def serves(obj: dict[str, Any]) -> bool:
+    """Whether a workload has, or is asked for, pods: ``spec.replicas`` above 0 (absent means 1) or ready
+    replicas left (a scale to zero still draining)."""
+    replicas = (obj.get("spec") or {}).get("replicas")
+    return (1 if replicas is None else int(replicas)) > 0 or int(
+        (obj.get("status") or {}).get("readyReplicas") or 0
+    ) > 0
+
+
 def owns_whole_service(
-    service_selector: dict[str, str], target_kind: str, target_name: str, workloads: list[tuple[str, dict[str, Any]]]
+    service_selector: dict[str, str],
+    target_kind: str,
+    target_name: str,
+    workloads: list[tuple[str, dict[str, Any]]],
+    elastic: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
 ) -> bool:
-    """True when no other workload's pods are selected by the Service: then a destination without a
-    subset sends all its traffic to this target."""
+    """True when a destination without a subset sends all its traffic to this target: no other workload
+    the Service selects serves. Several targets of ElastiServices at zero behind one Service: the
+    destination is the first one's, by (kind, name), so exactly one ElastiService switches it (waking
+    any one of them serves the Service). ``elastic``: the (kind, name) of every ElastiService's target
+    in the namespace."""
     for kind, obj in workloads:
         meta = obj.get("metadata") or {}
-        if kind == target_kind and meta.get("name") == target_name:
+        name = meta.get("name", "")
+        if kind == target_kind and name == target_name:
             continue
         if kind == "ReplicaSet" and meta.get("ownerReferences"):
             continue  # owned by a Deployment or Rollout, judged through its owner
         labels = ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
-        if labels_match(service_selector, labels):
+        if not labels_match(service_selector, labels):
+            continue
+        if serves(obj) or ((kind, name) in elastic and (kind, name) < (target_kind, target_name)):
             return False
     return True
 

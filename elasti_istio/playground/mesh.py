@@ -61,18 +61,25 @@ def healthy_hosts(admin: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for cluster in doc.get("cluster_statuses") or []:
         hosts = cluster.get("host_statuses") or []
-        out[cluster["name"]] = sum(
-            1 for h in hosts if (h.get("health_status") or {}).get("eds_health_status", "HEALTHY") == "HEALTHY"
-        )
+        out[cluster["name"]] = sum(1 for h in hosts if _healthy(h))
     return out
 
 
-def cluster_hosts(admin: str, cluster: str) -> set[str]:
-    """The addresses one Envoy has for a cluster now, healthy or not."""
+def _healthy(host: dict[str, Any]) -> bool:
+    return (host.get("health_status") or {}).get("eds_health_status", "HEALTHY") == "HEALTHY"
+
+
+def cluster_hosts(admin: str, cluster: str, healthy: bool = False) -> set[str]:
+    """The addresses one Envoy has for a cluster now: all of them, or only the healthy ones (istiod sends
+    a pod that is not Ready as an unhealthy endpoint, which Envoy never picks)."""
     doc = get_json(admin.rstrip("/") + "/clusters?format=json")
     for c in doc.get("cluster_statuses") or []:
         if c["name"] == cluster:
-            return {h["address"]["socket_address"]["address"] for h in c.get("host_statuses") or []}
+            return {
+                h["address"]["socket_address"]["address"]
+                for h in c.get("host_statuses") or []
+                if not healthy or _healthy(h)
+            }
     return set()
 
 

@@ -219,6 +219,52 @@ def test_keda_min_zero_keda_owns_one_to_zero_with_a_wake_hold(k8s: K8s, namespac
         wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="KEDA's decision applies")
 
 
+def test_keda_paused_by_its_owner_is_never_taken_over(k8s: K8s, namespace: str, start_controller: Any) -> None:
+    """A ScaledObject its owner paused at 0 (KEDA's pause for maintenance) stays theirs: a wake neither
+    rewrites nor removes the pause, the target stays at zero, and WakeFailed says why; once the owner lifts
+    the pause, traffic wakes the target again."""
+    bookinfo(k8s, namespace, es_docs=False)
+    so = scaled_object("details", "details-v1", 0)
+    so["metadata"]["annotations"]["autoscaling.keda.sh/paused-replicas"] = "0"
+    create(k8s, namespace, so)
+    create(
+        k8s,
+        namespace,
+        {
+            "apiVersion": "elasti.truefoundry.com/v1alpha1",
+            "kind": "ElastiService",
+            "metadata": {"name": "details"},
+            "spec": {
+                "service": "details",
+                "virtualServices": ["details"],
+                "scaleTargetRef": {"kind": "ScaledObject", "name": "details"},
+                "autoscaler": {"type": "keda", "name": "details", "wakeHoldSeconds": 2},
+            },
+        },
+    )
+    ctrl = start_controller()
+    with KedaStandIn(k8s, namespace):
+        wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="paused at zero by its owner")
+        owner = dict(so_annotations(k8s, namespace, "details"))
+        code, body = ctrl.wake(namespace, "details")
+        assert (code, body.get("reason")) == (409, "PausedByOwner"), body
+        assert "autoscaling.keda.sh/paused-replicas=0" in body["error"]
+        assert so_annotations(k8s, namespace, "details") == owner
+        wait_until(
+            lambda: cond_is(k8s, namespace, "details", "WakeFailed", "True", "PausedByOwner"),
+            what="WakeFailed PausedByOwner",
+        )
+        wait_event(k8s, namespace, "details", "PausedByOwner")
+        assert not k8s.apps.read_namespaced_deployment_scale("details-v1", namespace).spec.replicas  # type: ignore
+        # The owner lifts the pause: the condition clears and a wake works (with the controller's own hold).
+        patch(k8s, namespace, "ScaledObject", "details", {"metadata": {"annotations": {"autoscaling.keda.sh/paused-replicas": None}}})
+        wait_until(
+            lambda: not cond_is(k8s, namespace, "details", "WakeFailed", "True"), what="WakeFailed cleared"
+        )
+        assert ctrl.wake(namespace, "details")[0] == 202
+        wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="woken once the pause is lifted")
+
+
 # ---- enabledPeriod ----------------------------------------------------------------------------
 
 

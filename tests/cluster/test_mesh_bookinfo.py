@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 
 from elasti_istio.playground.bookinfo import INJECTION, unrouted
 from elasti_istio.playground.manifests import Api
-from elasti_istio.playground.mesh import healthy_hosts, routed_clusters, sidecar_admins
+from elasti_istio.playground.mesh import cluster_hosts, healthy_hosts, routed_clusters, sidecar_admins
 from tests.conftest import K8s, MeshInfo
 from tests.helpers import wait_for
 
@@ -110,15 +110,12 @@ def bookinfo(k8s: K8s, namespace: str, mesh: MeshInfo) -> Iterator[str]:
         wait_for(
             lambda: not unrouted(api, mesh.gateway_admin, namespace), timeout=60, what="every subset to have endpoints"
         )
-        # Without VirtualServices of their own, the apps call each Service's default cluster.
+        # Every Envoy has every Ready pod as a healthy endpoint of its Service's cluster and of its subset's:
+        # a test's route to one subset then finds its pod, whatever order istiod pushed the pods in.
         wait_for(
-            lambda: all(
-                mesh.routable(svc, namespace, 9080, admin=admin)
-                for admin in sidecar_admins(api, namespace)
-                for svc in ("details", "reviews", "ratings")
-            ),
+            lambda: not endpoints_behind(api, namespace, [mesh.gateway_admin, *sidecar_admins(api, namespace)]),
             timeout=60,
-            what="every sidecar of Bookinfo to have the endpoints of details, reviews and ratings",
+            what="every Envoy of Bookinfo to have the Ready pods of each Service and subset",
         )
         wait_for(
             lambda: request(mesh.ingress, "/productpage")[0] == 200,
@@ -134,6 +131,40 @@ def bookinfo(k8s: K8s, namespace: str, mesh: MeshInfo) -> Iterator[str]:
         delete_istio(k8s, namespace, "Gateway", "bookinfo-gateway")
 
 
+def endpoints_behind(api: Api, namespace: str, admins: list[str]) -> list[str]:
+    """The clusters (each Service's, each DestinationRule subset's) whose healthy endpoints in some Envoy
+    are not exactly the Ready pods they select."""
+    pods = [
+        p
+        for p in api.core.list_namespaced_pod(namespace).items
+        if not p.metadata.deletion_timestamp
+        and p.status.pod_ip
+        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+    ]
+
+    def selected(selector: dict[str, str]) -> set[str]:
+        return {p.status.pod_ip for p in pods if selector.items() <= (p.metadata.labels or {}).items()}
+
+    subsets: dict[str, list[dict[str, Any]]] = {}
+    for rule in api.custom.list_namespaced_custom_object(ISTIO, "v1", namespace, "destinationrules")["items"]:
+        subsets[rule["spec"]["host"]] = rule["spec"].get("subsets") or []
+    wanted: dict[str, set[str]] = {}
+    for svc in api.core.list_namespaced_service(namespace).items:
+        selector = svc.spec.selector or {}
+        fqdn = f"{svc.metadata.name}.{namespace}.svc.cluster.local"
+        for port in svc.spec.ports or []:
+            wanted[f"outbound|{port.port}||{fqdn}"] = selected(selector)
+            for subset in subsets.get(svc.metadata.name, []):
+                labels = {**selector, **(subset.get("labels") or {})}
+                wanted[f"outbound|{port.port}|{subset['name']}|{fqdn}"] = selected(labels)
+    behind = []
+    for admin in admins:
+        for cluster, ips in sorted(wanted.items()):
+            if cluster_hosts(admin, cluster, healthy=True) != ips:
+                behind.append(f"{cluster} in {admin}")
+    return behind
+
+
 def productpage_sidecar(k8s: K8s, namespace: str) -> str:
     """The admin URL of productpage's Envoy sidecar (the caller of reviews)."""
     api = Api(k8s.kubeconfig)
@@ -144,15 +175,23 @@ def productpage_sidecar(k8s: K8s, namespace: str) -> str:
     return admin
 
 
-def reviews_version(page: bytes) -> str:
-    """v1: no stars; v2: black stars; v3: red stars (as real Bookinfo renders them)."""
+def reviews_version(page: bytes, why: str = "") -> str:
+    """v1: no stars; v2: black stars; v3: red stars (as real Bookinfo renders them). ``why``: productpage's
+    account of a degraded page, for the failure message."""
     text = page.decode()
     if 'data-color="red"' in text:
         return "v3"
     if 'data-color="black"' in text:
         return "v2"
-    assert "Book Reviews" in text, text[:500]
+    assert "Book Reviews" in text, why or text[-300:]
     return "v1"
+
+
+def version_of(answer: tuple[int, dict[str, str], bytes]) -> str:
+    """The reviews version of a productpage answer."""
+    status, headers, body = answer
+    assert status == 200, (status, body[:300])
+    return reviews_version(body, headers.get("x-bookinfo-degraded-why", ""))
 
 
 def test_productpage_renders_details_and_reviews(mesh: MeshInfo, bookinfo: str) -> None:
@@ -217,8 +256,8 @@ def test_header_match_sends_jason_to_v2_and_others_to_v3(k8s: K8s, mesh: MeshInf
     wanted = {f"outbound|9080|{v}|{fqdn}" for v in ("v2", "v3")}
     wait_for(lambda: routed_clusters(page, fqdn, 9080) == wanted, timeout=30, what="istiod's push of the jason route")
     for _ in range(5):
-        assert reviews_version(request(mesh.ingress, "/productpage", headers={"end-user": "jason"})[2]) == "v2"
-        assert reviews_version(request(mesh.ingress, "/productpage")[2]) == "v3"
+        assert version_of(request(mesh.ingress, "/productpage", headers={"end-user": "jason"})) == "v2"
+        assert version_of(request(mesh.ingress, "/productpage")) == "v3"
     # Logged in as jason (productpage's cookie), as in the Istio task.
     req = urllib.request.Request(
         f"{mesh.ingress}/login", data=b"username=jason", headers={"Content-Type": "application/x-www-form-urlencoded"}
@@ -237,10 +276,10 @@ def test_subsets_and_weights(k8s: K8s, mesh: MeshInfo, bookinfo: str) -> None:
 
     apply(k8s, bookinfo, load("virtual-service-all-v1.yaml"))
     wait_for(lambda: routed("v1"), timeout=30, what="productpage's sidecar routing reviews to v1 only")
-    assert all(reviews_version(request(mesh.ingress, "/productpage")[2]) == "v1" for _ in range(6))
+    assert all(version_of(request(mesh.ingress, "/productpage")) == "v1" for _ in range(6))
     apply(k8s, bookinfo, load("virtual-service-reviews-80-20.yaml"))
     wait_for(lambda: routed("v1", "v2"), timeout=30, what="the 80/20 split in productpage's sidecar")
-    counts = collections.Counter(reviews_version(request(mesh.ingress, "/productpage")[2]) for _ in range(200))
+    counts = collections.Counter(version_of(request(mesh.ingress, "/productpage")) for _ in range(200))
     # 200 draws at p=0.2: mean 40, sd ~5.7; [10, 80] is more than 5 sd on either side.
     assert set(counts) <= {"v1", "v2"}, counts
     assert 10 <= counts["v2"] <= 80, counts

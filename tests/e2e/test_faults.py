@@ -54,9 +54,22 @@ def test_activator_down_fails_open(e2e: System, namespace: str, controller: Cont
         cluster = f"outbound|80||web.{ns}.svc.cluster.local"
 
         def only_ready_pods() -> bool:
+            # Ready pods, not merely running ones: a pod that is not Ready yet reaches Envoy as an unhealthy
+            # endpoint, and with the stopped pod gone that is "no healthy upstream" from Envoy itself.
             pods = api.core.list_namespaced_pod(ns, label_selector="app=web").items
-            ready = {p.status.pod_ip for p in pods if not p.metadata.deletion_timestamp and p.status.pod_ip}
-            return bool(ready) and meshview.cluster_hosts(e2e.mesh.client_admin, cluster) == ready
+            ready = {
+                p.status.pod_ip
+                for p in pods
+                if not p.metadata.deletion_timestamp
+                and p.status.pod_ip
+                and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+            }
+            admin = e2e.mesh.client_admin
+            return (
+                bool(ready)
+                and meshview.cluster_hosts(admin, cluster) == ready
+                and meshview.cluster_hosts(admin, cluster, healthy=True) == ready
+            )
 
         until(only_ready_pods, "the client's Envoy to have only the running pod's endpoint")
         ans = e2e.sidecar.get(url(ns, "/open-again"))

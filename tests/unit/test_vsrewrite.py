@@ -380,15 +380,26 @@ def test_everything_but_http_route_is_left_alone() -> None:
     assert to_serve(spec, NS, V2, ACT, entries) == original
 
 
+def test_a_per_try_timeout_cuts_held_requests_like_a_route_timeout() -> None:
+    """Envoy ends each try at ``retries.perTryTimeout``: a held request as well, whatever ``timeout`` says."""
+    spec = {
+        "http": [
+            {"route": [dest("reviews", "v2")], "timeout": "60s", "retries": {"attempts": 2, "perTryTimeout": "2s"}},
+            {"route": [dest("reviews", "v2")], "retries": {"attempts": 3}},
+        ]
+    }
+    assert route_timeouts(spec, NS, V2) == [("timeout", "60s"), ("retries.perTryTimeout", "2s")]
+
+
 def test_queries() -> None:
     spec = full_spec()
     assert routes_to(spec, NS, V2) and routes_to(spec, NS, V1) and not routes_to(spec, NS, V3)
     assert not routes_to(spec, "other", V2)
-    assert route_timeouts(spec, NS, V2) == ["10s"]
+    assert route_timeouts(spec, NS, V2) == [("timeout", "10s"), ("retries.perTryTimeout", "2s")]
     assert route_timeouts(spec, NS, V1) == []
     proxied, _ = to_proxy(spec, NS, V2, ACT)
     assert routes_to(proxied, NS, V2)  # still routed to, with weight 0
-    assert route_timeouts(proxied, NS, V2) == ["10s"]
+    assert route_timeouts(proxied, NS, V2) == [("timeout", "10s"), ("retries.perTryTimeout", "2s")]
     assert not routes_to({"http": [{"route": [dest(ACT.host)]}]}, "elasti-system", Target(NS, "a", "elasti-activator"))
     assert not routes_to({}, NS, V2) and not routes_to({"http": "junk"}, NS, V2)
 
