@@ -57,7 +57,12 @@ class Activator:
         self.holds = Holds(self.registry, self.notifier, self.metrics, cfg.max_held)
         self.fast_upstream = UpstreamClient(cfg.upstream_proxy, cfg.upstream_connections, sidecar=cfg.sidecar_address)
         self.forwarder = Forwarder(
-            self.upstream, cfg.upstream_proxy, cfg.cold_start_header, self.fast_upstream, sidecar=cfg.sidecar_address
+            self.upstream,
+            cfg.upstream_proxy,
+            cfg.cold_start_header,
+            self.fast_upstream,
+            sidecar=cfg.sidecar_address,
+            websocket_max_message=cfg.websocket_max_message,
         )
         self.proxy = Proxy(cfg, self.registry, self.holds, self.forwarder, self.metrics)
         self.admin = Admin(self.registry, self.holds, self.metrics)

@@ -101,6 +101,15 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
+        "--websocket-max-message",
+        type=int,
+        default=4 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest websocket message relayed either way (each is held whole in memory); a larger one closes "
+        "both legs with 1009 (message too big); 0: no limit",
+    )
+    options.add(
+        p,
         "--request-body-timeout",
         type=float,
         default=60.0,
@@ -190,6 +199,7 @@ class Config:
     drain_timeout: float = 30.0
     retry_body_limit: int = 1024 * 1024
     max_body_size: int = 0
+    websocket_max_message: int = 4 * 1024 * 1024
     request_body_timeout: float = 60.0
     max_line_size: int = DEFAULT_MAX_LINE
     max_field_size: int = DEFAULT_MAX_FIELD
@@ -207,9 +217,11 @@ class Config:
     def from_args(cls, args: argparse.Namespace) -> Config:
         if args.max_held < 1 or args.upstream_connections < 1:
             raise SystemExit("--max-held and --upstream-connections must be at least 1")
-        if min(args.drain_timeout, args.retry_body_limit, args.max_body_size, args.request_body_timeout) < 0:
+        sizes = (args.drain_timeout, args.retry_body_limit, args.max_body_size, args.request_body_timeout)
+        if min(*sizes, args.websocket_max_message) < 0:
             raise SystemExit(
-                "--drain-timeout, --retry-body-limit, --max-body-size and --request-body-timeout must not be negative"
+                "--drain-timeout, --retry-body-limit, --max-body-size, --websocket-max-message and "
+                "--request-body-timeout must not be negative"
             )
         if args.upstream_proxy and args.sidecar_address:
             raise SystemExit("--upstream-proxy and --sidecar-address are exclusive: give one of them")
@@ -227,6 +239,7 @@ class Config:
             drain_timeout=args.drain_timeout,
             retry_body_limit=args.retry_body_limit,
             max_body_size=args.max_body_size,
+            websocket_max_message=args.websocket_max_message,
             request_body_timeout=args.request_body_timeout,
             max_line_size=args.max_line_size,
             max_field_size=args.max_field_size,

@@ -259,8 +259,10 @@ class Forwarder:
         fast: UpstreamClient | None = None,
         *,
         sidecar: str | None = None,
+        websocket_max_message: int = 4 * 1024 * 1024,
     ) -> None:
         self.session = session
+        self.websocket_max_message = websocket_max_message
         self.proxy = proxy
         self.sidecar = sidecar
         self.cold_start_header = cold_start_header
@@ -386,7 +388,7 @@ class Forwarder:
                 protocols=protocols,
                 origin=request.headers.get("Origin"),
                 proxy=self.proxy_for(target),
-                max_msg_size=0,
+                max_msg_size=self.websocket_max_message,
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 503 and _looks_like_mesh_reply(exc.headers):
@@ -403,7 +405,9 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Relays messages both ways until one side closes, then closes the other with the same code."""
         try:
-            ws = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0)
+            ws = web.WebSocketResponse(
+                protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=self.websocket_max_message
+            )
             if cold and self.cold_start_header:
                 ws.headers[COLD_START_HEADER] = "true"
             await ws.prepare(request)

@@ -115,8 +115,8 @@ class MeshProxy:
         for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol"):
             headers.popall(h, None)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        async with self._session.ws_connect(url, headers=headers, protocols=protocols) as up:
-            ws = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else ())
+        async with self._session.ws_connect(url, headers=headers, protocols=protocols, max_msg_size=0) as up:
+            ws = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (), max_msg_size=0)
             await ws.prepare(request)
 
             async def pump(src: Any, dst: Any) -> None:

@@ -86,13 +86,16 @@ def backend_app(state: dict[str, Any]) -> web.Application:
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
         hits["ws"] += 1
-        sock = web.WebSocketResponse(protocols=("echo.v1",))
+        sock = web.WebSocketResponse(protocols=("echo.v1",), max_msg_size=0)  # the workload takes any size
         await sock.prepare(request)
         async for msg in sock:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 if msg.data == "bye":
                     await sock.close(code=4001, message=b"bye")
                     break
+                if msg.data.startswith("big:"):
+                    await sock.send_bytes(b"x" * int(msg.data[4:]))
+                    continue
                 await sock.send_str("echo:" + msg.data)
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await sock.send_bytes(msg.data[::-1])
@@ -583,6 +586,26 @@ async def test_websocket_echo(env: Env) -> None:
     assert got == ["echo:hello", b"\x03\x02\x01"]
     assert code == 4001 and protocol == "echo.v1" and cold == "true"
     assert env.state["hits"]["ws"] == 1
+
+
+@pytest.mark.parametrize("direction", ["from the client", "from the workload"])
+async def test_websocket_messages_over_the_limit_close_with_1009(env: Env, direction: str) -> None:
+    """Each websocket message is reassembled in the activator's memory: one beyond the limit (4 MiB by
+    default) closes both legs with 1009 (message too big) instead of growing the activator."""
+    env.put("details", ready=True)
+    big = 5 * 1024 * 1024
+    async with env.client.ws_connect(
+        env.url + "/ws", headers={"elasti-service": f"{NS}/details"}, max_msg_size=0
+    ) as ws:
+        await ws.send_bytes(b"y" * (1024 * 1024))  # under the limit: relayed both ways
+        assert len((await ws.receive()).data) == 1024 * 1024
+        if direction == "from the client":
+            await ws.send_bytes(b"z" * big)
+        else:
+            await ws.send_str(f"big:{big}")
+        msg = await asyncio.wait_for(ws.receive(), 30)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), (msg.type, len(msg.data or b""))
+        assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG, (msg, ws.close_code)
 
 
 async def test_keep_alive_connection_reused(env: Env) -> None:
