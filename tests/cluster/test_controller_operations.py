@@ -257,10 +257,9 @@ def test_keda_paused_by_its_owner_is_never_taken_over(k8s: K8s, namespace: str, 
         wait_event(k8s, namespace, "details", "PausedByOwner")
         assert not k8s.apps.read_namespaced_deployment_scale("details-v1", namespace).spec.replicas  # type: ignore
         # The owner lifts the pause: the condition clears and a wake works (with the controller's own hold).
-        patch(k8s, namespace, "ScaledObject", "details", {"metadata": {"annotations": {"autoscaling.keda.sh/paused-replicas": None}}})
-        wait_until(
-            lambda: not cond_is(k8s, namespace, "details", "WakeFailed", "True"), what="WakeFailed cleared"
-        )
+        lift = {"metadata": {"annotations": {"autoscaling.keda.sh/paused-replicas": None}}}
+        patch(k8s, namespace, "ScaledObject", "details", lift)
+        wait_until(lambda: not cond_is(k8s, namespace, "details", "WakeFailed", "True"), what="WakeFailed cleared")
         assert ctrl.wake(namespace, "details")[0] == 202
         wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="woken once the pause is lifted")
 
