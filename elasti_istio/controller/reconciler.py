@@ -62,6 +62,9 @@ MANAGED_LABEL = f"{GROUP}/elastiservice"
 # for how long at most (seconds).
 ENDPOINTS_POLL = 0.05
 ENDPOINTS_WAIT = 10.0
+# After a deleted ElastiService's routes are restored: how long its origin Service stays for the
+# forwards of requests the activators released (seconds).
+ORIGIN_GRACE = 2.0
 
 
 def keda_owner_pause(so: dict[str, Any] | None) -> str | None:
@@ -116,6 +119,7 @@ class Reconciler:
         self.went_to_zero: set[Key] = set()
         self.pod_ready: dict[Key, int] = {}  # ready pods of waking targets, from the pod watches
         self.endpoints_wait: dict[Key, float] = {}  # since when routes wait for the target's endpoints
+        self.finalize_restored: dict[Key, float] = {}  # a deleted ElastiService: when its routes were restored
         self.endpoints_forbidden = False
         self.switched_early: dict[Key, float] = {}
         self._routing_cache: dict[Key, tuple[int, Any]] = {}
@@ -127,7 +131,9 @@ class Reconciler:
         self.fail_open_bucket = TokenBucket(cfg.fail_open_wakes_per_second, cfg.fail_open_burst)
 
     def lock(self, key: Key) -> asyncio.Lock:
-        """Serialises a wake and a sleep of one ElastiService (never two different ones)."""
+        """One writer per ElastiService at a time (never two different ones): a reconcile, a wake and a
+        sleep of it run one after the other, and each reads what it decides on after taking the lock, so
+        no decision comes from reads older than the last write another one made."""
         lk = self._locks.get(key)
         if lk is None:
             lk = self._locks[key] = asyncio.Lock()
@@ -145,6 +151,10 @@ class Reconciler:
 
     # ---- entry point -------------------------------------------------------------------------
     async def reconcile(self, key: Key) -> float | None:
+        async with self.lock(key):
+            return await self._locked_reconcile(key)
+
+    async def _locked_reconcile(self, key: Key) -> float | None:
         ns, name = split_key(key)
         begun = time.monotonic()
         try:
@@ -208,6 +218,7 @@ class Reconciler:
             self.trigger_state,
             self._locks,
             self.endpoints_wait,
+            self.finalize_restored,
         ):
             d.pop(key, None)  # type: ignore[attr-defined]
         self.waking.discard(key)
@@ -1102,6 +1113,11 @@ class Reconciler:
 
     # ---- deletion ----------------------------------------------------------------------------
     async def finalize(self, es: dict[str, Any]) -> float | None:
+        """Deleting an ElastiService loses no request. In proxy mode the target is woken and the routes stay
+        on the activator (which holds and then forwards through the origin Service) until the target has
+        a ready replica listed in the Service's EndpointSlices, at most ``holdTimeout`` after the deletion
+        began; then the routes are restored, the origin Service is kept ``ORIGIN_GRACE`` seconds more for
+        the forwards in flight, and the finalizer goes."""
         meta = es["metadata"]
         key = es_key(meta["namespace"], meta["name"])
         if FINALIZER not in (meta.get("finalizers") or []):
@@ -1110,12 +1126,41 @@ class Reconciler:
             r = await self.resolve(es)
         except Blocked:
             r = None
+        waiting = r is not None and (es.get("status") or {}).get("mode") == "proxy" and self.activator_available[0]
+        if r is not None and waiting:
+            began = C.parse_time(meta.get("deletionTimestamp") or "") or dt.datetime.now(dt.UTC)
+            left = r.spec.hold_timeout - (dt.datetime.now(dt.UTC) - began).total_seconds()
+            if r.state.at_zero and left > 0:
+                await self.scale_up(
+                    es, r, reason="WokenOnDelete", why="the ElastiService is being deleted, so its target is woken"
+                )
+                return min(0.5, left)
+            if r.state.ready >= 1 and (es.get("status") or {}).get("readyReplicas") != r.state.ready:
+                await self.patch_status(es, {"readyReplicas": r.state.ready})  # the activators release on it
+            if left > 0 and r.state.ready == 0:
+                return min(0.5, left)  # held requests wait, new ones are held too; pod events come sooner
+            if left > 0 and not await self.endpoints_listed(key, r):
+                return min(ENDPOINTS_POLL, left)
+            if r.state.ready == 0:
+                self.recorder.emit(
+                    es,
+                    "Warning",
+                    "RestoredWithoutReadyReplica",
+                    f"{r.workload_kind} {r.state.name} had no ready replica within holdTimeout "
+                    f"({r.spec.hold_timeout:g}s) of the deletion: routes restored to the Service; the "
+                    "activator answered the requests it held 504",
+                )
         restored = await self.restore_all(key, es, r.target if r is not None else None)
         if r is not None:
             if r.state.at_zero:
                 await self.scale_up(
                     es, r, reason="WokenOnDelete", why="the ElastiService is being deleted, so its target is woken"
                 )
+        if waiting:
+            since = self.finalize_restored.setdefault(key, time.monotonic())
+            grace = ORIGIN_GRACE - (time.monotonic() - since)
+            if grace > 0:
+                return grace  # forwards of released requests still use the origin Service
         await self.kube.delete(SERVICES, es_spec.origin_service_name(meta["name"]), meta["namespace"])
         self.recorder.emit(
             es, "Normal", "Finalized", f"restored {len(restored)} VirtualService(s) and removed the origin Service"

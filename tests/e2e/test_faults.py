@@ -80,17 +80,49 @@ def test_activator_down_fails_open(e2e: System, namespace: str, controller: Cont
     to_zero(api, ns)  # with the activator back, proxy mode again
 
 
-def test_elastiservice_deleted_at_zero_wakes_and_restores(
+def test_elastiservice_deleted_at_zero_serves_held_requests_then_restores(
     e2e: System, namespace: str, controller: ControllerProc
 ) -> None:
+    """An uninstall while the target is at zero loses nothing: the finalizer wakes the target and keeps the
+    routes on the activator until it has a ready replica; the held requests and those sent meanwhile are
+    served, then the routes go back and the ElastiService goes."""
     api, ns = e2e.api, namespace
-    api.apply_all(web_app(), ns)
+    api.apply_all(web_app(startup_seconds=3), ns)
     original = serving(api, ns)
     to_zero(api, ns)
+    answers: dict[str, Answer | BaseException] = {}
+
+    def send(path: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                answers[path] = e2e.sidecar.get(url(ns, path))
+            except BaseException as exc:
+                answers[path] = exc
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    first = send("/held-before-delete")
+    until(lambda: _pending(e2e, ns) == 1, "the request held")
     api.delete("elasti.truefoundry.com/v1alpha1", "ElastiService", "web", ns)
+    until(
+        lambda: (
+            (api.get("elasti.truefoundry.com/v1alpha1", "ElastiService", "web", ns) or {})
+            .get("metadata", {})
+            .get("deletionTimestamp")
+        ),
+        "the deletion under way",
+    )
+    second = send("/sent-while-deleting")
+    for t in (first, second):
+        t.join(60)
+    for path in ("/held-before-delete", "/sent-while-deleting"):
+        ans = answers.get(path)
+        assert isinstance(ans, Answer) and ans.status == 200, (path, ans)
     until(lambda: api.get("elasti.truefoundry.com/v1alpha1", "ElastiService", "web", ns) is None, "ES gone")
     assert vs_spec(api, ns, "web") == original
-    until(lambda: replicas(api, ns, "web") == (1, 1), "target woken")
+    assert replicas(api, ns, "web") == (1, 1)
     assert api.get("v1", "Service", "web-elasti-origin", ns) is None
     until(lambda: mesh_serves(api, ns), "the mesh to route to the woken pod")
     ans = e2e.sidecar.get(url(ns, "/after-delete"))
