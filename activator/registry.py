@@ -53,10 +53,30 @@ class Target:
     authority: str | None = None  # <origin>.<ns>.svc.<domain>:<port>, the upstream Host
     wake_failure: WakeFailure | None = None
     static: tuple[StaticResponse, ...] = ()
+    ports: tuple[int, ...] = ()  # every port of the origin Service (it mirrors the public one)
+    service_hosts: frozenset[str] = frozenset()  # the public Service's names: svc, svc.ns, svc.ns.svc, FQDN
 
     @property
     def key(self) -> Key:
         return self.namespace, self.name
+
+    def port_for(self, header_port: int | None, host: str) -> int | None:
+        """The origin port a request goes to, when not the default one: the port its route named (in the
+        header), else the port it was sent to when it was sent to the public Service by name (a mesh
+        route without a port uses the port of the listener it came in on); None for the default."""
+        if header_port is not None:
+            return header_port
+        name, colon, port = host.rpartition(":")
+        if colon and port.isdigit() and name.lower().rstrip(".") in self.service_hosts and int(port) in self.ports:
+            return int(port)
+        return None
+
+    def at_port(self, port: int) -> Target:
+        """The same target, forwarded to another port of its origin Service."""
+        if self.authority is None or self.authority.endswith(f":{port}"):
+            return self
+        host = self.authority.rpartition(":")[0]
+        return replace(self, base_url=f"http://{host}:{port}", authority=f"{host}:{port}")
 
     @property
     def forwardable(self) -> bool:
@@ -97,7 +117,15 @@ def target_from(obj: dict[str, Any], cluster_domain: str = "cluster.local") -> T
                 str(cond.get("reason") or ""), str(cond.get("message") or ""), str(cond.get("lastTransitionTime") or "")
             )
     static = parse_static(spec_act.get("staticResponses"), f"{ns}/{name}")
-    return Target(ns, name, hold, max(retry, 0.001), limit, ready, base_url, authority, failure, static)
+    raw_ports = origin.get("ports")
+    ports = tuple(p for p in (raw_ports if isinstance(raw_ports, list) else []) if isinstance(p, int) and 0 < p < 65536)
+    svc = (obj.get("spec") or {}).get("service")
+    hosts = (
+        frozenset({svc, f"{svc}.{ns}", f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.{cluster_domain}"})
+        if isinstance(svc, str) and svc
+        else frozenset()
+    )
+    return Target(ns, name, hold, max(retry, 0.001), limit, ready, base_url, authority, failure, static, ports, hosts)
 
 
 def _duration(value: Any, default: float, ns: str, name: str, field: str) -> float:

@@ -1,4 +1,4 @@
-"""Which ElastiService a request is for: the ``elasti-service: <namespace>/<name>`` header the mesh sets."""
+"""Which ElastiService a request is for: the ``elasti-service: <namespace>/<name>[:<port>]`` header the mesh sets."""
 
 from __future__ import annotations
 
@@ -21,8 +21,12 @@ class Rejection:
     detail: str
 
 
-def route(values: list[str]) -> Key | Rejection:
-    """The (namespace, name) named by the header values of one request, or why there is none."""
+Routed = tuple[Key, int | None]  # (namespace, name), and the Service port the route chose when it named one
+
+
+def route(values: list[str]) -> Routed | Rejection:
+    """The ElastiService (and port) named by the header values of one request, or why there is none:
+    ``<namespace>/<name>`` or ``<namespace>/<name>:<port>``."""
     if not values:
         return Rejection(
             "missing elasti-service header",
@@ -35,10 +39,19 @@ def route(values: list[str]) -> Key | Rejection:
             f"the {HEADER} header must appear once with one <namespace>/<name> value",
         )
     value = values[0].strip()
-    ns, sep, name = value.partition("/")
-    if not sep or len(ns) > 63 or len(name) > 253 or _NAMESPACE.fullmatch(ns) is None or _NAME.fullmatch(name) is None:
+    ns, sep, rest = value.partition("/")
+    name, colon, port_text = rest.partition(":")
+    port = int(port_text) if port_text.isdigit() and len(port_text) <= 5 else 0
+    if (
+        not sep
+        or len(ns) > 63
+        or len(name) > 253
+        or _NAMESPACE.fullmatch(ns) is None
+        or _NAME.fullmatch(name) is None
+        or (colon and not 0 < port < 65536)
+    ):
         return Rejection(
             "malformed elasti-service header",
-            f"expected <namespace>/<name> (lower-case DNS names), got {value[:300]!r}",
+            f"expected <namespace>/<name> or <namespace>/<name>:<port> (lower-case DNS names), got {value[:300]!r}",
         )
-    return ns, name
+    return (ns, name), (port if colon else None)

@@ -100,14 +100,24 @@ class Proxy:
         if isinstance(routed, Rejection):
             self.metrics.rejected_unrouted()
             return error(400, routed.error, routed.detail)
-        target = self.registry.get(routed)
+        key, header_port = routed
+        target = self.registry.get(key)
         if target is None and not self.registry.synced and await self.registry.wait_synced(SYNC_WAIT):
-            target = self.registry.get(routed)
+            target = self.registry.get(key)
         if target is None:
             self.metrics.rejected_unrouted()
             if not self.registry.synced:
                 return error(503, "not ready", "ElastiServices have not been listed yet", retry_after=True)
-            return error(404, "unknown ElastiService", f"no ElastiService {routed[0]}/{routed[1]} is known here")
+            return error(404, "unknown ElastiService", f"no ElastiService {key[0]}/{key[1]} is known here")
+        port = target.port_for(header_port, request.host)
+        if port is not None and target.ports and port not in target.ports:
+            self.metrics.target(target.key).outcome("rejected")
+            return error(
+                502,
+                "port not on the Service",
+                f"the route chose port {port}, which the Service of {key[0]}/{key[1]} does not have "
+                f"(it has {', '.join(map(str, target.ports))})",
+            )
         limit = self.cfg.max_body_size
         length = request.content_length
         if limit and length is not None and length > limit:
@@ -125,10 +135,12 @@ class Proxy:
                     self.holds.want_wake(target)
                 self.metrics.target(target.key).outcome("static")
                 return web.Response(status=hit.status, text=hit.body, headers=dict(hit.response_headers))
-        return await self._serve(request, target)
+        return await self._serve(request, target, port)
 
-    async def _serve(self, request: web.BaseRequest, target: Target) -> web.StreamResponse:
+    async def _serve(self, request: web.BaseRequest, target: Target, port: int | None = None) -> web.StreamResponse:
         key = target.key
+        if port is not None:
+            target = target.at_port(port)
         tm = self.metrics.target(key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + target.hold_timeout
@@ -237,7 +249,7 @@ class Proxy:
                         f"{key[0]}/{key[1]} was deleted while the request was held",
                         retry_after=True,
                     )
-                target = fresh
+                target = fresh if port is None else fresh.at_port(port)
         except asyncio.CancelledError:
             raise
         except Exception:

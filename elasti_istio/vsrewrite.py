@@ -147,7 +147,14 @@ def _is_own_activator(
         resolved = _resolve(host, vs_namespace, cluster_domain)
         if resolved is None or resolved != _resolve(activator.host, vs_namespace, cluster_domain):
             return False
-    return _header_value(entry.get("headers"), HEADER) == target.key
+    value = _header_value(entry.get("headers"), HEADER)
+    return isinstance(value, str) and value.partition(":")[0] == target.key
+
+
+def _port_of(dest: dict) -> int | None:
+    port = (dest.get("destination") or {}).get("port") if isinstance(dest.get("destination"), dict) else None
+    number = port.get("number") if isinstance(port, dict) else None
+    return number if _is_int(number) and 0 < number < 65536 else None
 
 
 def _http_routes(spec: Any) -> Iterator[tuple[dict, list[dict]]]:
@@ -228,8 +235,12 @@ def is_proxied(
 # --- proxy mode -------------------------------------------------------------------------------
 
 
-def _activator_destination(target: Target, activator: ActivatorRef, weight: int, source_headers: Any) -> dict:
-    """The activator destination; the header is `set` (never `add`) so that a client cannot choose the queue."""
+def _activator_destination(
+    target: Target, activator: ActivatorRef, weight: int, source_headers: Any, port: int | None = None
+) -> dict:
+    """The activator destination; the header is `set` (never `add`) so that a client cannot choose the queue.
+    Its value is ``<namespace>/<name>``, with ``:<port>`` when the target's destination named the Service
+    port the route chose (the activator forwards there)."""
     headers = copy.deepcopy(source_headers) if isinstance(source_headers, dict) else {}
     request = headers.get("request")
     request = request if isinstance(request, dict) else {}
@@ -251,7 +262,7 @@ def _activator_destination(target: Target, activator: ActivatorRef, weight: int,
     values = request.get("set")
     if not isinstance(values, dict):
         values = {}
-    values[HEADER] = target.key
+    values[HEADER] = target.key if port is None else f"{target.key}:{port}"
     request["set"] = values
     headers["request"] = request
     return {
@@ -298,6 +309,8 @@ def to_proxy(
             continue
         live = [i for i in sorted(matched) if eff[i] > 0]
         source_headers = route[live[0]].get("headers") if len(live) == 1 else None
+        ports = {_port_of(route[i]) for i in live}
+        port = ports.pop() if len(ports) == 1 else None
         entry: RestoreEntry = {
             "weights": [copy.deepcopy(route[i].get("weight")) for i in sorted(matched)],
             "at": [[i, _dest_id(route[i])] for i in sorted(matched)],
@@ -315,7 +328,7 @@ def to_proxy(
             position += 1
         if others:
             entry["others"] = others
-        route.append(_activator_destination(target, activator, share, source_headers))
+        route.append(_activator_destination(target, activator, share, source_headers, port))
         entries.append(entry)
     return out, entries
 

@@ -209,11 +209,14 @@ def elastiservice(
     wake_failed: tuple[str, str, str] | None = None,
     resource_version: str = "1",
     static_responses: list[dict[str, Any]] | None = None,
+    ports: list[int] | None = None,
 ) -> dict[str, Any]:
     """An ElastiService object as the API server would return it (``wake_failed``: reason, message, since)."""
     status: dict[str, Any] = {"readyReplicas": 1 if ready else 0}
     if origin is not None:
         status["origin"] = {"service": origin[0], "port": origin[1]}
+        if ports is not None:
+            status["origin"]["ports"] = ports
     if wake_failed is not None:
         reason, message, since = wake_failed
         status["conditions"] = [

@@ -647,7 +647,11 @@ class Reconciler:
             phase=phase,
             mode=mode,
             readyReplicas=state.ready,
-            origin={"service": r.origin_name, "port": r.origin_port},
+            origin={
+                "service": r.origin_name,
+                "port": r.origin_port,
+                "ports": sorted({int(p["port"]) for p in (r.service.get("spec") or {}).get("ports") or []}),
+            },
             boundVirtualServices=sorted(f"{a}/{b}" for a, b in routing),
             observedGeneration=meta.get("generation"),
             conditions=conds,

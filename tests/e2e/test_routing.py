@@ -120,3 +120,42 @@ def test_a_per_try_timeout_shorter_than_the_hold_is_reported_and_cuts_held_reque
     until(lambda: mesh_serves(api, ns), "the mesh to route to the woken workload")
     seen = e2e.sidecar.get(url(ns, "/seen?path=/cut"))
     assert seen.status == 200 and json.loads(seen.body)["count"] == 0, seen
+
+
+def two_ports() -> list[dict[str, Any]]:
+    """``web`` with containers listening on 8080 and 9090, a Service with both ports, and routes that pick
+    the port by the one the request came to."""
+    docs = web_app(ports=(8080, 9090))
+    docs[1]["spec"]["ports"] = [
+        {"name": "http-a", "port": 8080, "targetPort": 8080},
+        {"name": "http-b", "port": 9090, "targetPort": 9090},
+    ]
+    docs[2]["spec"]["http"] = [
+        {"match": [{"port": 9090}], "route": [{"destination": {"host": "web", "port": {"number": 9090}}}]},
+        {"route": [{"destination": {"host": "web", "port": {"number": 8080}}}]},
+    ]
+    return docs
+
+
+def test_a_held_request_goes_to_the_service_port_its_route_chose(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    api, ns = e2e.api, namespace
+    api.apply_all(two_ports(), ns)
+    until(lambda: phase(api, ns, "web") == "Serving", "Serving")
+    until(lambda: mesh_serves(api, ns), "the mesh to route to the workload")
+    warm = {p: json.loads(e2e.sidecar.get(url(ns, "/warm", port=p)).body)["port"] for p in (8080, 9090)}
+    assert warm == {8080: 8080, 9090: 9090}
+    scale(api, ns, "web", 0)
+    until(lambda: proxied(vs_spec(api, ns, "web")), "routed to the activator")
+    until(lambda: envoys_route(api, ns, "web", True), "the mesh to route web to the activator")
+    ans = e2e.sidecar.get(url(ns, "/cold", port=9090))
+    assert ans.status == 200 and ans.cold, ans
+    assert json.loads(ans.body)["port"] == 9090, ans.body
+    until(lambda: mesh_serves(api, ns), "the mesh to route to the woken workload")
+    scale(api, ns, "web", 0)
+    until(lambda: proxied(vs_spec(api, ns, "web")), "routed to the activator again")
+    until(lambda: envoys_route(api, ns, "web", True), "the mesh to route web to the activator again")
+    ans = e2e.sidecar.get(url(ns, "/cold", port=8080))
+    assert ans.status == 200 and ans.cold, ans
+    assert json.loads(ans.body)["port"] == 8080, ans.body

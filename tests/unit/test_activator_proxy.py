@@ -608,6 +608,33 @@ async def test_websocket_messages_over_the_limit_close_with_1009(env: Env, direc
         assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG, (msg, ws.close_code)
 
 
+async def test_held_requests_go_to_the_port_their_route_chose(env: Env) -> None:
+    """A multi-port Service: the header's port, else the port a request to the Service by name came to."""
+    env.put("web", ports=[9080, 9090])
+    other = f"web-elasti-origin.{NS}.svc.cluster.local:9090"
+    env.mesh.route(other, f"http://127.0.0.1:{env.backend_port}", ready=False)
+
+    async def host_seen(header: str, host: str | None = None) -> tuple[int, str]:
+        headers = {"elasti-service": header, **({"Host": host} if host else {})}
+        async with env.client.get(env.url + "/echo", headers=headers) as r:
+            return r.status, dict((await r.json())["headers"]).get("Host", "") if r.status == 200 else ""
+
+    calls = [
+        asyncio.create_task(host_seen(f"{NS}/web:9090")),
+        asyncio.create_task(host_seen(f"{NS}/web")),
+        asyncio.create_task(host_seen(f"{NS}/web", f"web.{NS}.svc.cluster.local:9090")),
+        asyncio.create_task(host_seen(f"{NS}/web", "web:9090")),
+        asyncio.create_task(host_seen(f"{NS}/web", "elsewhere.example.com:9090")),  # not the Service: default
+    ]
+    await env.until_pending(5, "web")
+    env.mesh.ready.add(other)
+    env.put("web", ports=[9080, 9090], ready=True)
+    got = await asyncio.wait_for(asyncio.gather(*calls), 30)
+    assert got == [(200, other), (200, env.origin("web")), (200, other), (200, other), (200, env.origin("web"))]
+    async with env.client.get(env.url + "/echo", headers={"elasti-service": f"{NS}/web:7777"}) as r:
+        assert r.status == 502 and (await r.json())["error"] == "port not on the Service"
+
+
 async def test_keep_alive_connection_reused(env: Env) -> None:
     env.put("details")
     reader, writer = await asyncio.open_connection("127.0.0.1", env.activator.proxy_address[1])

@@ -29,9 +29,16 @@ def test_bad_durations(text: str) -> None:
 
 
 def test_route_by_header() -> None:
-    assert route(["shop/details"]) == ("shop", "details")
-    assert route([" shop/details-v1.x "]) == ("shop", "details-v1.x")
+    assert route(["shop/details"]) == (("shop", "details"), None)
+    assert route([" shop/details-v1.x "]) == (("shop", "details-v1.x"), None)
+    # The Service port the route chose, written by the rewrite when the destination names one.
+    assert route(["shop/details:9090"]) == (("shop", "details"), 9090)
     for values, err in [
+        (["shop/details:0"], "malformed"),
+        (["shop/details:65536"], "malformed"),
+        (["shop/details:http"], "malformed"),
+        (["shop/details:"], "malformed"),
+        (["shop/details:80:81"], "malformed"),
         ([], "missing"),
         (["shop/a", "shop/b"], "duplicate"),
         (["shop/a, shop/b"], "duplicate"),

@@ -391,6 +391,28 @@ def test_a_per_try_timeout_cuts_held_requests_like_a_route_timeout() -> None:
     assert route_timeouts(spec, NS, V2) == [("timeout", "60s"), ("retries.perTryTimeout", "2s")]
 
 
+def test_the_port_a_route_chose_travels_in_the_header_value() -> None:
+    """A multi-port Service: the activator forwards to the port of the target's destination in that route."""
+    spec = {
+        "hosts": ["web"],
+        "http": [
+            {"match": [{"port": 9090}], "route": [{"destination": {"host": "web", "port": {"number": 9090}}}]},
+            {"route": [{"destination": {"host": "web"}}]},
+        ],
+    }
+    web = Target(NS, "web", "web")
+    proxied, entries = to_proxy(spec, NS, web, ACT)
+    values = [r["route"][-1]["headers"]["request"]["set"][HEADER] for r in proxied["http"]]
+    assert values == [f"{NS}/web:9090", f"{NS}/web"]
+    assert is_proxied(proxied, web, ACT, NS)
+    assert to_proxy(proxied, NS, web, ACT, entries)[0] == proxied  # idempotent
+    assert to_serve(proxied, NS, web, ACT, entries) == spec
+    # two live destinations of the target on different ports: no single port to name
+    two = [{"destination": {"host": "web", "port": {"number": n}}, "weight": 50} for n in (8080, 9090)]
+    proxied, _ = to_proxy({"http": [{"route": two}]}, NS, web, ACT)
+    assert proxied["http"][0]["route"][-1]["headers"]["request"]["set"][HEADER] == f"{NS}/web"
+
+
 def test_queries() -> None:
     spec = full_spec()
     assert routes_to(spec, NS, V2) and routes_to(spec, NS, V1) and not routes_to(spec, NS, V3)
