@@ -329,8 +329,32 @@ def to_proxy(
         if others:
             entry["others"] = others
         route.append(_activator_destination(target, activator, share, source_headers, port))
+        _order_trailing_activators(route, activator, vs_namespace, cluster_domain)
         entries.append(entry)
     return out, entries
+
+
+def _is_activator_destination(entry: dict, activator: ActivatorRef, vs_namespace: str, cluster_domain: str) -> bool:
+    dest = entry.get("destination")
+    if not isinstance(dest, dict) or not isinstance(_header_value(entry.get("headers"), HEADER), str):
+        return False
+    host = dest.get("host")
+    return host == activator.host or (
+        _resolve(host, vs_namespace, cluster_domain) is not None
+        and _resolve(host, vs_namespace, cluster_domain) == _resolve(activator.host, vs_namespace, cluster_domain)
+    )
+
+
+def _order_trailing_activators(
+    route: list[dict], activator: ActivatorRef, vs_namespace: str, cluster_domain: str
+) -> None:
+    """Sorts the activator destinations at the end of a route by their header value. Several targets of
+    one route each append theirs; in one order, whatever order they were switched in, bringing one of
+    them back to serve mode and proxying it again (a reconcile in proxy mode) is a fixed point."""
+    start = len(route)
+    while start > 0 and _is_activator_destination(route[start - 1], activator, vs_namespace, cluster_domain):
+        start -= 1
+    route[start:] = sorted(route[start:], key=lambda d: str(_header_value(d.get("headers"), HEADER)))
 
 
 # --- serve mode -------------------------------------------------------------------------------

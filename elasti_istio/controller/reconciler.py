@@ -401,7 +401,15 @@ class Reconciler:
             if vsrewrite.routes_to(v.get("spec") or {}, k[0], r.target, self.cfg.cluster_domain)
             or vsrewrite.is_proxied(v.get("spec") or {}, r.target, self.activator)
         }
-        no_route = sorted(f"{a}/{b}" for a, b in set(vss) - set(routing))
+        # A Service shared with other workloads, routed without a subset: bound, the destination just is not
+        # this target's alone (it follows the workloads that serve it, or the first target at zero).
+        whole = dataclasses.replace(r.target, whole_service=True)
+        shared = {
+            k
+            for k, v in vss.items()
+            if k not in routing and vsrewrite.routes_to(v.get("spec") or {}, k[0], whole, self.cfg.cluster_domain)
+        }
+        no_route = sorted(f"{a}/{b}" for a, b in set(vss) - set(routing) - shared)
         if missing or no_route or not refs:
             parts = []
             if not refs:
@@ -434,7 +442,15 @@ class Reconciler:
                 conds,
                 C.VS_BOUND,
                 "Bound",
-                f"{len(routing)} VirtualService(s): " + ", ".join(f"{a}/{b}" for a, b in sorted(routing)),
+                f"{len(routing) + len(shared)} VirtualService(s): "
+                + ", ".join(f"{a}/{b}" for a, b in sorted(set(routing) | shared))
+                + (
+                    f"; Service {spec.service} is shared with other workloads: its destinations without a subset "
+                    "go to the activator only when none of them serves (then for the first target at zero, by "
+                    "kind and name)"
+                    if shared
+                    else ""
+                ),
             )
 
         # Route timeouts shorter than the hold time cut held requests.

@@ -79,9 +79,12 @@ def test_a_service_shared_by_workloads_all_at_zero_is_held_and_wakes_one(
     until(lambda: vs_spec(api, ns, "web") == original, "the original routes back")
     assert replicas(api, ns, "web-a") == (1, 1) and replicas(api, ns, "web-b") == (0, 0)
 
-    # web-a serves again: web-b's ElastiService leaves the shared destination alone, and a workload
-    # retired at zero (no ElastiService) does not keep web-a's from switching it.
+    # A workload retired at zero (its ElastiService deleted, which wakes it, then scaled to 0 by hand) does
+    # not keep web-a's ElastiService from switching the shared destination.
     api.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "elastiservices", "web-b")
+    until(lambda: api.get(f"{GROUP}/{VERSION}", "ElastiService", "web-b", ns) is None, "web-b's ElastiService gone")
+    scale(api, ns, "web-b", 0)
+    until(lambda: replicas(api, ns, "web-b") == (0, 0), "web-b retired at zero")
     until(lambda: mesh_serves(api, ns), "the mesh to route to web-a")
     scale(api, ns, "web-a", 0)
     until(lambda: proxied(vs_spec(api, ns, "web")), "the destination routed to the activator past a retired workload")

@@ -144,6 +144,7 @@ def test_target_from_elastiservice() -> None:
         "http://details-elasti-origin.shop.svc.example.org:9080",
         "details-elasti-origin.shop.svc.example.org:9080",
         WakeFailure("Refused", "no quota", "t"),
+        service_hosts=frozenset({"details", "details.shop", "details.shop.svc", "details.shop.svc.example.org"}),
     )
     assert t.forwardable
     bare = target_from({"metadata": {"namespace": "shop", "name": "x"}, "spec": {}})

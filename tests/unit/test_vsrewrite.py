@@ -413,6 +413,21 @@ def test_the_port_a_route_chose_travels_in_the_header_value() -> None:
     assert proxied["http"][0]["route"][-1]["headers"]["request"]["set"][HEADER] == f"{NS}/web"
 
 
+def test_proxy_mode_again_is_a_fixed_point_with_several_targets_on_one_route() -> None:
+    """What the controller does on every reconcile in proxy mode (serve with its restore data, then proxy)
+    must give back the same spec when other targets of the route are proxied too, whatever order they
+    were switched in: else each one's rewrite moves its activator destination behind the others' and
+    they rewrite the VirtualService in turn forever."""
+    spec = {"http": [{"route": [dest("reviews", "v1", 50), dest("reviews", "v2", 30), dest("reviews", "v3", 20)]}]}
+    for order in ((V2, V3), (V3, V2), (V1, V3, V2)):
+        current, entries = spec, {}
+        for t in order:
+            current, entries[t.name] = to_proxy(current, NS, t, ACT)
+        for t in order:
+            again, _ = to_proxy(to_serve(current, NS, t, ACT, entries[t.name]), NS, t, ACT)
+            assert again == current, (order, t.name)
+
+
 def test_queries() -> None:
     spec = full_spec()
     assert routes_to(spec, NS, V2) and routes_to(spec, NS, V1) and not routes_to(spec, NS, V3)

@@ -153,7 +153,7 @@ vs_namespaces = st.sampled_from(["bookinfo", "bookinfo", "bookinfo", "other"])
 def is_ours(d: dict, target: Target) -> bool:
     return (
         d["destination"]["host"] == ACT.host
-        and d.get("headers", {}).get("request", {}).get("set", {}).get(HEADER) == target.key
+        and str(d.get("headers", {}).get("request", {}).get("set", {}).get(HEADER)).partition(":")[0] == target.key
     )
 
 
