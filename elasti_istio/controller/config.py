@@ -22,6 +22,7 @@ class ControllerConfig:
     leader_election_id: str = "elasti-controller"
     lease_seconds: float = 15.0
     cluster_domain: str = "cluster.local"
+    istio_root_namespace: str = "istio-system"
     workers: int = 8
     identity: str = ""
     wake_token_file: str | None = None
@@ -110,6 +111,13 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     options.add(p, "--cluster-domain", default=d.cluster_domain, help="DNS suffix of Service hosts")
     options.add(
         p,
+        "--istio-root-namespace",
+        default=d.istio_root_namespace,
+        help="Istio's root configuration namespace (meshConfig.rootNamespace): its DestinationRules apply to "
+        "every namespace, after the client's and the Service's",
+    )
+    options.add(
+        p,
         "--wake-token-file",
         default=None,
         metavar="PATH",
@@ -171,6 +179,7 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
         leader_election_id=args.leader_election_id,
         lease_seconds=args.lease_seconds,
         cluster_domain=args.cluster_domain,
+        istio_root_namespace=args.istio_root_namespace,
         workers=max(1, args.workers),
         wake_token_file=args.wake_token_file or None,
         idle_check_interval=max(0.2, args.idle_check_interval),

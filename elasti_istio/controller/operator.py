@@ -207,9 +207,16 @@ class Controller:
         self.enqueue(self.idx.update_vs(obj, deleted=etype == "DELETED"))
 
     def on_dr(self, etype: str | None, obj: dict[str, Any]) -> None:
+        """A DestinationRule applies to routes in its namespace, to its host's Service from anywhere, and
+        from the root namespace to every namespace (Istio's lookup order)."""
         ns = (obj.get("metadata") or {}).get("namespace", "")
         self.idx.bump_routing(ns)
-        self.enqueue(self.idx.by_namespace.get(ns, set()))
+        if ns == self.cfg.istio_root_namespace:
+            self.enqueue(self.idx.all_es())
+            return
+        keys = set(self.idx.by_namespace.get(ns, set()))
+        keys |= {k for k in self.idx.all_es() if any(vns == ns for vns, _ in self.idx.bound_vs(k))}
+        self.enqueue(keys)
 
     def on_service(self, etype: str | None, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}

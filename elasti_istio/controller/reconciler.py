@@ -21,6 +21,7 @@ from elasti_istio.controller import conditions as C
 from elasti_istio.controller import metrics, schedule, triggers, vspatch
 from elasti_istio.controller import spec as es_spec
 from elasti_istio.controller.config import ControllerConfig
+from elasti_istio.controller.drlookup import rules_for
 from elasti_istio.controller.events import Recorder
 from elasti_istio.controller.indexes import Indexes, Key, es_key, split_key
 from elasti_istio.controller.ratelimit import TokenBucket
@@ -99,8 +100,14 @@ class Resolved:
     service: dict[str, Any]
     origin_name: str
     origin_port: int
-    target: vsrewrite.Target
+    target: vsrewrite.Target  # as a VirtualService in the ElastiService's namespace sees it
     subset_labels: dict[str, dict[str, str]]
+    targets: dict[str, vsrewrite.Target] = dataclasses.field(default_factory=dict)  # by VirtualService namespace
+
+    def target_for(self, vs_namespace: str) -> vsrewrite.Target:
+        """The target as routes in ``vs_namespace`` see it: their subsets come from the DestinationRules
+        Istio applies for a client there."""
+        return self.targets.get(vs_namespace, self.target)
 
 
 class Reconciler:
@@ -185,10 +192,11 @@ class Reconciler:
         cached = self._routing_cache.get(key)
         if cached is None or not self.activator_available[0]:
             return
-        target = cached[1][0]
+        target, _labels, targets = cached[1]
         for vk in sorted(self.idx.bound_vs(key)):
             try:
-                if await self.switch_vs(vk, target, "proxy", key, cached=self.idx.vs_objects.get(vk)):
+                vs_target = targets.get(vk[0], target)
+                if await self.switch_vs(vk, vs_target, "proxy", key, cached=self.idx.vs_objects.get(vk)):
                     self.switched_early[key] = time.monotonic()
             except Exception as exc:  # the full reconcile retries with fresh data
                 log.debug("%s: early switch of %s/%s failed: %s", key, vk[0], vk[1], exc)
@@ -295,7 +303,7 @@ class Reconciler:
                     "ServiceFound", "PortNotFound", f"Service {spec.service} has no port {spec.port!r} (it has {names})"
                 )
             port = match[0]
-        target, subset_labels = await self.routing_target(spec, state, service)
+        target, subset_labels, targets = await self.routing_target(spec, state, service)
         return Resolved(
             spec=spec,
             workload_kind=kind,
@@ -307,37 +315,55 @@ class Reconciler:
             origin_port=int(port["port"]),
             target=target,
             subset_labels=subset_labels,
+            targets=targets,
         )
 
     async def routing_target(
         self, spec: es_spec.ElastiSpec, state: WorkloadState, service: dict[str, Any]
-    ) -> tuple[vsrewrite.Target, dict[str, dict[str, str]]]:
-        """Which destinations are the target's: subsets whose labels select its pods, and whether a
-        destination without subset is all its own. Cached until DestinationRules or workloads change."""
+    ) -> tuple[vsrewrite.Target, dict[str, dict[str, str]], dict[str, vsrewrite.Target]]:
+        """Which destinations are the target's, per namespace of its bound VirtualServices: subsets (of
+        the DestinationRules Istio applies there, :mod:`drlookup`) whose labels select its pods, and
+        whether a destination without subset is all its own. Cached until DestinationRules or
+        workloads change."""
         ns = spec.namespace
-        gen = self.idx.routing_generation[ns]
+        root = self.cfg.istio_root_namespace
+        vs_namespaces = sorted({vns for vns, _ in self.idx.bound_vs(spec.key)} | {ns})
+        spaces = sorted({*vs_namespaces, root})
         labels_key = tuple(sorted(state.template_labels.items()))
         sel = (service.get("spec") or {}).get("selector") or {}
-        cache_key = (gen, labels_key, tuple(sorted(sel.items())), spec.service)
+        gens = tuple(self.idx.routing_generation[s] for s in spaces)
+        cache_key = (gens, tuple(spaces), labels_key, tuple(sorted(sel.items())), spec.service)
         cached = self._routing_cache.get(spec.key)
         if cached and cached[0] == hash(cache_key):
             return cached[1]  # type: ignore[no-any-return]
         probe = vsrewrite.Target(namespace=ns, name=spec.name, service=spec.service, whole_service=True)
-        drs = (await self.kube.list(DESTINATIONRULES, ns)).get("items") or []
-        subsets, subset_labels = target_subsets(
-            drs,
-            lambda host, dr_ns: vsrewrite.matches(host, None, dr_ns, probe, self.cfg.cluster_domain),
-            state.template_labels,
-        )
+        rules: dict[str, list[dict[str, Any]]] = {}
+        for space in spaces:
+            try:
+                rules[space] = (await self.kube.list(DESTINATIONRULES, space)).get("items") or []
+            except KubeError as exc:
+                if exc.status not in (403, 404) or space == ns:
+                    raise
+                rules[space] = []  # not readable with this install's RBAC: as if it had none
         workloads: list[tuple[str, dict[str, Any]]] = []
         for kind, res in (("Deployment", DEPLOYMENTS), ("StatefulSet", STATEFULSETS), ("ReplicaSet", REPLICASETS)):
             workloads.extend((kind, o) for o in (await self.kube.list(res, ns)).get("items") or [])
         whole = owns_whole_service(sel, state.kind, state.name, workloads, self.idx.elastic_targets(ns))
-        target = vsrewrite.Target(
-            namespace=ns, name=spec.name, service=spec.service, subsets=subsets, whole_service=whole
-        )
-        self._routing_cache[spec.key] = (hash(cache_key), (target, subset_labels))
-        return target, subset_labels
+
+        def is_service(host: str, dr_ns: str) -> bool:
+            return vsrewrite.matches(host, None, dr_ns, probe, self.cfg.cluster_domain)
+
+        targets: dict[str, vsrewrite.Target] = {}
+        labels_by_ns: dict[str, dict[str, dict[str, str]]] = {}
+        for vns in vs_namespaces:
+            drs = rules_for(vns, ns, root, rules, is_service)
+            subsets, labels_by_ns[vns] = target_subsets(drs, lambda _h, _n: True, state.template_labels)
+            targets[vns] = vsrewrite.Target(
+                namespace=ns, name=spec.name, service=spec.service, subsets=subsets, whole_service=whole
+            )
+        result = (targets[ns], labels_by_ns[ns], targets)
+        self._routing_cache[spec.key] = (hash(cache_key), result)
+        return result
 
     # ---- the reconcile -----------------------------------------------------------------------
     async def _reconcile(self, es: dict[str, Any], begun: float) -> float | None:
@@ -393,21 +419,26 @@ class Reconciler:
                 vss[(vns, vname)] = vs
         # VirtualServices holding our restore data that are no longer bound go back to serve mode.
         for stale in sorted(self.idx.vs_with_restore(key) - set(vss)):
-            await self.switch_vs(stale, r.target, "serve", key)
+            await self.switch_vs(stale, r.target_for(stale[0]), "serve", key)
 
         routing = {
             k: v
             for k, v in vss.items()
-            if vsrewrite.routes_to(v.get("spec") or {}, k[0], r.target, self.cfg.cluster_domain)
-            or vsrewrite.is_proxied(v.get("spec") or {}, r.target, self.activator)
+            if vsrewrite.routes_to(v.get("spec") or {}, k[0], r.target_for(k[0]), self.cfg.cluster_domain)
+            or vsrewrite.is_proxied(v.get("spec") or {}, r.target_for(k[0]), self.activator)
         }
         # A Service shared with other workloads, routed without a subset: bound, the destination just is not
         # this target's alone (it follows the workloads that serve it, or the first target at zero).
-        whole = dataclasses.replace(r.target, whole_service=True)
         shared = {
             k
             for k, v in vss.items()
-            if k not in routing and vsrewrite.routes_to(v.get("spec") or {}, k[0], whole, self.cfg.cluster_domain)
+            if k not in routing
+            and vsrewrite.routes_to(
+                v.get("spec") or {},
+                k[0],
+                dataclasses.replace(r.target_for(k[0]), whole_service=True),
+                self.cfg.cluster_domain,
+            )
         }
         no_route = sorted(f"{a}/{b}" for a, b in set(vss) - set(routing) - shared)
         if missing or no_route or not refs:
@@ -456,7 +487,9 @@ class Reconciler:
         # Route timeouts shorter than the hold time cut held requests.
         short = []
         for (vns, vname), vs in routing.items():
-            for field, t in vsrewrite.route_timeouts(vs.get("spec") or {}, vns, r.target, self.cfg.cluster_domain):
+            for field, t in vsrewrite.route_timeouts(
+                vs.get("spec") or {}, vns, r.target_for(vns), self.cfg.cluster_domain
+            ):
                 try:
                     secs = vsrewrite.parse_duration(t)
                 except ValueError:
@@ -520,7 +553,9 @@ class Reconciler:
         else:
             conds = [c for c in conds if c["type"] != C.TRIGGERS]
 
-        proxied_now = any(vsrewrite.is_proxied(v.get("spec") or {}, r.target, self.activator) for v in routing.values())
+        proxied_now = any(
+            vsrewrite.is_proxied(v.get("spec") or {}, r.target_for(k[0]), self.activator) for k, v in routing.items()
+        )
         endpoints_listed = True
         if key in self.sleeping and act_ok:
             desired = "proxy"  # our own scale-down: routes go to the activator first
@@ -565,7 +600,7 @@ class Reconciler:
 
         changed = False
         for vk in sorted(routing):
-            changed |= await self.switch_vs(vk, r.target, desired, key)
+            changed |= await self.switch_vs(vk, r.target_for(vk[0]), desired, key)
         switched_at = time.monotonic()
         early = self.switched_early.pop(key, None)
         if early is not None and desired == "proxy" and not changed:
@@ -798,18 +833,20 @@ class Reconciler:
         await retry_on_conflict(attempt)
         return changed
 
-    async def restore_all(
-        self, key: Key, es: dict[str, Any], target: vsrewrite.Target | None = None
-    ) -> set[tuple[str, str]]:
+    async def restore_all(self, key: Key, es: dict[str, Any], r: Resolved | None = None) -> set[tuple[str, str]]:
         """Serve mode on every VirtualService this ElastiService may have touched."""
         ns, name = split_key(key)
-        if target is None:
+        targets: dict[str, vsrewrite.Target] = {}
+        if r is not None:
+            target, targets = r.target, r.targets
+        else:
             cached = self._routing_cache.get(key)
             svc = (es.get("spec") or {}).get("service", "")
             target = cached[1][0] if cached else vsrewrite.Target(namespace=ns, name=name, service=svc)
+            targets = cached[1][2] if cached else {}
         touched = self.idx.bound_vs(key) | self.idx.vs_with_restore(key)
         for vk in sorted(touched):
-            await self.switch_vs(vk, target, "serve", key)
+            await self.switch_vs(vk, targets.get(vk[0], target), "serve", key)
         return touched
 
     async def ensure_origin_service(self, es: dict[str, Any], r: Resolved) -> None:
@@ -1071,7 +1108,7 @@ class Reconciler:
             self.sleeping.add(key)
             try:
                 for vk in routing:
-                    await self.switch_vs(vk, r.target, "proxy", key)
+                    await self.switch_vs(vk, r.target_for(vk[0]), "proxy", key)
                 await self.pause_keda_at_zero(r)
                 res = WORKLOAD_RESOURCES[r.workload_kind]
                 await self.kube.patch(res, r.state.name, {"spec": {"replicas": 0}}, namespace, sub="scale")
@@ -1170,7 +1207,7 @@ class Reconciler:
                     f"({r.spec.hold_timeout:g}s) of the deletion: routes restored to the Service; the "
                     "activator answered the requests it held 504",
                 )
-        restored = await self.restore_all(key, es, r.target if r is not None else None)
+        restored = await self.restore_all(key, es, r)
         if r is not None:
             if r.state.at_zero:
                 await self.scale_up(

@@ -72,7 +72,7 @@ def test_scale_to_zero_proxies_wake_restores_exactly(k8s: K8s, namespace: str, c
     wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="details Serving")
     status = es(k8s, namespace, "details")["status"]
     assert status["mode"] == "serve" and status["readyReplicas"] == 1
-    assert status["origin"] == {"service": "details-elasti-origin", "port": 9080}
+    assert status["origin"] == {"service": "details-elasti-origin", "port": 9080, "ports": [9080]}
     assert status["boundVirtualServices"] == [f"{namespace}/details"]
 
     scale(k8s, namespace, "details-v1", 0)

@@ -7,6 +7,7 @@ Clients never retry: each request is sent once and must succeed by itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -162,3 +163,54 @@ def test_a_held_request_goes_to_the_service_port_its_route_chose(
     ans = e2e.sidecar.get(url(ns, "/cold", port=8080))
     assert ans.status == 200 and ans.cold, ans
     assert json.loads(ans.body)["port"] == 8080, ans.body
+
+
+def test_a_destinationrule_in_the_virtualservices_namespace_names_the_subsets(
+    e2e: System, namespace: str, other_namespace: str, start_controller: Callable[..., ControllerProc]
+) -> None:
+    """Istio takes a route's subsets from the DestinationRule in the client's namespace first (here the
+    VirtualService's, ``front``), then the Service's, then the root namespace: so does the controller."""
+    api, ns, front = e2e.api, namespace, other_namespace
+    fqdn = f"web.{ns}.svc.cluster.local"
+    docs: list[dict[str, Any]] = []
+    for version in ("v1", "v2"):
+        deployment, es = web_app(f"web-{version}")[0], web_app(f"web-{version}")[3]
+        labels = {"app": "web", "version": version}
+        deployment["spec"]["selector"] = {"matchLabels": labels}
+        deployment["spec"]["template"]["metadata"]["labels"] = labels
+        es["spec"]["service"] = "web"
+        es["spec"]["virtualServices"] = [f"{front}/web"]
+        docs += [deployment, es]
+    api.apply_all([*docs, web_app("web")[1]], ns)
+    subsets = [{"name": v, "labels": {"version": v}} for v in ("v1", "v2")]
+    api.apply_all(
+        [
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "DestinationRule",
+                "metadata": {"name": "web"},
+                "spec": {"host": fqdn, "subsets": subsets},
+            },
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "VirtualService",
+                "metadata": {"name": "web"},
+                "spec": {"hosts": [fqdn], "http": [{"route": [{"destination": {"host": fqdn, "subset": "v2"}}]}]},
+            },
+        ],
+        front,
+    )
+    start_controller(ns, front)
+    until(lambda: phase(api, ns, "web-v2") == "Serving", "web-v2 Serving")
+    until(
+        lambda: condition(api, ns, "web-v2", "VirtualServicesBound").get("reason") == "Bound",
+        "web-v2 bound to the route of its subset",
+    )
+    until(lambda: mesh_serves(api, front), "the mesh to route to web-v2")
+    scale(api, ns, "web-v2", 0)
+    until(lambda: proxied(vs_spec(api, front, "web")), "routed to the activator")
+    until(lambda: envoys_route(api, front, "web", True), "the mesh to route web to the activator")
+    ans = e2e.sidecar.get(url(ns, "/cold"))
+    assert ans.status == 200 and ans.cold, ans
+    assert ans.headers.get("x-pod-name", "").startswith("web-v2-"), ans.headers
+    assert replicas(api, ns, "web-v1") == (1, 1)
