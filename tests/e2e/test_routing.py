@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from elasti_istio.playground import mesh as meshview
 from elasti_istio.playground.bookinfo import proxied
 from elasti_istio.playground.procs import ControllerProc
 from tests.e2e.conftest import System
@@ -165,12 +166,13 @@ def test_a_held_request_goes_to_the_service_port_its_route_chose(
     assert json.loads(ans.body)["port"] == 8080, ans.body
 
 
-def test_a_destinationrule_in_the_virtualservices_namespace_names_the_subsets(
-    e2e: System, namespace: str, other_namespace: str, start_controller: Callable[..., ControllerProc]
+def test_a_destinationrule_in_the_clients_namespace_names_the_subsets(
+    e2e: System, namespace: str, start_controller: Callable[..., ControllerProc]
 ) -> None:
     """Istio takes a route's subsets from the DestinationRule in the client's namespace first (here the
-    VirtualService's, ``front``), then the Service's, then the root namespace: so does the controller."""
-    api, ns, front = e2e.api, namespace, other_namespace
+    mesh client's, where the VirtualService is too), then the Service's, then the root namespace: so does
+    the controller."""
+    api, ns, front = e2e.api, namespace, meshview.CLIENT_NAMESPACE
     fqdn = f"web.{ns}.svc.cluster.local"
     docs: list[dict[str, Any]] = []
     for version in ("v1", "v2"):
@@ -179,38 +181,40 @@ def test_a_destinationrule_in_the_virtualservices_namespace_names_the_subsets(
         deployment["spec"]["selector"] = {"matchLabels": labels}
         deployment["spec"]["template"]["metadata"]["labels"] = labels
         es["spec"]["service"] = "web"
-        es["spec"]["virtualServices"] = [f"{front}/web"]
+        es["spec"]["virtualServices"] = [f"{front}/{ns}"]
         docs += [deployment, es]
     api.apply_all([*docs, web_app("web")[1]], ns)
     subsets = [{"name": v, "labels": {"version": v}} for v in ("v1", "v2")]
-    api.apply_all(
-        [
-            {
-                "apiVersion": "networking.istio.io/v1",
-                "kind": "DestinationRule",
-                "metadata": {"name": "web"},
-                "spec": {"host": fqdn, "subsets": subsets},
-            },
-            {
-                "apiVersion": "networking.istio.io/v1",
-                "kind": "VirtualService",
-                "metadata": {"name": "web"},
-                "spec": {"hosts": [fqdn], "http": [{"route": [{"destination": {"host": fqdn, "subset": "v2"}}]}]},
-            },
-        ],
-        front,
-    )
-    start_controller(ns, front)
-    until(lambda: phase(api, ns, "web-v2") == "Serving", "web-v2 Serving")
-    until(
-        lambda: condition(api, ns, "web-v2", "VirtualServicesBound").get("reason") == "Bound",
-        "web-v2 bound to the route of its subset",
-    )
-    until(lambda: mesh_serves(api, front), "the mesh to route to web-v2")
-    scale(api, ns, "web-v2", 0)
-    until(lambda: proxied(vs_spec(api, front, "web")), "routed to the activator")
-    until(lambda: envoys_route(api, front, "web", True), "the mesh to route web to the activator")
-    ans = e2e.sidecar.get(url(ns, "/cold"))
-    assert ans.status == 200 and ans.cold, ans
-    assert ans.headers.get("x-pod-name", "").startswith("web-v2-"), ans.headers
-    assert replicas(api, ns, "web-v1") == (1, 1)
+    istio = [
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": ns},
+            "spec": {"host": fqdn, "subsets": subsets, "exportTo": ["."]},
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": ns},
+            "spec": {"hosts": [fqdn], "http": [{"route": [{"destination": {"host": fqdn, "subset": "v2"}}]}]},
+        },
+    ]
+    api.apply_all(istio, front)
+    try:
+        start_controller(ns, front)
+        until(lambda: phase(api, ns, "web-v2") == "Serving", "web-v2 Serving")
+        until(
+            lambda: condition(api, ns, "web-v2", "VirtualServicesBound").get("reason") == "Bound",
+            "web-v2 bound to the route of its subset",
+        )
+        until(lambda: mesh_serves(api, front, ns), "the mesh to route to web-v2")
+        scale(api, ns, "web-v2", 0)
+        until(lambda: proxied(vs_spec(api, front, ns)), "routed to the activator")
+        until(lambda: envoys_route(api, front, ns, True), "the mesh to route web to the activator")
+        ans = e2e.sidecar.get(url(ns, "/cold"))
+        assert ans.status == 200 and ans.cold, ans
+        assert ans.headers.get("x-pod-name", "").startswith("web-v2-"), ans.headers
+        assert replicas(api, ns, "web-v1") == (1, 1)
+    finally:
+        for doc in istio:
+            api.delete(doc["apiVersion"], doc["kind"], ns, front)
