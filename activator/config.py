@@ -88,7 +88,25 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1024 * 1024,
         metavar="BYTES",
-        help="request bodies up to this size are kept so that a not-yet-ready forward can be retried",
+        help="request bodies up to this size are kept in memory, larger ones on disk (--spool-dir), so that a "
+        "forward the mesh answered 'not ready' is sent again whole",
+    )
+    options.add(
+        p,
+        "--spool-dir",
+        default=None,
+        metavar="PATH",
+        help="where request bodies larger than --retry-body-limit are kept (unnamed files, gone when the request "
+        "ends) so that they can be sent again; default: the system's temporary directory",
+    )
+    options.add(
+        p,
+        "--spool-limit",
+        type=int,
+        default=1024 * 1024 * 1024,
+        metavar="BYTES",
+        help="bytes of request bodies kept on disk at once by this activator; a body that would pass it gets 503 "
+        "with Retry-After; 0: no limit",
     )
     options.add(
         p,
@@ -199,6 +217,8 @@ class Config:
     drain_timeout: float = 30.0
     retry_body_limit: int = 1024 * 1024
     max_body_size: int = 0
+    spool_dir: str | None = None
+    spool_limit: int = 1024 * 1024 * 1024
     websocket_max_message: int = 4 * 1024 * 1024
     request_body_timeout: float = 60.0
     max_line_size: int = DEFAULT_MAX_LINE
@@ -218,9 +238,9 @@ class Config:
         if args.max_held < 1 or args.upstream_connections < 1:
             raise SystemExit("--max-held and --upstream-connections must be at least 1")
         sizes = (args.drain_timeout, args.retry_body_limit, args.max_body_size, args.request_body_timeout)
-        if min(*sizes, args.websocket_max_message) < 0:
+        if min(*sizes, args.websocket_max_message, args.spool_limit) < 0:
             raise SystemExit(
-                "--drain-timeout, --retry-body-limit, --max-body-size, --websocket-max-message and "
+                "--drain-timeout, --retry-body-limit, --max-body-size, --websocket-max-message, --spool-limit and "
                 "--request-body-timeout must not be negative"
             )
         if args.upstream_proxy and args.sidecar_address:
@@ -239,6 +259,8 @@ class Config:
             drain_timeout=args.drain_timeout,
             retry_body_limit=args.retry_body_limit,
             max_body_size=args.max_body_size,
+            spool_dir=args.spool_dir or None,
+            spool_limit=args.spool_limit,
             websocket_max_message=args.websocket_max_message,
             request_body_timeout=args.request_body_timeout,
             max_line_size=args.max_line_size,

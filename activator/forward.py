@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,6 +20,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from activator.body import RequestBody
 from activator.registry import Target
 from activator.upstream import Response as FastResponse
 from activator.upstream import UpstreamClient
@@ -115,124 +116,6 @@ def upstream_url(request: web.BaseRequest, target: Target) -> URL:
     return URL(f"{target.base_url}{path}", encoded=True)
 
 
-class BodyError(Exception):
-    """The request body cannot be taken: too large (413), too slow (408) or malformed (400).
-
-    Answered with ``status`` while nothing has been sent to the client yet; raised from the body's
-    stream it also breaks off the upstream request, so that the workload never gets a truncated body.
-    """
-
-    def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
-
-
-class RequestBody:
-    """The request body, read only when first forwarded.
-
-    Up to ``limit`` bytes it is kept in memory so that a "not ready yet" forward can be sent again;
-    a larger body is streamed through once, never whole in memory, and cannot be retried. Reading it
-    must finish within ``timeout`` seconds of its start and stay within ``max_size`` bytes (0: no
-    limit for either); otherwise ``failure`` says why and every further read raises it.
-    """
-
-    __slots__ = (
-        "_deadline",
-        "_loaded",
-        "_prefix",
-        "_received",
-        "_request",
-        "data",
-        "failure",
-        "limit",
-        "max_size",
-        "retryable",
-        "timeout",
-    )
-
-    def __init__(self, request: web.BaseRequest, limit: int, max_size: int = 0, timeout: float = 0.0) -> None:
-        self._request = request
-        self.limit = limit
-        self.max_size = max_size
-        self.timeout = timeout
-        self._loaded = False
-        self.data: bytes | None = None
-        self._prefix = b""
-        self.retryable = True
-        self.failure: BodyError | None = None
-        self._deadline: float | None = None
-        self._received = 0
-
-    async def load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        req = self._request
-        if not req.body_exists:
-            return
-        if self.timeout > 0:
-            self._deadline = asyncio.get_running_loop().time() + self.timeout
-        if req.version >= (1, 1) and req.headers.get("Expect", "").lower() == "100-continue":
-            # Asked only now, so a held client does not send its body before it can go anywhere.
-            await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        length = req.content_length
-        if length is not None and length > self.limit:
-            self.retryable = False
-            return
-        buf = bytearray()  # within the limit (Content-Length), or chunked: keep it if it ends within the limit
-        while len(buf) <= self.limit:
-            chunk = await self._read()
-            if not chunk:
-                self.data = bytes(buf)
-                return
-            buf += chunk
-        self._prefix = bytes(buf)
-        self.retryable = False
-
-    async def _read(self) -> bytes:
-        """The next piece of the body (b"" at its end), within the deadline and the size limit."""
-        if self.failure is not None:
-            raise self.failure
-        content = self._request.content
-        try:
-            if self._deadline is None:
-                chunk = await content.readany()
-            else:
-                async with asyncio.timeout_at(self._deadline):
-                    chunk = await content.readany()
-        except TimeoutError:
-            raise self._fail(
-                408,
-                "request body timeout",
-                f"the request body was not complete within {self.timeout:g}s (--request-body-timeout)",
-            ) from None
-        except web.RequestPayloadError as exc:
-            raise self._fail(400, "malformed request body", str(exc)[:300]) from None
-        self._received += len(chunk)
-        if self.max_size and self._received > self.max_size:
-            detail = f"the request body is larger than {self.max_size} bytes (--max-body-size)"
-            raise self._fail(413, "request body too large", detail)
-        return chunk
-
-    def _fail(self, status: int, error: str, detail: str) -> BodyError:
-        self.failure = BodyError(status, error, detail)
-        return self.failure
-
-    def payload(self) -> bytes | AsyncIterator[bytes] | None:
-        if self.retryable:
-            return self.data
-        return self._stream()
-
-    async def _stream(self) -> AsyncIterator[bytes]:
-        if self._prefix:
-            yield self._prefix
-            self._prefix = b""
-        while chunk := await self._read():
-            yield chunk
-
-
 class _Complete(web.StreamResponse):
     """A response whose whole body is in hand: its headers wait for the body and leave in the same write."""
 
@@ -281,7 +164,8 @@ class Forwarder:
         """
         try:
             payload = body.payload()
-            if self.fast is not None and body.retryable and request.method != "CONNECT" and target.authority:
+            in_memory = payload is None or isinstance(payload, bytes)
+            if self.fast is not None and in_memory and request.method != "CONNECT" and target.authority:
                 headers = upstream_headers(request, target)
                 if payload is not None:
                     headers.popall("Content-Length", None)  # set from the body by the client

@@ -9,8 +9,9 @@ import math
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from activator.body import BodyError, RequestBody, Spool
 from activator.config import Config
-from activator.forward import BodyError, Forwarder, RequestBody, Upstream, UpstreamError
+from activator.forward import Forwarder, Upstream, UpstreamError
 from activator.hold import Holds
 from activator.metrics import Metrics
 from activator.queue import Admission
@@ -46,7 +47,7 @@ def error(status: int, err: str, detail: str, retry_after: bool = False, close: 
 
 
 def body_error(exc: BodyError) -> web.Response:
-    return error(exc.status, exc.error, exc.detail, close=True)
+    return error(exc.status, exc.error, exc.detail, close=True, retry_after=exc.status == 503)
 
 
 def not_utf8(request: web.BaseRequest) -> str | None:
@@ -84,6 +85,7 @@ class Proxy:
         self.forwarder = forwarder
         self.metrics = metrics
         self.drain_deadline: float | None = None
+        self.spool = Spool(cfg.spool_dir, cfg.spool_limit)
 
     def start_drain(self, timeout: float) -> None:
         """Held requests get an answer before ``timeout`` runs out: forwarded if ready by then, else 503."""
@@ -149,7 +151,7 @@ class Proxy:
         body = (
             None
             if websocket
-            else RequestBody(request, cfg.retry_body_limit, cfg.max_body_size, cfg.request_body_timeout)
+            else RequestBody(request, cfg.retry_body_limit, cfg.max_body_size, cfg.request_body_timeout, self.spool)
         )
         held = was_held = probing = False
         held_at = 0.0
@@ -187,15 +189,6 @@ class Proxy:
                             return await self.forwarder.relay(request, up, was_held)
                         return await self.forwarder.relay_websocket(request, up, was_held)
                     tm.mesh_not_ready.inc()
-                    if body is not None and not body.retryable:
-                        outcome = "upstream_error"
-                        return error(
-                            503,
-                            "upstream not ready",
-                            f"the mesh found no ready endpoint for {target.authority}; the request body was larger "
-                            f"than the retry limit ({self.cfg.retry_body_limit} bytes), so it was not kept for a retry",
-                            retry_after=True,
-                        )
                     probing = self.holds.probe(key, request)
                     if probing:
                         if retrying_since is None:
@@ -256,6 +249,8 @@ class Proxy:
             outcome = "upstream_error"
             raise
         finally:
+            if body is not None:
+                body.close()
             if probing:
                 self.holds.end_probe(key, request)
             if held:

@@ -83,7 +83,8 @@ class MeshProxy:
         backend = self.routes.get(authority)
         if backend is None or authority not in self.ready:
             self.not_ready_answers += 1
-            await request.read()
+            async for _ in request.content.iter_any():  # drained, of any size, as Envoy does
+                pass
             return web.Response(
                 status=503, body=NO_HEALTHY_UPSTREAM, headers={"server": "envoy", "content-type": "text/plain"}
             )

@@ -364,3 +364,20 @@ def test_a_workloads_own_no_healthy_upstream_is_relayed_once(
         assert json.loads(conn.getresponse().read())["count"] == 1
     finally:
         conn.close()
+
+
+def test_large_uploads_held_at_zero_are_served_like_small_ones(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    """Bodies over --retry-body-limit (1 MiB) are kept on disk, so one released the moment the target is
+    ready, before the mesh has its endpoint, is sent again whole instead of failing."""
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    serving(api, ns)
+    for cycle in range(4):
+        to_zero(api, ns)
+        body = os.urandom(2 * 1024 * 1024 + cycle)
+        ans = e2e.sidecar.request("POST", url(ns, f"/echo?cycle={cycle}"), body)
+        assert ans.status == 200 and ans.cold, (cycle, ans)
+        assert hashlib.sha256(ans.body).digest() == hashlib.sha256(body).digest(), cycle
+        serving(api, ns)

@@ -12,6 +12,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -455,20 +456,53 @@ def test_retry_pause_is_a_tenth_of_the_wait_between_1_ms_and_the_interval() -> N
     assert retry_pause(0.0005, 0) == 0.0005
 
 
-async def test_large_body_is_not_retried() -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_bodies_over_the_memory_bound_are_spooled_and_sent_again(chunked: bool) -> None:
+    """A body larger than --retry-body-limit is spooled to disk as it is read, so a forward the mesh
+    answered "not ready" (nothing reached the workload) is sent again, whole, like a small one."""
     e = await Env(retry_body_limit=1024).start()
     try:
         e.put("details", ready=True, mesh_ready=False)
-        async with e.client.post(
-            e.url + "/echo", data=os.urandom(4096), headers={"elasti-service": f"{NS}/details"}
-        ) as r:
-            assert r.status == 503 and "Retry-After" in r.headers
-            assert (await body_json(r))["error"] == "upstream not ready"
-        assert e.mesh.not_ready_answers == 1
-        assert (
-            await e.metric("elasti_activator_requests_total", namespace=NS, name="details", outcome="upstream_error")
-            == 1
+        payload = os.urandom(3 * 1024 * 1024 + 17)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(payload), 100_000):
+                yield payload[i : i + 100_000]
+
+        headers = {"elasti-service": f"{NS}/details"}
+        call = asyncio.create_task(
+            e.client.post(e.url + "/echo", data=chunks() if chunked else payload, headers=headers)
         )
+        async with asyncio.timeout(20):
+            while e.mesh.not_ready_answers < 2:
+                await asyncio.sleep(0.01)
+        assert e.activator.proxy.spool.used > 0  # beyond the memory bound it is on disk
+        e.mesh.ready.add(e.origin("details"))
+        async with await asyncio.wait_for(call, 30) as r:
+            assert r.status == 200, await r.text()
+            echoed = await body_json(r)
+        assert (echoed["length"], echoed["sha256"]) == (len(payload), hashlib.sha256(payload).hexdigest())
+        assert e.state["hits"]["echo"] == 1
+        assert e.activator.proxy.spool.used == 0  # its spooled part was freed with the request
+    finally:
+        await e.stop()
+
+
+async def test_a_full_spool_answers_503_with_retry_after(tmp_path: Path) -> None:
+    e = await Env(retry_body_limit=1024, spool_limit=1024 * 1024, spool_dir=str(tmp_path)).start()
+    try:
+        e.put("details", ready=True, mesh_ready=False)
+        headers = {"elasti-service": f"{NS}/details"}
+        first = asyncio.create_task(e.client.post(e.url + "/echo", data=os.urandom(900 * 1024), headers=headers))
+        async with asyncio.timeout(20):
+            while e.mesh.not_ready_answers < 1:
+                await asyncio.sleep(0.01)
+        async with e.client.post(e.url + "/echo", data=os.urandom(900 * 1024), headers=headers) as r:
+            assert r.status == 503 and "Retry-After" in r.headers
+            assert (await body_json(r))["error"] == "spool full"
+        e.mesh.ready.add(e.origin("details"))
+        async with await asyncio.wait_for(first, 30) as r:
+            assert r.status == 200  # the first one was not affected
     finally:
         await e.stop()
 

@@ -1,0 +1,226 @@
+"""Request bodies that can be sent again: kept in memory up to a bound, spooled to disk beyond it.
+
+A forward the mesh answers "not ready" reached no workload, so the request is sent again later,
+body and all. Every byte read from the client is captured before it is passed upstream (in memory up
+to ``--retry-body-limit``, then in an unnamed temporary file under ``--spool-dir``), so each attempt
+replays what was read and streams the rest: a large upload still reaches a ready workload as it
+arrives, and one the mesh refused is resent whole. The bytes on disk of one activator are bounded
+by ``--spool-limit``; a body that would pass it is refused with 503 and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from typing import IO
+
+from aiohttp import web
+
+_READ = 256 * 1024  # bytes read back from the spool file at a time
+
+
+class BodyError(Exception):
+    """The request body cannot be taken: too large (413), too slow (408), malformed (400) or no room to
+    keep it (503).
+
+    Answered with ``status`` while nothing has been sent to the client yet; raised from the body's
+    stream it also breaks off the upstream request, so that the workload never gets a truncated body.
+    """
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+class Spool:
+    """Where bodies over the memory bound go, and how many bytes all of them may take together."""
+
+    def __init__(self, directory: str | None = None, limit: int = 1 << 30) -> None:
+        self.directory = directory or tempfile.gettempdir()
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        if self.limit and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+class RequestBody:
+    """The request body, read only when first forwarded, and replayable for every further attempt.
+
+    Reading it must finish within ``timeout`` seconds of its start and stay within ``max_size`` bytes
+    (0: no limit for either); otherwise ``failure`` says why and every further read raises it.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_complete",
+        "_deadline",
+        "_file",
+        "_loaded",
+        "_request",
+        "_spooled",
+        "failure",
+        "limit",
+        "max_size",
+        "spool",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        limit: int,
+        max_size: int = 0,
+        timeout: float = 0.0,
+        spool: Spool | None = None,
+    ) -> None:
+        self._request = request
+        self.limit = limit
+        self.max_size = max_size
+        self.timeout = timeout
+        self.spool = spool or Spool()
+        self._loaded = False
+        self._complete = False
+        self._buf = bytearray()  # the first bytes of the body, up to ``limit``
+        self._file: IO[bytes] | None = None  # the rest, once the body is larger
+        self._spooled = 0  # bytes in the file (reserved in the spool)
+        self.failure: BodyError | None = None
+        self._deadline: float | None = None
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the body can be sent (again): always, unless reading it failed."""
+        return self.failure is None
+
+    @property
+    def data(self) -> bytes | None:
+        """The whole body when it is complete and in memory (None when there is none or it is larger)."""
+        if self._complete and self._file is None:
+            return bytes(self._buf)
+        return None
+
+    async def load(self) -> None:
+        """Reads the body into memory when it fits there; a larger one is read as it is sent."""
+        if self._loaded:
+            return
+        self._loaded = True
+        req = self._request
+        if not req.body_exists:
+            self._complete = True
+            return
+        if self.timeout > 0:
+            self._deadline = asyncio.get_running_loop().time() + self.timeout
+        if req.version >= (1, 1) and req.headers.get("Expect", "").lower() == "100-continue":
+            # Asked only now, so a held client does not send its body before it can go anywhere.
+            await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        length = req.content_length
+        if length is not None and length > self.limit:
+            return
+        while not self._complete and self._file is None:
+            await self._take()
+
+    async def _take(self) -> bytes:
+        """Reads the next piece from the client and keeps it (b"" at the end of the body)."""
+        chunk = await self._read()
+        if not chunk:
+            self._complete = True
+            return chunk
+        room = self.limit - len(self._buf) if self._file is None else 0
+        if room > 0:
+            self._buf += chunk[:room]
+            chunk_rest = chunk[room:]
+        else:
+            chunk_rest = chunk
+        if chunk_rest:
+            await self._write(chunk_rest)
+        return chunk
+
+    async def _write(self, data: bytes) -> None:
+        if not self.spool.reserve(len(data)):
+            raise self._fail(
+                503,
+                "spool full",
+                f"the activator keeps {self.spool.limit} bytes of request bodies on disk at most (--spool-limit); "
+                "try again shortly",
+            )
+        self._spooled += len(data)
+        if self._file is None:
+            self._file = await asyncio.to_thread(tempfile.TemporaryFile, dir=self.spool.directory)
+        file = self._file
+        await asyncio.to_thread(file.write, data)
+
+    async def _read(self) -> bytes:
+        """The next piece of the body from the client (b"" at its end), within the deadline and size limit."""
+        if self.failure is not None:
+            raise self.failure
+        content = self._request.content
+        try:
+            if self._deadline is None:
+                chunk = await content.readany()
+            else:
+                async with asyncio.timeout_at(self._deadline):
+                    chunk = await content.readany()
+        except TimeoutError:
+            raise self._fail(
+                408,
+                "request body timeout",
+                f"the request body was not complete within {self.timeout:g}s (--request-body-timeout)",
+            ) from None
+        except web.RequestPayloadError as exc:
+            raise self._fail(400, "malformed request body", str(exc)[:300]) from None
+        total = len(self._buf) + self._spooled + len(chunk)
+        if self.max_size and total > self.max_size:
+            detail = f"the request body is larger than {self.max_size} bytes (--max-body-size)"
+            raise self._fail(413, "request body too large", detail)
+        return chunk
+
+    def _fail(self, status: int, error: str, detail: str) -> BodyError:
+        self.failure = BodyError(status, error, detail)
+        return self.failure
+
+    @property
+    def size(self) -> int | None:
+        """The body's length in bytes once all of it has been read, else None."""
+        return len(self._buf) + self._spooled if self._complete else None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        """What to send upstream on this attempt: the bytes when the body is complete and in memory, else a
+        stream that replays what was kept and reads (and keeps) the rest."""
+        if self.failure is not None:
+            raise self.failure
+        if self._complete and self._file is None:
+            return bytes(self._buf) if self._request.body_exists else None
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        if self._buf:
+            yield bytes(self._buf)
+        offset, file = 0, self._file
+        while file is not None and offset < self._spooled:
+            piece = await asyncio.to_thread(os.pread, file.fileno(), min(_READ, self._spooled - offset), offset)
+            if not piece:
+                break
+            offset += len(piece)
+            yield piece
+        while not self._complete:
+            chunk = await self._take()
+            if chunk:
+                yield chunk
+
+    def close(self) -> None:
+        """Drops the spooled part (the temporary file has no name: closing it frees the disk)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self.spool.release(self._spooled)
+            self._spooled = 0
