@@ -797,9 +797,11 @@ class Reconciler:
         # A copy already at hand (the watched one, or the one read to explain a refusal) saves a read; a
         # stale one is refused by the resourceVersion test and read again.
         first = [cached]
+        final: list[dict[str, Any]] = []  # the VirtualService as this switch left it
 
         async def attempt() -> None:
             nonlocal changed
+            final.clear()
             vs = first.pop() if first else None
             if vs is None:
                 vs = await self.kube.get_or_none(VIRTUALSERVICES, vname, vns)
@@ -817,9 +819,10 @@ class Reconciler:
             value = vsrewrite.write_restore(ann, key, new_entries if new_entries else None)
             ops = vspatch.build(vs, new, value)
             if ops is None:
+                final.append(vs)
                 return
             try:
-                await self.kube.patch(VIRTUALSERVICES, vname, ops, vns, content_type=JSON_PATCH)
+                final.append(await self.kube.patch(VIRTUALSERVICES, vname, ops, vns, content_type=JSON_PATCH))
             except KubeError as exc:
                 # A failed resourceVersion test is a 422 like any invalid patch: tell them apart by reading.
                 if exc.status == 422:
@@ -831,6 +834,12 @@ class Reconciler:
             changed = True
 
         await retry_on_conflict(attempt)
+        if mode == "serve" and final and (release := vspatch.release_http(final[0])):
+            # Its routes are the user's again: a GitOps tool's server-side apply must not conflict with us.
+            try:
+                await self.kube.patch(VIRTUALSERVICES, vname, release, vns, content_type=JSON_PATCH)
+            except KubeError as exc:  # a concurrent write: the next reconcile in serve mode tries again
+                log.debug("%s: giving up ownership of %s/%s spec.http failed: %s", key, vns, vname, exc)
         return changed
 
     async def restore_all(self, key: Key, es: dict[str, Any], r: Resolved | None = None) -> set[tuple[str, str]]:
