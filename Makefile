@@ -76,6 +76,7 @@ MANIFESTS_DIR ?= build/manifests
 # Upper bound for `undeploy` to wait for ElastiService finalizers (routes restored, targets woken).
 UNDEPLOY_TIMEOUT ?= 300s
 WAKE_TOKEN    := deploy/kustomize/base/wake-token
+ROUTE_KEY     := deploy/kustomize/base/route-key
 
 .PHONY: manifests image image-lint deploy undeploy wake-token
 
@@ -86,8 +87,13 @@ $(WAKE_TOKEN):
 
 wake-token: $(WAKE_TOKEN)
 
+# The route key kustomize puts in the elasti-route-key Secret: random, made once, kept (gitignored).
+$(ROUTE_KEY):
+	@umask 077; $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $@.tmp && mv $@.tmp $@
+	@echo "wrote a new route key to $@"
+
 # Both overlays rendered to $(MANIFESTS_DIR) (they contain the wake token: keep them private).
-manifests: $(WAKE_TOKEN)
+manifests: $(WAKE_TOKEN) $(ROUTE_KEY)
 	@mkdir -p $(MANIFESTS_DIR)
 	@umask 077; for o in cluster-wide namespace-scoped; do \
 		$(KUBECTL) kustomize deploy/kustomize/overlays/$$o > $(MANIFESTS_DIR)/$$o.yaml.tmp && \
@@ -102,12 +108,12 @@ image-lint: venv
 	$(BIN)/hadolint Dockerfile
 
 # Installs into the current kubectl context (OVERLAY=cluster-wide or namespace-scoped).
-deploy: $(WAKE_TOKEN)
+deploy: $(WAKE_TOKEN) $(ROUTE_KEY)
 	$(KUBECTL) apply -k deploy/kustomize/overlays/$(OVERLAY)
 
 # ElastiServices go first, while the controller still runs: their finalizer restores the original
 # routes and wakes targets left at zero. Only when none is left are the controller and the CRD removed.
-undeploy: $(WAKE_TOKEN)
+undeploy: $(WAKE_TOKEN) $(ROUTE_KEY)
 	@if $(KUBECTL) get crd elastiservices.elasti.truefoundry.com >/dev/null 2>&1; then \
 		echo "deleting every ElastiService and waiting for their finalizers (up to $(UNDEPLOY_TIMEOUT))"; \
 		$(KUBECTL) delete elastiservices.elasti.truefoundry.com --all --all-namespaces --wait=true \

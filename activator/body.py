@@ -1,11 +1,12 @@
 """Request bodies that can be sent again: kept in memory up to a bound, spooled to disk beyond it.
 
 A forward the mesh answers "not ready" reached no workload, so the request is sent again later,
-body and all. Every byte read from the client is captured before it is passed upstream (in memory up
-to ``--retry-body-limit``, then in an unnamed temporary file under ``--spool-dir``), so each attempt
-replays what was read and streams the rest: a large upload still reaches a ready workload as it
-arrives, and one the mesh refused is resent whole. The bytes on disk of one activator are bounded
-by ``--spool-limit``; a body that would pass it is refused with 503 and Retry-After.
+body and all. A held request's body is read whole before its first forward (in memory up to
+``--retry-body-limit``, then in an unnamed temporary file under ``--spool-dir``), and every try
+replays it: large and small held bodies are served alike. A request that finds its target ready on
+arrival keeps a body over the memory bound streaming through, once, as before (a large upload reaches
+a ready workload as it arrives). The bytes on disk of one activator are bounded by ``--spool-limit``;
+a body that would pass it is refused with 503 and Retry-After.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from typing import IO
 from aiohttp import web
 
 _READ = 256 * 1024  # bytes read back from the spool file at a time
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class BodyError(Exception):
@@ -68,6 +75,7 @@ class RequestBody:
         "_file",
         "_loaded",
         "_request",
+        "_reserved",
         "_spooled",
         "failure",
         "limit",
@@ -93,14 +101,15 @@ class RequestBody:
         self._complete = False
         self._buf = bytearray()  # the first bytes of the body, up to ``limit``
         self._file: IO[bytes] | None = None  # the rest, once the body is larger
-        self._spooled = 0  # bytes in the file (reserved in the spool)
+        self._spooled = 0  # bytes written to the file
+        self._reserved = 0  # bytes taken from the spool's limit for it
         self.failure: BodyError | None = None
         self._deadline: float | None = None
 
     @property
     def retryable(self) -> bool:
-        """Whether the body can be sent (again): always, unless reading it failed."""
-        return self.failure is None
+        """Whether the body can be sent again: all of it was read and kept (in memory or on disk)."""
+        return self.failure is None and self._complete
 
     @property
     def data(self) -> bytes | None:
@@ -109,8 +118,10 @@ class RequestBody:
             return bytes(self._buf)
         return None
 
-    async def load(self) -> None:
-        """Reads the body into memory when it fits there; a larger one is read as it is sent."""
+    async def load(self, whole: bool = False) -> None:
+        """Reads the body before the first forward: all of it when ``whole`` (a held request: kept in
+        memory up to the limit, on disk beyond it, so that every try sends it whole), else as much as
+        fits in memory; a larger one is then streamed through as it is sent, once."""
         if self._loaded:
             return
         self._loaded = True
@@ -123,11 +134,19 @@ class RequestBody:
         if req.version >= (1, 1) and req.headers.get("Expect", "").lower() == "100-continue":
             # Asked only now, so a held client does not send its body before it can go anywhere.
             await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if whole:
+            while not self._complete:
+                await self._take()
+            return
         length = req.content_length
         if length is not None and length > self.limit:
             return
-        while not self._complete and self._file is None:
-            await self._take()
+        while len(self._buf) <= self.limit:  # in memory if it ends within the limit
+            chunk = await self._read()
+            if not chunk:
+                self._complete = True
+                return
+            self._buf += chunk
 
     async def _take(self) -> bytes:
         """Reads the next piece from the client and keeps it (b"" at the end of the body)."""
@@ -153,11 +172,12 @@ class RequestBody:
                 f"the activator keeps {self.spool.limit} bytes of request bodies on disk at most (--spool-limit); "
                 "try again shortly",
             )
-        self._spooled += len(data)
+        self._reserved += len(data)
         if self._file is None:
-            self._file = await asyncio.to_thread(tempfile.TemporaryFile, dir=self.spool.directory)
-        file = self._file
-        await asyncio.to_thread(file.write, data)
+            # Unbuffered: what was written is at once what a read-back (os.pread) sees.
+            self._file = await asyncio.to_thread(tempfile.TemporaryFile, buffering=0, dir=self.spool.directory)
+        await asyncio.to_thread(_write_all, self._file.fileno(), data)
+        self._spooled += len(data)  # only now: a concurrent replay reads back what is on disk
 
     async def _read(self) -> bytes:
         """The next piece of the body from the client (b"" at its end), within the deadline and size limit."""
@@ -194,33 +214,49 @@ class RequestBody:
         return len(self._buf) + self._spooled if self._complete else None
 
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
-        """What to send upstream on this attempt: the bytes when the body is complete and in memory, else a
-        stream that replays what was kept and reads (and keeps) the rest."""
+        """What to send upstream on this try: the bytes when the body is complete and in memory; a replay
+        of memory and disk when it is complete but larger; else what was read, then the rest as it
+        arrives (sent once: a try after it cannot be made)."""
         if self.failure is not None:
             raise self.failure
         if self._complete and self._file is None:
             return bytes(self._buf) if self._request.body_exists else None
-        return self._stream()
+        return self._replay() if self._complete else self._stream()
+
+    async def _replay(self) -> AsyncIterator[bytes]:
+        """The whole kept body; reads nothing from the client, so tries never compete for it."""
+        sent, total = 0, self._kept()
+        while sent < total:
+            piece = await self._kept_piece(sent)
+            sent += len(piece)
+            yield piece
 
     async def _stream(self) -> AsyncIterator[bytes]:
+        """What was read, then the rest as it arrives: streamed through once, never kept whole."""
         if self._buf:
             yield bytes(self._buf)
-        offset, file = 0, self._file
-        while file is not None and offset < self._spooled:
-            piece = await asyncio.to_thread(os.pread, file.fileno(), min(_READ, self._spooled - offset), offset)
-            if not piece:
-                break
-            offset += len(piece)
-            yield piece
-        while not self._complete:
-            chunk = await self._take()
-            if chunk:
-                yield chunk
+        while chunk := await self._read():
+            yield chunk
+
+    def _kept(self) -> int:
+        return len(self._buf) + self._spooled
+
+    async def _kept_piece(self, offset: int) -> bytes:
+        """Kept bytes from ``offset`` on: from memory, or read back from the spool file."""
+        if offset < len(self._buf):
+            return bytes(self._buf[offset:])
+        assert self._file is not None
+        start = offset - len(self._buf)
+        piece = await asyncio.to_thread(os.pread, self._file.fileno(), min(_READ, self._spooled - start), start)
+        if not piece:
+            raise self._fail(500, "request body lost", "the spooled request body could not be read back")
+        return piece
 
     def close(self) -> None:
         """Drops the spooled part (the temporary file has no name: closing it frees the disk)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-            self.spool.release(self._spooled)
-            self._spooled = 0
+        self.spool.release(self._reserved)
+        self._reserved = 0
+        self._spooled = 0

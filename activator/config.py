@@ -93,6 +93,34 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
+        "--header-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="a new connection must send a whole request line and headers within this many seconds, else 408 "
+        "and it is closed; 0: no limit",
+    )
+    options.add(
+        p,
+        "--keepalive-timeout",
+        type=float,
+        default=3630.0,
+        metavar="SECONDS",
+        help="an idle keep-alive connection (between requests) is closed after this many seconds; longer than "
+        "Envoy's upstream idle timeout (Istio: 1 h) so that Envoy closes idle connections, not the activator: a "
+        "request Envoy sends as the activator closes would fail",
+    )
+    options.add(
+        p,
+        "--max-connections",
+        type=int,
+        default=20000,
+        metavar="N",
+        help="open client connections at most; a further one is answered 503 (too many connections) with "
+        "Retry-After and closed; 0: no limit (the process's open-file limit applies)",
+    )
+    options.add(
+        p,
         "--spool-dir",
         default=None,
         metavar="PATH",
@@ -203,6 +231,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="send the token in this file as a bearer token with every wake call (re-read each call, so a "
         "mounted Secret can rotate); must match the controller's --wake-token-file",
     )
+    options.add(
+        p,
+        "--route-key-file",
+        metavar="PATH",
+        help="the route key file the controller signs with (a mounted Secret, one key per line, every line "
+        "accepted): a request whose elasti-token is not the token of its elasti-service is refused with 403; "
+        "unset: no check (any pod that reaches the activator can name any ElastiService)",
+    )
     options.add(p, "--log-level", default="info", help="debug, info, warning or error")
 
 
@@ -217,6 +253,9 @@ class Config:
     drain_timeout: float = 30.0
     retry_body_limit: int = 1024 * 1024
     max_body_size: int = 0
+    header_timeout: float = 15.0
+    keepalive_timeout: float = 3630.0
+    max_connections: int = 20000
     spool_dir: str | None = None
     spool_limit: int = 1024 * 1024 * 1024
     websocket_max_message: int = 4 * 1024 * 1024
@@ -230,6 +269,7 @@ class Config:
     upstream_connections: int = DEFAULT_UPSTREAM_CONNECTIONS
     cluster_domain: str = "cluster.local"
     wake_token_file: str | None = None
+    route_key_file: str | None = None
     wake_wait: float = 30.0
     log_level: str = "info"
 
@@ -238,10 +278,10 @@ class Config:
         if args.max_held < 1 or args.upstream_connections < 1:
             raise SystemExit("--max-held and --upstream-connections must be at least 1")
         sizes = (args.drain_timeout, args.retry_body_limit, args.max_body_size, args.request_body_timeout)
-        if min(*sizes, args.websocket_max_message, args.spool_limit) < 0:
+        if min(*sizes, args.websocket_max_message, args.spool_limit, args.header_timeout, args.max_connections) < 0:
             raise SystemExit(
-                "--drain-timeout, --retry-body-limit, --max-body-size, --websocket-max-message, --spool-limit and "
-                "--request-body-timeout must not be negative"
+                "--drain-timeout, --retry-body-limit, --max-body-size, --websocket-max-message, --spool-limit, "
+                "--header-timeout, --max-connections and --request-body-timeout must not be negative"
             )
         if args.upstream_proxy and args.sidecar_address:
             raise SystemExit("--upstream-proxy and --sidecar-address are exclusive: give one of them")
@@ -259,6 +299,9 @@ class Config:
             drain_timeout=args.drain_timeout,
             retry_body_limit=args.retry_body_limit,
             max_body_size=args.max_body_size,
+            header_timeout=args.header_timeout,
+            keepalive_timeout=max(0.1, args.keepalive_timeout),
+            max_connections=args.max_connections,
             spool_dir=args.spool_dir or None,
             spool_limit=args.spool_limit,
             websocket_max_message=args.websocket_max_message,
@@ -272,6 +315,7 @@ class Config:
             upstream_connections=args.upstream_connections,
             cluster_domain=args.cluster_domain.strip("."),
             wake_token_file=args.wake_token_file or None,
+            route_key_file=args.route_key_file or None,
             wake_wait=args.wake_wait,
             log_level=args.log_level,
         )

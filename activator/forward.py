@@ -24,7 +24,7 @@ from activator.body import RequestBody
 from activator.registry import Target
 from activator.upstream import Response as FastResponse
 from activator.upstream import UpstreamClient
-from elasti_istio.resources import HEADER
+from elasti_istio.resources import HEADER, TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ _RESPONSE_DROP = frozenset(
     )
 )
 # On requests also what the activator sets itself or must not pass on.
-_REQUEST_DROP = _RESPONSE_DROP | {"expect", "host", HEADER}
+_REQUEST_DROP = _RESPONSE_DROP | {"expect", "host", HEADER, TOKEN_HEADER}
 _WS_DROP = frozenset(
     ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "origin")
 )
@@ -165,7 +165,7 @@ class Forwarder:
         try:
             payload = body.payload()
             in_memory = payload is None or isinstance(payload, bytes)
-            if self.fast is not None and in_memory and request.method != "CONNECT" and target.authority:
+            if self.fast is not None and request.method != "CONNECT" and target.authority:
                 headers = upstream_headers(request, target)
                 if payload is not None:
                     headers.popall("Content-Length", None)  # set from the body by the client
@@ -177,7 +177,8 @@ class Forwarder:
                     target.authority,
                     path,
                     [f"{k}: {v}" for k, v in headers.items()],
-                    payload,  # type: ignore[arg-type]
+                    payload,
+                    None if in_memory else request.content_length,
                 )
             else:
                 resp = await self.session.request(

@@ -61,6 +61,12 @@ class Metrics:
             ["namespace", "name"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "elasti_activator_connections_refused",
+            "Client connections refused past --max-connections, or closed because their headers were late",
+            ["reason"],
+            registry=r,
+        )
         self._targets: dict[Key, TargetMetrics] = {}
         self._unrouted = self.requests.labels("", "", "rejected")
 
@@ -73,6 +79,10 @@ class Metrics:
     def rejected_unrouted(self) -> None:
         """A request without a usable header or for an unknown ElastiService."""
         self._unrouted.inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """``too_many`` (past --max-connections) or ``header_timeout`` (headers not in time)."""
+        self.connections_refused.labels(reason).inc()
 
     def wake(self, ns: str, name: str, result: str) -> None:
         self.wakes.labels(ns, name, result).inc()

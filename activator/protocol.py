@@ -9,7 +9,9 @@ cannot flood the log either. Request bodies are not decompressed: a proxy passes
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
@@ -44,10 +46,82 @@ def describe(exc: BaseException | None, max_line: int, max_field: int) -> tuple[
     return 400, "malformed request", " ".join(message.split())[:DETAIL_MAX] or "the request could not be parsed"
 
 
-class JsonErrorHandler(RequestHandler):
-    """One connection of the proxy listener; only the error answers differ from aiohttp's."""
+def raw_answer(status: int, error: str, detail: str, retry_after: bool = False) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, for when no request was parsed to answer."""
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    head = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        "Content-Type: application/json; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    if retry_after:
+        head.append("Retry-After: 1")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
-    __slots__ = ("on_rejected",)
+
+class JsonErrorHandler(RequestHandler):
+    """One connection of the proxy listener: aiohttp's, with JSON error answers, a deadline for the first
+    request's headers, and a place in the listener's connection count."""
+
+    __slots__ = ("_counted", "_header_timer", "header_timeout", "on_rejected", "owner")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        owner: JsonErrorServer = self.owner
+        self._counted = False
+        self._header_timer: asyncio.TimerHandle | None = None
+        if owner.max_connections and owner.open_connections >= owner.max_connections:
+            # Refused before anything is read: a clear answer, then the connection goes.
+            transport.write(  # type: ignore[attr-defined]
+                raw_answer(
+                    503,
+                    "too many connections",
+                    f"the activator has {owner.max_connections} open connections (--max-connections)",
+                    retry_after=True,
+                )
+            )
+            transport.close()
+            if owner.on_refused is not None:
+                owner.on_refused("too_many")
+            return
+        owner.open_connections += 1
+        self._counted = True
+        super().connection_made(transport)
+        if self.header_timeout > 0:
+            self._header_timer = asyncio.get_running_loop().call_later(self.header_timeout, self._headers_late)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        if self._counted:
+            self._counted = False
+            self.owner.open_connections -= 1
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is not None and (self._messages or self._request_count):
+            self._header_timer.cancel()  # a request arrived; between requests the keep-alive timeout rules
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        """The first request's headers did not arrive in time: 408, and the connection goes."""
+        self._header_timer = None
+        if self._messages or self._request_count or self.transport is None:
+            return
+        self.transport.write(
+            raw_answer(
+                408,
+                "request header timeout",
+                f"the request's headers did not arrive within {self.header_timeout:g}s (--header-timeout)",
+            )
+        )
+        log.debug("closed a connection whose request headers were late")
+        if self.owner.on_refused is not None:
+            self.owner.on_refused("header_timeout")
+        self.force_close()
+        self.transport.close()
 
     def handle_error(
         self,
@@ -86,15 +160,32 @@ class JsonErrorHandler(RequestHandler):
 
 
 class JsonErrorServer(web.Server):
-    """``web.Server`` whose connections answer parse errors with JSON; ``on_rejected`` counts them."""
+    """``web.Server`` whose connections answer parse errors with JSON (``on_rejected`` counts them), must
+    send a request's headers within ``header_timeout`` seconds (0: no limit), and number at most
+    ``max_connections`` (0: no limit; ``on_refused`` counts the ones turned away)."""
 
-    def __init__(self, handler: Any, *, on_rejected: Callable[[], None] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        on_rejected: Callable[[], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+        header_timeout: float = 0.0,
+        max_connections: int = 0,
+        **kwargs: Any,
+    ) -> None:
         if _CAN_KEEP_ENCODING:
             kwargs.setdefault("auto_decompress", False)
         super().__init__(handler, **kwargs)
         self.on_rejected = on_rejected
+        self.on_refused = on_refused
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.open_connections = 0
 
     def __call__(self) -> RequestHandler:
         proto = JsonErrorHandler(self, loop=self._loop, **self._kwargs)
         proto.on_rejected = self.on_rejected
+        proto.owner = self
+        proto.header_timeout = self.header_timeout
         return proto

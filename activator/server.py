@@ -18,7 +18,8 @@ from activator.queue import Admission
 from activator.registry import Registry, Target
 from activator.routing import Rejection, route
 from activator.static import first_match
-from elasti_istio.resources import HEADER
+from elasti_istio import routekey
+from elasti_istio.resources import HEADER, TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Proxy:
         self.metrics = metrics
         self.drain_deadline: float | None = None
         self.spool = Spool(cfg.spool_dir, cfg.spool_limit)
+        self.route_keys = routekey.KeyFile(cfg.route_key_file) if cfg.route_key_file else None
 
     def start_drain(self, timeout: float) -> None:
         """Held requests get an answer before ``timeout`` runs out: forwarded if ready by then, else 503."""
@@ -103,6 +105,14 @@ class Proxy:
             self.metrics.rejected_unrouted()
             return error(400, routed.error, routed.detail)
         key, header_port = routed
+        if self.route_keys is not None and not self.route_keys.valid(key[0], key[1], request.headers.get(TOKEN_HEADER)):
+            self.metrics.rejected_unrouted()
+            return error(
+                403,
+                "forbidden",
+                f"no valid {TOKEN_HEADER} for {key[0]}/{key[1]}: requests reach the activator through the "
+                "VirtualServices the controller rewrote, not directly",
+            )
         target = self.registry.get(key)
         if target is None and not self.registry.synced and await self.registry.wait_synced(SYNC_WAIT):
             target = self.registry.get(key)
@@ -166,7 +176,7 @@ class Proxy:
                             up = await self.forwarder.connect_websocket(request, target)
                         else:
                             assert body is not None
-                            await body.load()
+                            await body.load(whole=was_held)
                             up = await self.forwarder.send(request, target, body)
                     except UpstreamError as exc:
                         outcome = "upstream_error"
@@ -189,6 +199,17 @@ class Proxy:
                             return await self.forwarder.relay(request, up, was_held)
                         return await self.forwarder.relay_websocket(request, up, was_held)
                     tm.mesh_not_ready.inc()
+                    if body is not None and not body.retryable:
+                        outcome = "upstream_error"
+                        return error(
+                            503,
+                            "upstream not ready",
+                            f"the mesh found no ready endpoint for {target.authority}; the request came when its "
+                            f"target was ready and its body, larger than --retry-body-limit "
+                            f"({self.cfg.retry_body_limit} bytes), was being streamed through, so it was not kept "
+                            "for another try",
+                            retry_after=True,
+                        )
                     probing = self.holds.probe(key, request)
                     if probing:
                         if retrying_since is None:

@@ -2,9 +2,10 @@
 
 aiohttp's client costs about twice what the rest of a forwarded request does (building a
 ``ClientRequest``, proxy and cookie handling, timers, header merging): this client does only what a
-forwarding proxy needs. It sends requests whose body is in memory (or absent) and streams responses
-of any framing (Content-Length, chunked, until close) with flow control; websockets and request
-bodies streamed through keep aiohttp's client.
+forwarding proxy needs. It sends requests whose body is in memory, absent, or streamed (written with
+flow control while the response head is awaited, so that an early answer, the mesh's 503 while the
+body is still on its way, is read rather than lost to a write error), and streams responses of any
+framing (Content-Length, chunked, until close) with flow control; websockets keep aiohttp's client.
 
 Its response has the small part of :class:`aiohttp.ClientResponse` that the forwarder uses
 (``status``, ``reason``, ``headers``, ``content_length``, ``content.read/iter_any/at_eof``,
@@ -53,12 +54,14 @@ class _Conn(asyncio.Protocol):
         "_paused",
         "_pending",
         "_pending_size",
+        "_write_resumed",
         "error",
         "got_data",
         "idle_timer",
         "keep_alive",
         "origin",
         "transport",
+        "writer",
     )
 
     def __init__(self, origin: str) -> None:
@@ -67,6 +70,8 @@ class _Conn(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.error: BaseException | None = None
+        self.writer: asyncio.Task[None] | None = None  # a streamed request body still being written
+        self._write_resumed: asyncio.Future[None] | None = None  # set while the transport asks to wait
         self._reset()
 
     def _reset(self) -> None:
@@ -121,11 +126,36 @@ class _Conn(asyncio.Protocol):
             cls = StaleConnection if not self.got_data else UpstreamBroken
             self._fail(cls(f"upstream connection closed{f': {exc}' if exc else ''}"))
 
-    def pause_writing(self) -> None:  # request bodies are small and written at once
-        pass
+    def pause_writing(self) -> None:
+        if self._write_resumed is None:
+            self._write_resumed = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
-        pass
+        waiter, self._write_resumed = self._write_resumed, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        """Writes a streamed request body, waiting whenever the transport's buffer is full. Stops when the
+        connection goes (an early answer and close); a body that fails (the client's) aborts the
+        connection, so that the upstream never takes a truncated body for a whole one."""
+        try:
+            async for piece in body:
+                if self._closed or self.transport is None or self.transport.is_closing():
+                    return
+                if piece:
+                    self.transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                waiter = self._write_resumed
+                if waiter is not None:
+                    await asyncio.shield(waiter)
+            if chunked and not self._closed and self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(UpstreamBroken(f"the request body failed: {exc!r}"))
+            if self.transport is not None:
+                self.transport.abort()
 
     # ---- parsing ---------------------------------------------------------------------------------
     def _parse_head(self) -> None:
@@ -294,6 +324,7 @@ class _Conn(asyncio.Protocol):
 
     def start(self, data: bytes, head_request: bool) -> None:
         self._reset()
+        self.writer = None
         self._head_request = head_request
         assert self.transport is not None
         self.transport.write(data)
@@ -338,6 +369,8 @@ class _Conn(asyncio.Protocol):
 
     def close(self) -> None:
         self._closed = True
+        if self.writer is not None and not self.writer.done():
+            self.writer.cancel()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
@@ -395,7 +428,8 @@ class Response:
     def release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._client._done(conn, reuse=conn.complete and conn.keep_alive and conn.at_eof())
+            body_sent = conn.writer is None or conn.writer.done()
+            self._client._done(conn, reuse=body_sent and conn.complete and conn.keep_alive and conn.at_eof())
 
     def __del__(self) -> None:
         conn = self._conn
@@ -439,27 +473,41 @@ class UpstreamClient:
         self._all: set[_Conn] = set()
         self._closed = False
 
-    async def request(self, method: str, origin: str, target: str, head: list[str], body: bytes | None) -> Response:
+    async def request(
+        self,
+        method: str,
+        origin: str,
+        target: str,
+        head: list[str],
+        body: bytes | AsyncIterator[bytes] | None,
+        length: int | None = None,
+    ) -> Response:
         """Sends one request to ``origin`` (``host:port``).
 
         ``target`` is the origin-form path and query; ``head`` the header lines without framing
-        headers (Content-Length is set here from ``body``).
+        headers (Content-Length is set here from ``body``; a streamed body is sent with ``length`` as
+        its Content-Length, or chunked when that is None, on a new connection).
         """
         proxied = self.proxy is not None or self.sidecar is not None
         line = f"{method} http://{origin}{target} HTTP/1.1" if proxied else f"{method} {target} HTTP/1.1"
-        if body is not None:
+        stream = body if body is not None and not isinstance(body, bytes | bytearray) else None
+        if stream is not None:
+            head = [*head, f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"]
+        elif body is not None:
             head = [*head, f"Content-Length: {len(body)}"]
         data = ("\r\n".join((line, *head)) + "\r\n\r\n").encode("utf-8", "surrogateescape")
-        if body:
-            data += body
+        if body and stream is None:
+            data += body  # type: ignore[operator]
         head_request = method == "HEAD"
-        conn, reused = await self._acquire(origin)
+        conn, reused = await self._acquire(origin, fresh=stream is not None)
         try:
             conn.start(data, head_request)
+            if stream is not None:
+                conn.writer = asyncio.create_task(conn.write_body(stream, chunked=length is None))
             try:
                 status, reason, headers, _ = await conn.head()
             except StaleConnection:
-                if not reused or method not in IDEMPOTENT:
+                if stream is not None or not reused or method not in IDEMPOTENT:
                     raise
                 # The server closed an idle connection as it was reused: nothing reached it, send again.
                 self._done(conn, reuse=False)

@@ -16,6 +16,7 @@ from typing import Any
 
 from benchmarks import system as S
 from benchmarks import tools as T
+from elasti_istio import routekey
 from elasti_istio.controller.workloads import pod_is_ready
 from elasti_istio.playground.procs import ActivatorProc, free_ports
 from elasti_istio.playground.stack import Playground
@@ -292,6 +293,8 @@ def burst(ctx: Context, rec: S.Recorder, n: int) -> None:
         S.authority("burst"),
         "--header",
         f"elasti-service: {S.NS}/burst",
+        "--header",
+        f"elasti-token: {_token(pg, 'burst')}",
         "--timeout",
         "150",
     )
@@ -343,6 +346,11 @@ def burst(ctx: Context, rec: S.Recorder, n: int) -> None:
     S.until(lambda: ctx.bench.serving("burst"), "burst Serving again")
 
 
+def _token(pg: Any, name: str) -> str:
+    """The route token of bench/<name> under the playground's route key (what its routes carry)."""
+    return str(routekey.KeyFile(str(pg.route_key)).token(S.NS, name))
+
+
 # ---- figure 4: activator throughput for late traffic -----------------------------------------------
 def throughput(ctx: Context) -> None:
     s, pg = ctx.settings, ctx.pg
@@ -357,6 +365,8 @@ def throughput(ctx: Context) -> None:
         pg.logs_dir / "activator-throughput.log",
         "--namespace",
         S.NS,
+        "--route-key-file",
+        str(pg.route_key),
         controller_url=pg.controller.base_url,
         upstream_proxy=f"http://127.0.0.1:{p_backend}",
         port=p_act,
@@ -370,8 +380,10 @@ def throughput(ctx: Context) -> None:
         act.wait_ready()
         assert act.pid is not None
         T.pin(act.pid, PROXY_CPU)
-        lua_act = T.wrk_script(ctx.workdir / "activator.lua", headers={"elasti-service": f"{S.NS}/web"})
-        S.until(lambda: _status(f"{act.url}/", {"elasti-service": f"{S.NS}/web"}) == 200, "activator forwards web")
+        # The route token is checked on every request, as in a real install.
+        signed = {"elasti-service": f"{S.NS}/web", "elasti-token": _token(pg, "web")}
+        lua_act = T.wrk_script(ctx.workdir / "activator.lua", headers=signed)
+        S.until(lambda: _status(f"{act.url}/", signed) == 200, "activator forwards web")
         targets = {
             "direct": (f"http://127.0.0.1:{p_backend}/", None, None),
             "nginx": (f"http://127.0.0.1:{p_proxy}/", None, nginx.proc.pid if nginx.proc else None),
@@ -429,7 +441,7 @@ def throughput(ctx: Context) -> None:
                 args = ["rate", "--port", str(port), "--rate", str(s.rate), "--duration", str(s.rate_seconds)]
                 args += ["--conns", "50", "--timeout", "30"]
                 if hdr:
-                    args += ["--header", hdr]
+                    args += ["--header", hdr, "--header", f"elasti-token: {_token(pg, 'web')}"]
                 res = T.run_loadgen(CLIENT_CPU, *args, timeout=s.rate_seconds + 90)
                 fixed[name].append(res)
                 ctx.log(f"  {rate} req/s {name}: p50 {float(res['p50_ms']):.2f} ms, p99 {float(res['p99_ms']):.2f} ms")

@@ -40,3 +40,4 @@ ANN_SIM_STARTUP = f"{GROUP}/sim-startup-seconds"
 ANN_SIM_FORWARD = f"{GROUP}/sim-forward"
 ANN_SIM_READINESS_URL = f"{GROUP}/sim-readiness-url"
 HEADER = "elasti-service"
+TOKEN_HEADER = "elasti-token"  # the route token beside it (elasti_istio.routekey)

@@ -50,6 +50,7 @@ from typing import Any
 
 RESTORE_ANNOTATION = "elasti.truefoundry.com/original-routes"
 HEADER = "elasti-service"
+TOKEN_HEADER = "elasti-token"  # as in elasti_istio.resources
 
 RestoreEntry = dict[str, Any]
 RestoreEntries = list[RestoreEntry | None]
@@ -66,6 +67,7 @@ class Target:
     service: str
     subsets: frozenset[str] = frozenset()
     whole_service: bool = True
+    token: str | None = None  # the route token (:mod:`elasti_istio.routekey`) the activator destination sets
 
     @property
     def key(self) -> str:
@@ -240,21 +242,22 @@ def _activator_destination(
 ) -> dict:
     """The activator destination; the header is `set` (never `add`) so that a client cannot choose the queue.
     Its value is ``<namespace>/<name>``, with ``:<port>`` when the target's destination named the Service
-    port the route chose (the activator forwards there)."""
+    port the route chose (the activator forwards there); with a route key, ``elasti-token`` is set too."""
+    ours = {HEADER, TOKEN_HEADER}
     headers = copy.deepcopy(source_headers) if isinstance(source_headers, dict) else {}
     request = headers.get("request")
     request = request if isinstance(request, dict) else {}
     for op in ("set", "add"):
         values = request.get(op)
         if isinstance(values, dict):
-            values = {k: v for k, v in values.items() if not (isinstance(k, str) and k.lower() == HEADER)}
+            values = {k: v for k, v in values.items() if not (isinstance(k, str) and k.lower() in ours)}
             if values or op == "set":
                 request[op] = values
             else:
                 del request[op]
     remove = request.get("remove")
     if isinstance(remove, list):
-        remove = [h for h in remove if not (isinstance(h, str) and h.lower() == HEADER)]
+        remove = [h for h in remove if not (isinstance(h, str) and h.lower() in ours)]
         if remove:
             request["remove"] = remove
         else:
@@ -263,6 +266,8 @@ def _activator_destination(
     if not isinstance(values, dict):
         values = {}
     values[HEADER] = target.key if port is None else f"{target.key}:{port}"
+    if target.token:
+        values[TOKEN_HEADER] = target.token
     request["set"] = values
     headers["request"] = request
     return {

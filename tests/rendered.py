@@ -22,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ("cluster-wide", "namespace-scoped")
 TOKEN = "test-wake-token-3f9d2c8a61b04e57"
+ROUTE_KEY = "test-route-key-5b0e2f7c9d14a386"
 SYSTEM_NS = "elasti-system"
 RBAC_KINDS = ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
@@ -35,9 +36,10 @@ def kubectl() -> str:
 
 def copy_tree(dest: Path, token: str = TOKEN) -> Path:
     """``deploy/`` and ``crds/`` under ``dest``, with ``token`` as the generated wake token."""
-    shutil.copytree(ROOT / "deploy", dest / "deploy", ignore=shutil.ignore_patterns("wake-token*"))
+    shutil.copytree(ROOT / "deploy", dest / "deploy", ignore=shutil.ignore_patterns("wake-token*", "route-key*"))
     shutil.copytree(ROOT / "crds", dest / "crds")
     (dest / "deploy" / "kustomize" / "base" / "wake-token").write_text(token)
+    (dest / "deploy" / "kustomize" / "base" / "route-key").write_text(ROUTE_KEY + "\n")
     return dest
 
 

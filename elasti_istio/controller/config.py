@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from elasti_istio import options
+from elasti_istio.controller.triggers import Allow, parse_allow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ControllerConfig:
     lease_seconds: float = 15.0
     cluster_domain: str = "cluster.local"
     istio_root_namespace: str = "istio-system"
+    trigger_allow: Allow = dataclasses.field(default_factory=Allow)
+    route_key_file: str | None = None
     workers: int = 8
     identity: str = ""
     wake_token_file: str | None = None
@@ -111,6 +114,22 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     options.add(p, "--cluster-domain", default=d.cluster_domain, help="DNS suffix of Service hosts")
     options.add(
         p,
+        "--route-key-file",
+        default=None,
+        metavar="PATH",
+        help="the route key (a mounted Secret, one key per line, the first signs): proxy-mode routes carry an "
+        "elasti-token the activator checks, so only the mesh route can use it; re-read when the file changes",
+    )
+    options.add(
+        p,
+        "--trigger-allow",
+        default="",
+        metavar="HOSTS_AND_CIDRS",
+        help="comma-separated Prometheus hosts (exact names) and networks (for IP addresses) that idle triggers "
+        "may query; empty: any http(s) address without credentials, query or fragment",
+    )
+    options.add(
+        p,
         "--istio-root-namespace",
         default=d.istio_root_namespace,
         help="Istio's root configuration namespace (meshConfig.rootNamespace): its DestinationRules apply to "
@@ -166,6 +185,10 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
     import os
     import socket
 
+    try:
+        trigger_allow = parse_allow(args.trigger_allow or "")
+    except ValueError as exc:
+        raise SystemExit(f"--trigger-allow: {exc}") from None
     return ControllerConfig(
         namespaces=tuple(args.namespace or ()),
         activator_host=args.activator_host,
@@ -180,6 +203,8 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
         lease_seconds=args.lease_seconds,
         cluster_domain=args.cluster_domain,
         istio_root_namespace=args.istio_root_namespace,
+        trigger_allow=trigger_allow,
+        route_key_file=args.route_key_file or None,
         workers=max(1, args.workers),
         wake_token_file=args.wake_token_file or None,
         idle_check_interval=max(0.2, args.idle_check_interval),

@@ -1,7 +1,9 @@
 """Leader election with a coordination.k8s.io/v1 Lease, as client-go's leaderelection does it.
 
 Only the leader reconciles and serves wakes; the others keep their watches warm and take over when
-the Lease has not been renewed for its duration.
+the Lease has not been renewed for its duration. "Not renewed" is judged on this replica's own clock,
+from when it last saw the Lease record change, never by comparing its clock with the holder's
+``renewTime``: clocks that disagree by more than the lease would otherwise make two leaders.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 
 from elasti_istio.kube import Kube, KubeError
@@ -25,16 +28,6 @@ def _fmt(t: dt.datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse(s: str | None) -> dt.datetime | None:
-    if not s:
-        return None
-    s = s.replace("Z", "+00:00")
-    try:
-        return dt.datetime.fromisoformat(s)
-    except ValueError:
-        return None
-
-
 class LeaderElector:
     def __init__(
         self,
@@ -44,8 +37,12 @@ class LeaderElector:
         identity: str,
         lease_seconds: float = 15.0,
         on_change: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
+        self.clock = clock
+        self._observed: tuple[object, ...] | None = None  # the Lease record as last seen
+        self._observed_at = 0.0  # when (``clock``) it was last seen to change
         self.namespace, self.name, self.identity = namespace, name, identity
         self.lease_seconds = lease_seconds
         self.renew_every = max(0.5, lease_seconds / 3)
@@ -83,9 +80,12 @@ class LeaderElector:
                 raise
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity") or ""
-        renew = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
+        fields = ("holderIdentity", "renewTime", "acquireTime", "leaseTransitions", "leaseDurationSeconds")
+        record = tuple(spec.get(k) for k in fields)
+        if record != self._observed:
+            self._observed, self._observed_at = record, self.clock()
         duration = float(spec.get("leaseDurationSeconds") or self.lease_seconds)
-        expired = renew is None or (now - renew).total_seconds() > duration
+        expired = self.clock() - self._observed_at > duration
         if holder and holder != self.identity and not expired:
             return False
         new_spec = dict(spec, **spec_new)

@@ -21,6 +21,7 @@ import kopf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from elasti_istio import routekey
 from elasti_istio.controller import metrics
 from elasti_istio.controller.config import ControllerConfig
 from elasti_istio.controller.events import Recorder
@@ -144,6 +145,18 @@ class Controller:
                     raise
                 except Exception:
                     log.exception("%s: idle check failed", key)
+
+    async def route_key_loop(self) -> None:
+        """A rotated route key: every ElastiService is reconciled, so VirtualServices in proxy mode carry
+        tokens of the new key (the activator accepts every key in the file meanwhile)."""
+        keys = self.reconciler.route_keys
+        if keys is None:
+            return
+        while True:
+            await asyncio.sleep(routekey.CHECK_EVERY)
+            if keys.refresh() and self.seeded.is_set():
+                log.info("route key changed: reconciling every ElastiService")
+                self.enqueue(self.idx.all_es())
 
     # ---- events ------------------------------------------------------------------------------
     def on_es(self, etype: str | None, obj: dict[str, Any]) -> None:
@@ -436,6 +449,7 @@ class Controller:
         if self.elector is not None:
             tasks.append(asyncio.create_task(self.elector.run(), name="leader-election"))
         tasks.append(asyncio.create_task(self.idle_loop(), name="idle-triggers"))
+        tasks.append(asyncio.create_task(self.route_key_loop(), name="route-key"))
         tasks.append(asyncio.create_task(self.api_check_loop(), name="api-check"))
         self.kopf = KopfRunner(self.kopf_registry, self.settings, namespaces=list(self.cfg.namespaces))
         self.kopf.start()

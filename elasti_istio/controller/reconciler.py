@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from elasti_istio import vsrewrite
+from elasti_istio import routekey, vsrewrite
 from elasti_istio.controller import conditions as C
 from elasti_istio.controller import metrics, schedule, triggers, vspatch
 from elasti_istio.controller import spec as es_spec
@@ -117,6 +117,7 @@ class Reconciler:
         self.idx = indexes
         self.recorder = recorder
         self.activator = vsrewrite.ActivatorRef(cfg.activator_host, cfg.activator_port)
+        self.route_keys = routekey.KeyFile(cfg.route_key_file) if cfg.route_key_file else None
         self.activator_available: tuple[bool, str, str] = (True, "NotChecked", "")
         self.event_time: dict[Key, float] = {}
         self.last_wake: dict[Key, str] = {}
@@ -332,7 +333,8 @@ class Reconciler:
         labels_key = tuple(sorted(state.template_labels.items()))
         sel = (service.get("spec") or {}).get("selector") or {}
         gens = tuple(self.idx.routing_generation[s] for s in spaces)
-        cache_key = (gens, tuple(spaces), labels_key, tuple(sorted(sel.items())), spec.service)
+        key_gen = self.route_keys.generation if self.route_keys is not None else 0
+        cache_key = (gens, key_gen, tuple(spaces), labels_key, tuple(sorted(sel.items())), spec.service)
         cached = self._routing_cache.get(spec.key)
         if cached and cached[0] == hash(cache_key):
             return cached[1]  # type: ignore[no-any-return]
@@ -353,13 +355,14 @@ class Reconciler:
         def is_service(host: str, dr_ns: str) -> bool:
             return vsrewrite.matches(host, None, dr_ns, probe, self.cfg.cluster_domain)
 
+        token = self.route_keys.token(ns, spec.name) if self.route_keys is not None else None
         targets: dict[str, vsrewrite.Target] = {}
         labels_by_ns: dict[str, dict[str, dict[str, str]]] = {}
         for vns in vs_namespaces:
             drs = rules_for(vns, ns, root, rules, is_service)
             subsets, labels_by_ns[vns] = target_subsets(drs, lambda _h, _n: True, state.template_labels)
             targets[vns] = vsrewrite.Target(
-                namespace=ns, name=spec.name, service=spec.service, subsets=subsets, whole_service=whole
+                namespace=ns, name=spec.name, service=spec.service, subsets=subsets, whole_service=whole, token=token
             )
         result = (targets[ns], labels_by_ns[ns], targets)
         self._routing_cache[spec.key] = (hash(cache_key), result)
@@ -1151,7 +1154,7 @@ class Reconciler:
         status = es.get("status") or {}
         if status.get("phase") != "Serving" or status.get("mode") != "serve":
             return
-        results = [await triggers.evaluate(self.http, t) for t in spec.triggers]
+        results = [await triggers.evaluate(self.http, t, allow=self.cfg.trigger_allow) for t in spec.triggers]
         healthy = all(x.healthy for x in results)
         idle = healthy and all(x.idle for x in results)
         if not healthy:

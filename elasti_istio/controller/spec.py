@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import urllib.parse
 from typing import Any
 
 from elasti_istio.kube.client import Resource
@@ -21,6 +22,27 @@ DEFAULT_API_VERSION = {k: r.api_version for k, r in KINDS.items()}
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def check_server_address(address: str) -> str | None:
+    """Why a Prometheus address may not be used (None: it may): http or https with a host, and no
+    userinfo, query or fragment (a ``?x=`` would swallow the query path the controller appends)."""
+    try:
+        parts = urllib.parse.urlsplit(address)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return f"{address!r} must start with http:// or https://"
+    if not parts.hostname:
+        return f"{address!r} has no host"
+    if "@" in parts.netloc:
+        return "credentials in the address are not allowed"
+    if parts.query or parts.fragment or address.rstrip().endswith(("?", "#")):
+        return "a query or fragment in the address is not allowed"
+    if port is not None and not 0 < port < 65536:
+        return f"port {port} is out of range"
+    return None
 
 
 class SpecError(ValueError):
@@ -128,6 +150,9 @@ def parse(obj: dict[str, Any]) -> ElastiSpec:
             raise SpecError("InvalidTrigger", f"triggers[{i}].metadata.threshold is not a number") from exc
         if not md.get("serverAddress") or not md.get("query"):
             raise SpecError("InvalidTrigger", f"triggers[{i}] needs metadata.serverAddress and metadata.query")
+        bad = check_server_address(str(md["serverAddress"]))
+        if bad is not None:
+            raise SpecError("InvalidTrigger", f"triggers[{i}].metadata.serverAddress: {bad}")
         triggers.append(Trigger(str(md["serverAddress"]).rstrip("/"), str(md["query"]), threshold))
     period = None
     if spec.get("enabledPeriod"):

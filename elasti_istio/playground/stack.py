@@ -8,6 +8,7 @@ started, newest first, and is safe to call at any point (also twice).
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -96,11 +97,23 @@ class Playground:
             raise PlaygroundError("the mesh client is not started")
         return f"http://{self.client}:{port}"
 
+    @property
+    def route_key(self) -> Path:
+        """The route key both programs read (made once per playground): proxy-mode routes are signed."""
+        path = self.logs_dir / "route-key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32) + "\n")
+            path.chmod(0o600)
+        return path
+
     def start_activator(self) -> ActivatorProc:
         info = self._info()
         self.activator = ActivatorProc(
             info.activator_kubeconfig,
             self.logs_dir / "activator.log",
+            "--route-key-file",
+            str(self.route_key),
             controller_url=f"http://127.0.0.1:{self.ports.wake}",
             sidecar_address=system.activator_sidecar(self._api()),
             port=self.ports.activator,
@@ -117,6 +130,8 @@ class Playground:
             info.controller_kubeconfig,
             None,
             self.logs_dir / "controller.log",
+            "--route-key-file",
+            str(self.route_key),
             activator_deployment=f"{system.SYSTEM_NAMESPACE}/{system.ACTIVATOR}",
             wake_port=self.ports.wake,
             metrics_port=self.ports.controller_metrics,

@@ -27,6 +27,7 @@ from tests.conftest import K8s, MeshInfo
 from tests.harness import Proc, apply, condition, es, free_port, get, http_json, load, ready_replicas, scale, wait_until
 from tests.rendered import (
     RBAC_KINDS,
+    ROOT,
     SYSTEM_NS,
     container,
     copy_tree,
@@ -108,13 +109,21 @@ def activator_workload(docs: list[dict[str, Any]], port: int | None, admin_port:
     return [find(docs, "Service", "elasti-activator"), dep]
 
 
-def token_file(docs: list[dict[str, Any]], tmp: Path) -> Path:
-    """The Secret's token where a mount would put it."""
-    secret = find(docs, "Secret", "elasti-wake-token", SYSTEM_NS)
-    path = tmp / "wake-token" / "token"
+def secret_file(docs: list[dict[str, Any]], tmp: Path, secret: str, key: str) -> Path:
+    """A Secret's key where a mount would put it."""
+    found = find(docs, "Secret", secret, SYSTEM_NS)
+    path = tmp / secret / key
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(base64.b64decode(secret["data"]["token"]))
+    path.write_bytes(base64.b64decode(found["data"][key]))
     return path
+
+
+def token_file(docs: list[dict[str, Any]], tmp: Path) -> Path:
+    return secret_file(docs, tmp, "elasti-wake-token", "token")
+
+
+def route_key_file(docs: list[dict[str, Any]], tmp: Path) -> Path:
+    return secret_file(docs, tmp, "elasti-route-key", "key")
 
 
 def start(kubeconfig: Path, args: list[str], log: Path) -> Proc:
@@ -214,6 +223,7 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
         admin_listen=f"127.0.0.1:{admin_port}",
         controller_url=f"http://127.0.0.1:{wake_port}",
         wake_token_file=str(token),
+        route_key_file=str(route_key_file(docs, tmp_path)),
         sidecar_address=mesh.client,
     )
     ctrl_args = with_flags(
@@ -221,6 +231,7 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
         wake_listen=f"127.0.0.1:{wake_port}",
         metrics_listen=f"127.0.0.1:{metrics_port}",
         wake_token_file=str(token),
+        route_key_file=str(route_key_file(docs, tmp_path)),
         leader_election_id=f"elasti-controller-{uuid.uuid4().hex[:6]}",
     )
     bookinfo(k8s, namespace)
@@ -310,6 +321,7 @@ def test_namespace_scoped_rbac_works_in_the_watched_namespace_only(
             wake_listen=f"127.0.0.1:{wake_port}",
             metrics_listen=f"127.0.0.1:{metrics_port}",
             wake_token_file=str(token),
+            route_key_file=str(route_key_file(docs, tmp_path)),
             leader_election_id=f"elasti-controller-{uuid.uuid4().hex[:6]}",
         )
         assert parse_args(ctrl_args).namespace == [namespace]
@@ -368,3 +380,68 @@ def test_namespace_scoped_rbac_works_in_the_watched_namespace_only(
         assert got == dict.fromkeys(forbidden, 403)
     finally:
         k8s.core.delete_namespace(other)  # type: ignore[attr-defined]
+
+
+def test_namespace_users_get_elastiservices_with_the_standard_roles(k8s: K8s, namespace: str) -> None:
+    """The shipped tenant ClusterRoles aggregate into view, edit and admin: a user bound to `view` in a
+    namespace reads its ElastiServices, one bound to `edit` also changes them; on the real API server,
+    with kube-controller-manager's ClusterRole aggregation."""
+    for role in kinds(shipped("cluster-wide"), "ClusterRole"):
+        if not role["metadata"]["name"].startswith("elasti-istio-"):
+            continue
+        try:
+            k8s.rbac.create_cluster_role(role)  # type: ignore[attr-defined]
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            k8s.rbac.patch_cluster_role(role["metadata"]["name"], role)  # type: ignore[attr-defined]
+    for user, cluster_role in (("tenant-viewer", "view"), ("tenant-editor", "edit")):
+        k8s.rbac.create_namespaced_role_binding(  # type: ignore[attr-defined]
+            namespace,
+            {
+                "metadata": {"name": user},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            },
+        )
+    authz = client.AuthorizationV1Api(k8s.api)
+
+    def may(user: str, verb: str, subresource: str = "") -> bool:
+        review = authz.create_subject_access_review(
+            {
+                "spec": {
+                    "user": user,
+                    "resourceAttributes": {
+                        "namespace": namespace,
+                        "verb": verb,
+                        "group": "elasti.truefoundry.com",
+                        "resource": "elastiservices",
+                        "subresource": subresource,
+                    },
+                }
+            }
+        )
+        return bool(review.status.allowed)
+
+    wait_until(lambda: may("tenant-viewer", "list") and may("tenant-editor", "create"), 60, "the roles aggregated")
+    assert may("tenant-viewer", "get") and may("tenant-viewer", "watch") and may("tenant-viewer", "get", "status")
+    assert not may("tenant-viewer", "create") and not may("tenant-viewer", "delete")
+    assert may("tenant-editor", "patch") and may("tenant-editor", "delete") and may("tenant-editor", "list")
+    assert not may("tenant-editor", "patch", "status"), "status is the controller's"
+    assert not may("nobody", "get")
+
+
+def test_the_optional_activator_authorizationpolicy_is_valid_for_istio(cluster: ClusterInfo, namespace: str) -> None:
+    """deploy/istio/ is accepted by the AuthorizationPolicy CRD and istiod's validation webhook; a
+    deliberately broken copy is refused, so the check has teeth."""
+    import copy as copying
+
+    import yaml
+
+    policy = yaml.safe_load((ROOT / "deploy" / "istio" / "activator-authorizationpolicy.yaml").read_text())
+    policy["metadata"]["namespace"] = namespace
+    run_kubectl(cluster.admin_kubeconfig, "apply", "--dry-run=server", "-f", "-", docs=[policy])
+    broken = copying.deepcopy(policy)
+    broken["spec"]["rules"][0]["to"][0]["operation"]["ports"] = ["not-a-port"]
+    with pytest.raises(AssertionError, match=r"(?i)denied|invalid"):
+        run_kubectl(cluster.admin_kubeconfig, "apply", "--dry-run=server", "-f", "-", docs=[broken])

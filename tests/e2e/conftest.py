@@ -10,6 +10,7 @@ the one the activator was told, so that whichever controller a test runs is the 
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class System:
     activator: ActivatorProc
     wake_port: int
     logs: Path
+    route_key: Path  # the route key file both programs read (proxy-mode routes carry its tokens)
 
     @property
     def sidecar(self) -> Sidecar:
@@ -53,9 +55,13 @@ def e2e(k8s: K8s, cluster: ClusterInfo, mesh: MeshInfo, tmp_path_factory: pytest
     logs = tmp_path_factory.mktemp("e2e")
     wake_port, port, admin_port = free_ports(3)
     system.install(api, port, admin_port, cluster_wide_controller=False)
+    route_key = logs / "route-key"
+    route_key.write_text(secrets.token_hex(32) + "\n")
     activator = ActivatorProc(
         cluster.activator_kubeconfig,
         logs / "activator.log",
+        "--route-key-file",
+        str(route_key),
         controller_url=f"http://127.0.0.1:{wake_port}",
         sidecar_address=system.activator_sidecar(api),
         port=port,
@@ -63,7 +69,7 @@ def e2e(k8s: K8s, cluster: ClusterInfo, mesh: MeshInfo, tmp_path_factory: pytest
         drain_timeout=5,
         log_level="debug",
     ).start()
-    sys_ = System(api, cluster, mesh, activator, wake_port, logs)
+    sys_ = System(api, cluster, mesh, activator, wake_port, logs, route_key)
     support.ENVOYS[:] = [mesh.client_admin]
     try:
         sys_.activator_ready()
@@ -87,6 +93,8 @@ def start_controller(e2e: System, tmp_path: Path) -> Iterator[Callable[..., Cont
             e2e.cluster.controller_kubeconfig,
             list(namespaces),
             tmp_path / f"controller-{len(procs)}.log",
+            "--route-key-file",
+            str(e2e.route_key),
             activator_deployment=f"{system.SYSTEM_NAMESPACE}/{system.ACTIVATOR}",
             wake_port=e2e.wake_port,
             log_level="debug",

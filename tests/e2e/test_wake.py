@@ -381,3 +381,32 @@ def test_large_uploads_held_at_zero_are_served_like_small_ones(
         assert ans.status == 200 and ans.cold, (cycle, ans)
         assert hashlib.sha256(ans.body).digest() == hashlib.sha256(body).digest(), cycle
         serving(api, ns)
+
+
+def test_a_pod_that_calls_the_activator_directly_cannot_use_any_queue(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    """Any pod reaches elasti-activator:8012 through the mesh; naming an ElastiService in the header is not
+    enough: without the route token the controller put on that ElastiService's routes it gets 403, and
+    nothing is forwarded or woken. Through the VirtualService the same request is served."""
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    serving(api, ns)
+    to_zero(api, ns)
+    activator = "http://elasti-activator.elasti-system.svc.cluster.local:8012/forged"
+    for headers in (
+        {"elasti-service": f"{ns}/web"},
+        {"elasti-service": f"{ns}/web", "elasti-token": "0" * 64},
+    ):
+        ans = e2e.sidecar.get(activator, headers=headers)
+        assert ans.status == 403 and json.loads(ans.body)["error"] == "forbidden", ans
+    assert replicas(api, ns, "web") == (0, 0), "a forged request woke the target"
+    token = next(
+        d["headers"]["request"]["set"]["elasti-token"]
+        for route in vs_spec(api, ns, "web")["http"]
+        for d in route["route"]
+        if "elasti-service" in ((d.get("headers") or {}).get("request") or {}).get("set", {})
+    )
+    assert len(token) == 64
+    ans = e2e.sidecar.get(url(ns, "/through-the-route"))
+    assert ans.status == 200 and ans.cold, ans

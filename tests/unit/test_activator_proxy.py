@@ -462,7 +462,7 @@ async def test_bodies_over_the_memory_bound_are_spooled_and_sent_again(chunked: 
     answered "not ready" (nothing reached the workload) is sent again, whole, like a small one."""
     e = await Env(retry_body_limit=1024).start()
     try:
-        e.put("details", ready=True, mesh_ready=False)
+        e.put("details")  # asleep: the request is held, its body read whole before the first forward
         payload = os.urandom(3 * 1024 * 1024 + 17)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -473,6 +473,8 @@ async def test_bodies_over_the_memory_bound_are_spooled_and_sent_again(chunked: 
         call = asyncio.create_task(
             e.client.post(e.url + "/echo", data=chunks() if chunked else payload, headers=headers)
         )
+        await e.until_pending(1)
+        e.put("details", ready=True, mesh_ready=False)  # ready, but the mesh has no endpoint yet
         async with asyncio.timeout(20):
             while e.mesh.not_ready_answers < 2:
                 await asyncio.sleep(0.01)
@@ -491,13 +493,19 @@ async def test_bodies_over_the_memory_bound_are_spooled_and_sent_again(chunked: 
 async def test_a_full_spool_answers_503_with_retry_after(tmp_path: Path) -> None:
     e = await Env(retry_body_limit=1024, spool_limit=1024 * 1024, spool_dir=str(tmp_path)).start()
     try:
-        e.put("details", ready=True, mesh_ready=False)
+        e.put("details")
         headers = {"elasti-service": f"{NS}/details"}
         first = asyncio.create_task(e.client.post(e.url + "/echo", data=os.urandom(900 * 1024), headers=headers))
+        await e.until_pending(1)
+        e.put("details", ready=True, mesh_ready=False)
         async with asyncio.timeout(20):
             while e.mesh.not_ready_answers < 1:
                 await asyncio.sleep(0.01)
-        async with e.client.post(e.url + "/echo", data=os.urandom(900 * 1024), headers=headers) as r:
+        e.put("details", ready=False)  # asleep again: the next request is held and kept whole too
+        second = asyncio.create_task(e.client.post(e.url + "/echo", data=os.urandom(900 * 1024), headers=headers))
+        await e.until_pending(2)
+        e.put("details", ready=True, mesh_ready=False)  # both read whole now: no room for the second
+        async with await asyncio.wait_for(second, 30) as r:
             assert r.status == 503 and "Retry-After" in r.headers
             assert (await body_json(r))["error"] == "spool full"
         e.mesh.ready.add(e.origin("details"))

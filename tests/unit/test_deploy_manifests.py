@@ -21,6 +21,7 @@ import yaml
 from tests.rendered import (
     OVERLAYS,
     ROOT,
+    ROUTE_KEY,
     SYSTEM_NS,
     TOKEN,
     container,
@@ -122,19 +123,32 @@ def test_flags_ports_and_addresses_agree(docs: list[dict[str, Any]]) -> None:
             assert get["path"] == path and port_number(c, get["port"]) == port, (c["name"], probe)
 
 
-def test_wake_token_secret_is_mounted_where_both_programs_read_it(docs: list[dict[str, Any]]) -> None:
-    secret = find(docs, "Secret", "elasti-wake-token", SYSTEM_NS)
-    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
+def assert_mounted_for_both(docs: list[dict[str, Any]], secret_name: str, flag_attr: str) -> dict[str, Any]:
+    """The Secret is mounted (as a directory: a rotated Secret reaches the process) where both programs'
+    ``flag_attr`` file points; returns the Secret."""
+    secret = find(docs, "Secret", secret_name, SYSTEM_NS)
     for name in ("elasti-controller", "elasti-activator"):
         dep = find(docs, "Deployment", name)
         c = container(dep)
-        token_file = parse_args(c["args"]).wake_token_file
-        assert token_file, f"{name} runs without --wake-token-file"
-        mount = next(m for m in c["volumeMounts"] if token_file.startswith(m["mountPath"].rstrip("/") + "/"))
+        path = getattr(parse_args(c["args"]), flag_attr)
+        assert path, f"{name} runs without --{flag_attr.replace('_', '-')}"
+        mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
         assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
         volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
         assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-        assert token_file[len(mount["mountPath"].rstrip("/")) + 1 :] in secret["data"]
+        assert path[len(mount["mountPath"].rstrip("/")) + 1 :] in secret["data"]
+    return secret
+
+
+def test_wake_token_secret_is_mounted_where_both_programs_read_it(docs: list[dict[str, Any]]) -> None:
+    secret = assert_mounted_for_both(docs, "elasti-wake-token", "wake_token_file")
+    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
+
+
+def test_route_key_secret_is_mounted_where_both_programs_read_it(docs: list[dict[str, Any]]) -> None:
+    """The key that signs proxy-mode routes reaches both programs (the activator refuses unsigned requests)."""
+    secret = assert_mounted_for_both(docs, "elasti-route-key", "route_key_file")
+    assert base64.b64decode(secret["data"]["key"]).decode().strip() == ROUTE_KEY
 
 
 def test_pods_are_locked_down(docs: list[dict[str, Any]]) -> None:
@@ -331,7 +345,7 @@ def test_docs_name_files_and_make_targets_that_exist() -> None:
     for doc in (ROOT / "examples" / "bookinfo" / "README.md", ROOT / "docs" / "deploy.md"):
         text = doc.read_text()
         for path in set(re.findall(r"\b(?:examples/bookinfo|deploy/kustomize|deploy/helm|crds)/[\w./-]*[\w-]", text)):
-            made_by_make = path == "deploy/kustomize/base/wake-token"
+            made_by_make = path in ("deploy/kustomize/base/wake-token", "deploy/kustomize/base/route-key")
             assert (ROOT / path).exists() or made_by_make or path.endswith("/<overlay>"), f"{doc.name} names {path}"
         for target in set(re.findall(r"\bmake ([a-z][\w-]*)", text)):
             assert re.search(rf"^{target}:", makefile, re.M), f"{doc.name} runs make {target}"
