@@ -111,13 +111,6 @@ class RequestBody:
         """Whether the body can be sent again: all of it was read and kept (in memory or on disk)."""
         return self.failure is None and self._complete
 
-    @property
-    def data(self) -> bytes | None:
-        """The whole body when it is complete and in memory (None when there is none or it is larger)."""
-        if self._complete and self._file is None:
-            return bytes(self._buf)
-        return None
-
     async def load(self, whole: bool = False) -> None:
         """Reads the body before the first forward: all of it when ``whole`` (a held request: kept in
         memory up to the limit, on disk beyond it, so that every try sends it whole), else as much as
@@ -207,11 +200,6 @@ class RequestBody:
     def _fail(self, status: int, error: str, detail: str) -> BodyError:
         self.failure = BodyError(status, error, detail)
         return self.failure
-
-    @property
-    def size(self) -> int | None:
-        """The body's length in bytes once all of it has been read, else None."""
-        return len(self._buf) + self._spooled if self._complete else None
 
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
         """What to send upstream on this try: the bytes when the body is complete and in memory; a replay
