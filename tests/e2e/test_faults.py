@@ -197,10 +197,10 @@ def test_same_name_in_two_namespaces_is_independent(
     to_zero(api, a)
     assert phase(api, b, "web") == "Serving" and not proxied(vs_spec(api, b, "web"))
     to_zero(api, b)
+    sets = {ns: vs_spec(api, ns, "web")["http"][0]["route"][1]["headers"]["request"]["set"] for ns in (a, b)}
     for ns in (a, b):
-        assert vs_spec(api, ns, "web")["http"][0]["route"][1]["headers"]["request"]["set"] == {
-            "elasti-service": f"{ns}/web"
-        }
+        assert sets[ns]["elasti-service"] == f"{ns}/web"
+    assert sets[a]["elasti-token"] != sets[b]["elasti-token"], "one name, two namespaces: two tokens"
 
     ans = e2e.sidecar.get(url(a, "/first"))
     assert ans.status == 200 and ans.cold and ans.headers["x-pod-namespace"] == a, ans
