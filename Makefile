@@ -6,14 +6,16 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+FUZZ_SCALE ?= 10
 
-.PHONY: help venv binaries test test-unit lint demo bench bench-tools clean cluster-up cluster-down
+.PHONY: help venv binaries test test-unit lint demo fuzz bench bench-tools clean cluster-up cluster-down
 
 help:
 	@echo "make test       create .venv, install, build Kubernetes, istiod and take Envoy once, run every test"
 	@echo "make test-unit  tests that need no cluster"
 	@echo "make demo       Bookinfo on a local cluster: details scaled to zero and woken by a request (DEMO_ARGS=--keep)"
 	@echo "make lint       ruff"
+	@echo "make fuzz       the activator and VirtualService-rewrite fuzz runs, FUZZ_SCALE (10) times the suite's cases"
 	@echo "make bench      benchmarks: table and benchmarks/results.json (BENCH_ARGS=--quick for a smoke run)"
 	@echo "make cluster-up / cluster-down   the local cluster in .elasti/cluster"
 
@@ -45,6 +47,12 @@ lint: venv
 
 demo: venv binaries
 	$(BIN)/elasti-istio demo $(DEMO_ARGS)
+
+# The fuzz runs of the suite against the real activator process, API server and Istio's webhook, with
+# FUZZ_SCALE times as many generated cases; each prints cases tried, crashes, refusals and memory.
+fuzz: venv binaries
+	ELASTI_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/pytest -q -s -p no:cacheprovider \
+		tests/cluster/test_badinput_activator.py tests/cluster/test_vsrewrite_fuzz.py $(PYTEST_ARGS)
 
 # wrk and nginx from Debian's packages (installed once, no service started).
 bench-tools:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from elasti_istio.kube.client import Resource
 
+# Written by the VirtualService rewrite (pure, so the names live there): the header naming an
+# ElastiService's queue, the route token beside it (elasti_istio.routekey), the restore annotation.
+from elasti_istio.vsrewrite import HEADER as HEADER
+from elasti_istio.vsrewrite import RESTORE_ANNOTATION
+from elasti_istio.vsrewrite import TOKEN_HEADER as TOKEN_HEADER
+
 GROUP = "elasti.truefoundry.com"
 VERSION = "v1alpha1"
 
@@ -35,9 +41,7 @@ ENDPOINTSLICES_V1 = Resource("discovery.k8s.io", "v1", "endpointslices", kind="E
 
 # Annotations and labels.
 ANN_BIND = f"{GROUP}/elastiservice"
-ANN_ORIGINAL_ROUTES = f"{GROUP}/original-routes"
+ANN_ORIGINAL_ROUTES = RESTORE_ANNOTATION
 ANN_SIM_STARTUP = f"{GROUP}/sim-startup-seconds"
 ANN_SIM_FORWARD = f"{GROUP}/sim-forward"
 ANN_SIM_READINESS_URL = f"{GROUP}/sim-readiness-url"
-HEADER = "elasti-service"
-TOKEN_HEADER = "elasti-token"  # the route token beside it (elasti_istio.routekey)

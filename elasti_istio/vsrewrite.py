@@ -50,7 +50,7 @@ from typing import Any
 
 RESTORE_ANNOTATION = "elasti.truefoundry.com/original-routes"
 HEADER = "elasti-service"
-TOKEN_HEADER = "elasti-token"  # as in elasti_istio.resources
+TOKEN_HEADER = "elasti-token"
 
 RestoreEntry = dict[str, Any]
 RestoreEntries = list[RestoreEntry | None]
@@ -137,20 +137,27 @@ def _header_value(headers: Any, name: str) -> Any:
     return None
 
 
-def _is_own_activator(
-    entry: dict, target: Target, activator: ActivatorRef, vs_namespace: str | None, cluster_domain: str
-) -> bool:
-    """This target's activator destination: the activator host in any form, and our header `set` to the target."""
+def _activator_value(entry: dict, activator: ActivatorRef, vs_namespace: str | None, cluster_domain: str) -> str | None:
+    """The ``elasti-service`` value an activator destination (the activator host in any form) sets; None
+    for any other destination."""
     dest = entry.get("destination")
     if not isinstance(dest, dict):
-        return False
+        return None
     host = dest.get("host")
     if host != activator.host:
         resolved = _resolve(host, vs_namespace, cluster_domain)
         if resolved is None or resolved != _resolve(activator.host, vs_namespace, cluster_domain):
-            return False
+            return None
     value = _header_value(entry.get("headers"), HEADER)
-    return isinstance(value, str) and value.partition(":")[0] == target.key
+    return value if isinstance(value, str) else None
+
+
+def _is_own_activator(
+    entry: dict, target: Target, activator: ActivatorRef, vs_namespace: str | None, cluster_domain: str
+) -> bool:
+    """This target's activator destination: the activator host in any form, and our header `set` to the target."""
+    value = _activator_value(entry, activator, vs_namespace, cluster_domain)
+    return value is not None and value.partition(":")[0] == target.key
 
 
 def _port_of(dest: dict) -> int | None:
@@ -339,17 +346,6 @@ def to_proxy(
     return out, entries
 
 
-def _is_activator_destination(entry: dict, activator: ActivatorRef, vs_namespace: str, cluster_domain: str) -> bool:
-    dest = entry.get("destination")
-    if not isinstance(dest, dict) or not isinstance(_header_value(entry.get("headers"), HEADER), str):
-        return False
-    host = dest.get("host")
-    return host == activator.host or (
-        _resolve(host, vs_namespace, cluster_domain) is not None
-        and _resolve(host, vs_namespace, cluster_domain) == _resolve(activator.host, vs_namespace, cluster_domain)
-    )
-
-
 def _order_trailing_activators(
     route: list[dict], activator: ActivatorRef, vs_namespace: str, cluster_domain: str
 ) -> None:
@@ -357,7 +353,7 @@ def _order_trailing_activators(
     one route each append theirs; in one order, whatever order they were switched in, bringing one of
     them back to serve mode and proxying it again (a reconcile in proxy mode) is a fixed point."""
     start = len(route)
-    while start > 0 and _is_activator_destination(route[start - 1], activator, vs_namespace, cluster_domain):
+    while start > 0 and _activator_value(route[start - 1], activator, vs_namespace, cluster_domain) is not None:
         start -= 1
     route[start:] = sorted(route[start:], key=lambda d: str(_header_value(d.get("headers"), HEADER)))
 

@@ -1,7 +1,11 @@
 """A fuzz run against the real ``elasti-istio activator`` process: random headers, elasti-service values and
-request lines, bodies over the size limit, bodies that drip. Each case gets its 4xx (or, when it is in fact
-a valid request, the workload's answer through the mesh); after each batch a well-formed request for a known
-ElastiService is still forwarded and answered, and the process's resident memory stays bounded.
+request lines, forged route tokens, bodies over the size limit, bodies that drip. Each case gets its 4xx (or,
+when it is in fact a valid request, the workload's answer through the mesh); a forged token never reaches a
+workload or a queue; after each batch a well-formed request for a known ElastiService is still forwarded and
+answered, and the process's resident memory stays bounded. The run prints its figures: cases tried by kind,
+crashes (the process gone, or a traceback in its log: 0) and memory before, at peak and at the end.
+
+``ELASTI_FUZZ_SCALE`` multiplies the number of generated cases (``make fuzz`` runs ten times as many).
 
 The activator runs as in production: its own process with the activator identity's RBAC (get/list/watch
 on ElastiServices only), reading ElastiServices from the API server and forwarding through a real Envoy
@@ -10,6 +14,8 @@ sidecar (the mesh client's, fed by istiod) to a simulated pod.
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from elasti_istio import routekey
 from elasti_istio.localcluster.cluster import ClusterInfo
 from tests import harness
 from tests.conftest import K8s, MeshInfo
@@ -40,6 +47,8 @@ MAX_LINE, MAX_FIELD, MAX_HEADERS = 4096, 2048, 32
 MAX_BODY, BODY_TIMEOUT, RETRY_LIMIT = 256 * 1024, 1.5, 64 * 1024
 BATCH = 40  # cases between two health and memory checks
 RSS_SLACK_KIB = 96 * 1024  # generous: allocator noise, not a leak, must fit
+SCALE = float(os.environ.get("ELASTI_FUZZ_SCALE", "1"))
+TOKEN = routekey.TOKEN_HEADER.encode()
 
 
 def workload(name: str) -> list[dict[str, Any]]:
@@ -93,10 +102,24 @@ def set_status(k8s: K8s, ns: str, name: str, ready: int) -> None:
 
 
 class Running:
-    def __init__(self, proc: harness.Proc, port: int, admin: int, ns: str) -> None:
-        self.proc, self.port, self.admin, self.ns = proc, port, admin, ns
+    def __init__(self, proc: harness.Proc, port: int, admin: int, ns: str, key: bytes) -> None:
+        self.proc, self.port, self.admin, self.ns, self.key = proc, port, admin, ns, key
         assert proc.proc is not None
         self.pid = proc.proc.pid
+
+    def token(self, ns: str, name: str) -> bytes:
+        return routekey.token(self.key, ns, name).encode()
+
+    def head(
+        self, method: str, target: str, headers: list[tuple[bytes, bytes]] | None = None, name: str = "web"
+    ) -> bytes:
+        """A request for ElastiService ``name`` as its rewritten route sends it: header and valid token."""
+        signed = [(TOKEN, self.token(self.ns, name)), *(headers or [])]
+        return request_head(method, target, signed, service=f"{self.ns}/{name}")
+
+    def crashes(self) -> int:
+        """The process gone, or an exception that escaped a handler (logged with its traceback)."""
+        return (not self.proc.alive()) + self.proc.logs().count("Traceback (most recent call last)")
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -106,7 +129,7 @@ class Running:
 
     def well_formed(self) -> None:
         assert self.proc.alive(), self.proc.logs()[-3000:]
-        reply = exchange(self.port, request_head("GET", "/fuzz/still-serving?x=1", service=f"{self.ns}/web"))
+        reply = exchange(self.port, self.head("GET", "/fuzz/still-serving?x=1"))
         assert reply.status == 200, reply
         doc = reply.json()
         assert doc["path"] == "/fuzz/still-serving" and doc["query"] == "x=1"
@@ -126,6 +149,8 @@ def activator(cluster: ClusterInfo, k8s: K8s, namespace: str, mesh: MeshInfo, tm
     set_status(k8s, namespace, "web", 1)
     set_status(k8s, namespace, "cold", 0)
     port, admin = harness.free_port(), harness.free_port()
+    key = secrets.token_hex(32)
+    (tmp_path / "route-key").write_text(key + "\n")
     proc = harness.Proc(
         [
             "activator",
@@ -153,10 +178,12 @@ def activator(cluster: ClusterInfo, k8s: K8s, namespace: str, mesh: MeshInfo, tm
             str(BODY_TIMEOUT),
             "--retry-body-limit",
             str(RETRY_LIMIT),
+            "--route-key-file",
+            str(tmp_path / "route-key"),
         ],
         tmp_path / "activator.log",
     ).start()
-    run = Running(proc, port, admin, namespace)
+    run = Running(proc, port, admin, namespace, key.encode())
     try:
         wait_for(
             lambda: harness.http_json("GET", f"http://127.0.0.1:{admin}/readyz", timeout=2)[0] == 200,
@@ -180,14 +207,21 @@ def _chunked(size: int, piece: int = 64 * 1024) -> bytes:
 
 def _oversized(run: Running, kind: str, size: int) -> Reply:
     if kind == "content-length":
-        head = request_head("POST", "/fuzz", [("Content-Length", str(size))], service=f"{run.ns}/web")
-        return exchange(run.port, head)
-    head = request_head("POST", "/fuzz", [("Transfer-Encoding", "chunked")], service=f"{run.ns}/web")
+        return exchange(run.port, run.head("POST", "/fuzz", [(b"Content-Length", str(size).encode())]))
+    head = run.head("POST", "/fuzz", [(b"Transfer-Encoding", b"chunked")])
     return exchange(run.port, head, _chunked(size))
 
 
+FORGERIES = ("missing", "junk", "other name", "other namespace", "other key", "upper case", "truncated", "longer")
+forged_tokens = st.tuples(
+    st.sampled_from(FORGERIES),
+    st.sampled_from(["web", "cold"]),  # ready (would be forwarded) or at zero (would be held and wake it)
+    st.binary(min_size=0, max_size=100).map(lambda b: bytes(c for c in b if 0x21 <= c <= 0x7E)),
+)
+
 cases = st.one_of(
     st.tuples(st.just("headers"), header_sets()),
+    st.tuples(st.just("token"), forged_tokens),
     st.tuples(st.just("service"), service_headers),
     st.tuples(st.just("line"), request_lines),
     st.tuples(
@@ -197,24 +231,53 @@ cases = st.one_of(
 )
 
 
+def forged(run: Running, how: str, name: str, junk: bytes) -> list[tuple[bytes, bytes]]:
+    """Token headers that are not the token of ``name`` under the route key."""
+    good = run.token(run.ns, name)
+    token = {
+        "missing": None,
+        "junk": junk,
+        "other name": run.token(run.ns, "cold" if name == "web" else "web"),
+        "other namespace": run.token(f"{run.ns}-x", name),
+        "other key": routekey.token(secrets.token_hex(32).encode(), run.ns, name).encode(),
+        "upper case": good.upper(),
+        "truncated": good[:-1],
+        "longer": good + b"0",
+    }[how]
+    if token == good:  # junk that happens to be the token, a token of digits only: not a forgery
+        token = good[:-1]
+    return [] if token is None else [(TOKEN, token)]
+
+
 def check_case(run: Running, kind: str, data: Any) -> None:
     if kind == "headers":
-        reply = exchange(run.port, request_head("GET", "/fuzz", data, service=f"{run.ns}/web"))
+        reply = exchange(run.port, run.head("GET", "/fuzz", data))
         expected = header_oracle(
-            [*data, (b"Connection", b"close")], [b"Host", b"elasti-service"], MAX_FIELD, MAX_HEADERS
+            [*data, (b"Connection", b"close")], [b"Host", b"elasti-service", TOKEN], MAX_FIELD, MAX_HEADERS
         )
         assert reply.status in expected, (data, reply, expected)
         if reply.status == 200:
             got = {k.lower(): v for k, v in reply.json()["headers"].items()}
             names = [n.decode().lower() for n, _ in data]
+            if TOKEN.decode() not in names:  # the token is the activator's, never the workload's
+                assert TOKEN.decode() not in got, got
             for name, value in data:  # a header sent once reaches the workload unchanged
                 if names.count(name.decode().lower()) == 1:
                     assert got.get(name.decode().lower()) == value.strip(b" \t").decode(), (name, value, got)
         else:
             assert reply.is_own_error(), reply
+    elif kind == "token":
+        how, name, junk = data
+        head = request_head("GET", "/fuzz", forged(run, how, name, junk), service=f"{run.ns}/{name}")
+        reply = exchange(run.port, head)
+        assert reply.status == 403 and reply.is_own_error(), (data, reply)
+        assert run.pending("cold") == 0, "a forged token reached a queue"
     elif kind == "service":
+        # Signed as a route would sign the value, so that what is tried is the parsing of the value.
         raw = [(n.encode(), v.encode()) for n, v in data]
-        reply = exchange(run.port, request_head("GET", "/fuzz", raw, service=None))
+        ns, _, name = data[0][1].strip(" \t").partition("/") if data else ("", "", "")
+        signed = [(TOKEN, run.token(ns, name))] if name else []
+        reply = exchange(run.port, request_head("GET", "/fuzz", [*signed, *raw], service=None))
         expected = service_oracle([v for _, v in data], {f"{run.ns}/web"})
         assert reply.status == expected, (data, reply)
         if expected != 200:
@@ -234,8 +297,8 @@ def check_case(run: Running, kind: str, data: Any) -> None:
 def start_drippers(run: Running, n: int) -> tuple[list[threading.Thread], list[Reply]]:
     """``n`` clients dripping their bodies to the ready ElastiService and one to the held one; a well-formed
     request is served as usual meanwhile."""
-    web = request_head("POST", "/fuzz", [("Content-Length", "100000")], service=f"{run.ns}/web")
-    cold = request_head("POST", "/fuzz", [("Transfer-Encoding", "chunked")], service=f"{run.ns}/cold")
+    web = run.head("POST", "/fuzz", [(b"Content-Length", b"100000")])
+    cold = run.head("POST", "/fuzz", [(b"Transfer-Encoding", b"chunked")], name="cold")
     results: list[Reply] = []
 
     def drip(head: bytes, piece: bytes) -> None:
@@ -257,9 +320,9 @@ def test_fuzz_against_the_running_activator(activator: Running, k8s: K8s, record
         check_case(run, kind, data)
     baseline = run.rss_kib()
     peak = baseline
-    tried = {"headers": 0, "service": 0, "line": 0, "oversized": 0, "drip": 0}
+    tried = {"headers": 0, "token": 0, "service": 0, "line": 0, "oversized": 0, "drip": 0}
 
-    @settings(max_examples=240, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=int(240 * SCALE), deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
     @given(cases)
     def one(case: tuple[str, Any]) -> None:
         nonlocal peak
@@ -285,10 +348,17 @@ def test_fuzz_against_the_running_activator(activator: Running, k8s: K8s, record
     tried["drip"] += count
 
     run.well_formed()
-    peak = max(peak, run.rss_kib())
+    end = run.rss_kib()
+    peak = max(peak, end)
+    crashes = run.crashes()
     total = sum(tried.values())
     summary = ", ".join(f"{k} {v}" for k, v in tried.items())
-    print(f"\nactivator fuzz: {total} cases ({summary}); VmRSS {baseline} KiB before, peak {peak} KiB")
+    print(
+        f"\nactivator fuzz: {total} cases tried ({summary}); crashes {crashes}; "
+        f"VmRSS {baseline} KiB before, peak {peak} KiB, {end} KiB at the end"
+    )
     record_property("cases", total)
-    record_property("rss_kib", {"baseline": baseline, "peak": peak})
+    record_property("crashes", crashes)
+    record_property("rss_kib", {"baseline": baseline, "peak": peak, "end": end})
+    assert crashes == 0, run.proc.logs()[-5000:]
     assert peak - baseline < RSS_SLACK_KIB, (baseline, peak)

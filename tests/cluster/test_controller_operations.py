@@ -205,25 +205,29 @@ def so_annotations(k8s: K8s, ns: str, name: str) -> dict[str, str]:
     return (get(k8s, ns, "ScaledObject", name) or {})["metadata"].get("annotations") or {}
 
 
+def keda_es(kind: str, name: str, wake_hold: int | None = None) -> dict[str, Any]:
+    """The ElastiService of Bookinfo's details with KEDA's ScaledObject ``details`` as its autoscaler."""
+    autoscaler: dict[str, Any] = {"type": "keda", "name": "details"}
+    if wake_hold is not None:
+        autoscaler["wakeHoldSeconds"] = wake_hold
+    return {
+        "apiVersion": "elasti.truefoundry.com/v1alpha1",
+        "kind": "ElastiService",
+        "metadata": {"name": "details"},
+        "spec": {
+            "service": "details",
+            "virtualServices": ["details"],
+            "scaleTargetRef": {"kind": kind, "name": name},
+            "autoscaler": autoscaler,
+        },
+    }
+
+
 def test_keda_min_one_elasti_owns_one_to_zero(k8s: K8s, namespace: str, start_controller: Any) -> None:
     """minReplicaCount 1: the controller pauses KEDA at 0 before its scale-down and unpauses on wake."""
     bookinfo(k8s, namespace, es_docs=False)
     create(k8s, namespace, scaled_object("details", "details-v1", 1))
-    create(
-        k8s,
-        namespace,
-        {
-            "apiVersion": "elasti.truefoundry.com/v1alpha1",
-            "kind": "ElastiService",
-            "metadata": {"name": "details"},
-            "spec": {
-                "service": "details",
-                "virtualServices": ["details"],
-                "scaleTargetRef": {"kind": "Deployment", "name": "details-v1"},
-                "autoscaler": {"type": "keda", "name": "details"},
-            },
-        },
-    )
+    create(k8s, namespace, keda_es("Deployment", "details-v1"))
     ctrl = start_controller()
     with KedaStandIn(k8s, namespace) as keda:
         wait_until(lambda: phase(k8s, namespace, "details") == "Serving", what="Serving")
@@ -250,21 +254,7 @@ def test_keda_min_zero_keda_owns_one_to_zero_with_a_wake_hold(k8s: K8s, namespac
     wakeHoldSeconds so that KEDA's still-empty metrics cannot undo the wake, then lets KEDA decide."""
     bookinfo(k8s, namespace, es_docs=False)
     create(k8s, namespace, scaled_object("details", "details-v1", 0))
-    create(
-        k8s,
-        namespace,
-        {
-            "apiVersion": "elasti.truefoundry.com/v1alpha1",
-            "kind": "ElastiService",
-            "metadata": {"name": "details"},
-            "spec": {
-                "service": "details",
-                "virtualServices": ["details"],
-                "scaleTargetRef": {"kind": "ScaledObject", "name": "details"},
-                "autoscaler": {"type": "keda", "name": "details", "wakeHoldSeconds": 4},
-            },
-        },
-    )
+    create(k8s, namespace, keda_es("ScaledObject", "details", wake_hold=4))
     ctrl = start_controller()
     with KedaStandIn(k8s, namespace):
         wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="KEDA took it to zero")
@@ -289,21 +279,7 @@ def test_keda_paused_by_its_owner_is_never_taken_over(k8s: K8s, namespace: str, 
     so = scaled_object("details", "details-v1", 0)
     so["metadata"]["annotations"]["autoscaling.keda.sh/paused-replicas"] = "0"
     create(k8s, namespace, so)
-    create(
-        k8s,
-        namespace,
-        {
-            "apiVersion": "elasti.truefoundry.com/v1alpha1",
-            "kind": "ElastiService",
-            "metadata": {"name": "details"},
-            "spec": {
-                "service": "details",
-                "virtualServices": ["details"],
-                "scaleTargetRef": {"kind": "ScaledObject", "name": "details"},
-                "autoscaler": {"type": "keda", "name": "details", "wakeHoldSeconds": 2},
-            },
-        },
-    )
+    create(k8s, namespace, keda_es("ScaledObject", "details", wake_hold=2))
     ctrl = start_controller()
     with KedaStandIn(k8s, namespace):
         wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="paused at zero by its owner")

@@ -37,18 +37,22 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 def shared_service(names: tuple[str, ...]) -> list[dict[str, Any]]:
     """Workloads ``names``, each with its ElastiService, behind one Service ``web`` (selector ``app: web``,
     no DestinationRule) and its VirtualService."""
-    docs: list[dict[str, Any]] = []
-    for name in names:
-        app = web_app(name)
-        deployment, es = app[0], app[3]
-        labels = {"app": "web", "track": name}
-        deployment["spec"]["selector"] = {"matchLabels": labels}
-        deployment["spec"]["template"]["metadata"]["labels"] = labels
-        es["spec"]["service"] = "web"
-        es["spec"]["virtualServices"] = ["web"]
-        docs += [deployment, es]
+    docs = [doc for name in names for doc in behind_web(name, {"track": name}, "web")]
     service, vs = web_app("web")[1:3]
     return [*docs, service, vs]
+
+
+def behind_web(name: str, labels: dict[str, str], virtual_service: str) -> list[dict[str, Any]]:
+    """Workload ``name`` with pods labelled ``app: web`` and ``labels``, and its ElastiService for the
+    Service ``web`` bound to ``virtual_service``."""
+    app = web_app(name)
+    deployment, es = app[0], app[3]
+    pod_labels = {"app": "web", **labels}
+    deployment["spec"]["selector"] = {"matchLabels": pod_labels}
+    deployment["spec"]["template"]["metadata"]["labels"] = pod_labels
+    es["spec"]["service"] = "web"
+    es["spec"]["virtualServices"] = [virtual_service]
+    return [deployment, es]
 
 
 def test_a_service_shared_by_workloads_all_at_zero_is_held_and_wakes_one(
@@ -174,15 +178,7 @@ def test_a_destinationrule_in_the_clients_namespace_names_the_subsets(
     the controller."""
     api, ns, front = e2e.api, namespace, meshview.CLIENT_NAMESPACE
     fqdn = f"web.{ns}.svc.cluster.local"
-    docs: list[dict[str, Any]] = []
-    for version in ("v1", "v2"):
-        deployment, es = web_app(f"web-{version}")[0], web_app(f"web-{version}")[3]
-        labels = {"app": "web", "version": version}
-        deployment["spec"]["selector"] = {"matchLabels": labels}
-        deployment["spec"]["template"]["metadata"]["labels"] = labels
-        es["spec"]["service"] = "web"
-        es["spec"]["virtualServices"] = [f"{front}/{ns}"]
-        docs += [deployment, es]
+    docs = [doc for v in ("v1", "v2") for doc in behind_web(f"web-{v}", {"version": v}, f"{front}/{ns}")]
     api.apply_all([*docs, web_app("web")[1]], ns)
     subsets = [{"name": v, "labels": {"version": v}} for v in ("v1", "v2")]
     istio = [

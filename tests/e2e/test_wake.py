@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import secrets
 import threading
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from elasti_istio import routekey
 from elasti_istio.playground.bookinfo import proxied
 from elasti_istio.playground.procs import ControllerProc
 from tests.e2e.conftest import System
@@ -401,12 +403,49 @@ def test_a_pod_that_calls_the_activator_directly_cannot_use_any_queue(
         ans = e2e.sidecar.get(activator, headers=headers)
         assert ans.status == 403 and json.loads(ans.body)["error"] == "forbidden", ans
     assert replicas(api, ns, "web") == (0, 0), "a forged request woke the target"
-    token = next(
+    assert len(_route_token(api, ns)) == 64
+    ans = e2e.sidecar.get(url(ns, "/through-the-route"))
+    assert ans.status == 200 and ans.cold, ans
+
+
+def _route_token(api: Any, ns: str) -> str:
+    return next(
         d["headers"]["request"]["set"]["elasti-token"]
         for route in vs_spec(api, ns, "web")["http"]
         for d in route["route"]
         if "elasti-service" in ((d.get("headers") or {}).get("request") or {}).get("set", {})
     )
-    assert len(token) == 64
-    ans = e2e.sidecar.get(url(ns, "/through-the-route"))
+
+
+def test_a_rotated_route_key_reaches_the_routes_and_the_old_key_can_be_dropped(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    """Rotation as the docs tell it: the new key first with the old one kept, the controller re-signs the
+    routes in proxy mode, then the old key goes; the activator refuses it, and a cold request through
+    the route is still served."""
+    api, ns = e2e.api, namespace
+    api.apply_all(web_app(), ns)
+    serving(api, ns)
+    to_zero(api, ns)
+    old = routekey.parse_keys(e2e.route_key.read_text())[0]
+    assert _route_token(api, ns) == routekey.token(old, ns, "web")
+    new = secrets.token_hex(32).encode()
+
+    def write_keys(*keys: bytes) -> None:  # swapped in whole, as the kubelet updates a mounted Secret
+        tmp = e2e.route_key.with_suffix(".new")
+        tmp.write_bytes(b"".join(k + b"\n" for k in keys))
+        os.replace(tmp, e2e.route_key)
+
+    write_keys(new, old)
+    until(lambda: _route_token(api, ns) == routekey.token(new, ns, "web"), "the routes signed with the new key")
+    assert proxied(vs_spec(api, ns, "web")) and replicas(api, ns, "web") == (0, 0), "a rotation wakes nothing"
+
+    # An ElastiService that does not exist: a token the activator accepts gets 404, one it refuses 403.
+    activator = "http://elasti-activator.elasti-system.svc.cluster.local:8012/rotation"
+    probe = {"elasti-service": f"{ns}/absent", "elasti-token": routekey.token(old, ns, "absent")}
+    assert e2e.sidecar.get(activator, headers=probe).status == 404, "the old key is still accepted meanwhile"
+    write_keys(new)
+    until(lambda: e2e.sidecar.get(activator, headers=probe).status == 403, "the old key refused by the activator")
+
+    ans = e2e.sidecar.get(url(ns, "/after-rotation"))
     assert ans.status == 200 and ans.cold, ans
