@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from activator.duration import parse_duration
 from activator.routing import Key
 from activator.static import StaticResponse
 from activator.static import parse as parse_static
+from elasti_istio import duration
 from elasti_istio.kube import Kube
 from elasti_istio.kube.informer import Informer
 from elasti_istio.resources import ELASTISERVICES
@@ -132,7 +132,7 @@ def _duration(value: Any, default: float, ns: str, name: str, field: str) -> flo
     if value is None:
         return default
     try:
-        return parse_duration(str(value))
+        return duration.parse(str(value))
     except ValueError:
         log.warning("%s/%s: spec.activator.%s %r is not a duration; using %ss", ns, name, field, value, default)
         return default

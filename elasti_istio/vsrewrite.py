@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 RESTORE_ANNOTATION = "elasti.truefoundry.com/original-routes"
@@ -523,44 +521,3 @@ def write_restore(annotations: dict[str, str] | None, key: str, entries: Restore
     if not data:
         return None
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
-
-
-# --- durations --------------------------------------------------------------------------------
-
-_UNITS = {
-    "ns": Fraction(1, 10**9),
-    "us": Fraction(1, 10**6),
-    "\u00b5s": Fraction(1, 10**6),  # Go accepts both micro signs
-    "\u03bcs": Fraction(1, 10**6),
-    "ms": Fraction(1, 10**3),
-    "s": Fraction(1),
-    "m": Fraction(60),
-    "h": Fraction(3600),
-}
-_COMPONENT = re.compile("([0-9]*)(?:[.]([0-9]*))?(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-
-
-def parse_duration(s: str) -> float:
-    """Seconds in a Go duration as Istio writes timeouts ("60s", "1.5s", "100ms", "1m30s", "2h")."""
-    if not isinstance(s, str):
-        raise ValueError(f"not a duration: {s!r}")
-    text = s
-    sign = 1
-    if text[:1] in ("+", "-"):
-        sign = -1 if text[0] == "-" else 1
-        text = text[1:]
-    if text == "0":
-        return 0.0
-    if not text:
-        raise ValueError(f"not a duration: {s!r}")
-    total = Fraction(0)
-    pos = 0
-    while pos < len(text):
-        m = _COMPONENT.match(text, pos)
-        if m is None or not (m.group(1) or m.group(2)):
-            raise ValueError(f"not a duration: {s!r}")
-        whole, frac, unit = m.group(1), m.group(2) or "", m.group(3)
-        value = Fraction(int(whole or "0")) + (Fraction(int(frac), 10 ** len(frac)) if frac else 0)
-        total += value * _UNITS[unit]
-        pos = m.end()
-    return float(sign * total)

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from elasti_istio import routekey, vsrewrite
+from elasti_istio import duration, routekey, vsrewrite
 from elasti_istio.controller import conditions as C
 from elasti_istio.controller import metrics, schedule, triggers, vspatch
 from elasti_istio.controller import spec as es_spec
@@ -494,7 +494,7 @@ class Reconciler:
                 vs.get("spec") or {}, vns, r.target_for(vns), self.cfg.cluster_domain
             ):
                 try:
-                    secs = vsrewrite.parse_duration(t)
+                    secs = duration.parse_go(t)
                 except ValueError:
                     continue
                 if secs < spec.hold_timeout:

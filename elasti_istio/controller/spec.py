@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import urllib.parse
 from typing import Any
 
+from elasti_istio import duration
 from elasti_istio.kube.client import Resource
 from elasti_istio.resources import DEPLOYMENTS, REPLICASETS, ROLLOUTS, SCALEDOBJECTS, STATEFULSETS
 
@@ -19,9 +19,6 @@ KINDS: dict[str, Resource] = {
     "ScaledObject": SCALEDOBJECTS,
 }
 DEFAULT_API_VERSION = {k: r.api_version for k, r in KINDS.items()}
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def check_server_address(address: str) -> str | None:
@@ -52,20 +49,6 @@ class SpecError(ValueError):
         super().__init__(message)
         self.reason = reason
         self.message = message
-
-
-def parse_duration(text: str) -> float:
-    """Go-style durations as in the CRD: ``60s``, ``100ms``, ``1m30s``."""
-    pos, total = 0, 0.0
-    text = text.strip()
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 60s, 100ms, 1m30s)")
-    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +118,7 @@ def parse(obj: dict[str, Any]) -> ElastiSpec:
         )
     activator = spec.get("activator") or {}
     try:
-        hold = parse_duration(str(activator.get("holdTimeout", "60s")))
+        hold = duration.parse(str(activator.get("holdTimeout", "60s")))
     except ValueError as exc:
         raise SpecError("InvalidSpec", f"activator.holdTimeout: {exc}") from exc
     autoscaler = spec.get("autoscaler") or {}
@@ -158,7 +141,7 @@ def parse(obj: dict[str, Any]) -> ElastiSpec:
     if spec.get("enabledPeriod"):
         ep = spec["enabledPeriod"]
         try:
-            period = EnabledPeriod(str(ep.get("schedule", "")), parse_duration(str(ep.get("duration", ""))))
+            period = EnabledPeriod(str(ep.get("schedule", "")), duration.parse(str(ep.get("duration", ""))))
         except ValueError as exc:
             raise SpecError("InvalidSchedule", f"enabledPeriod.duration: {exc}") from exc
     return ElastiSpec(

@@ -97,9 +97,9 @@ class Kube:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+    async def _headers(self, content_type: str | None = None) -> dict[str, str]:
         h = {"Accept": "application/json"}
-        token = self.conn.bearer()
+        token = await self.conn.bearer_async()
         if token:
             h["Authorization"] = f"Bearer {token}"
         if content_type:
@@ -117,18 +117,23 @@ class Kube:
         timeout: float = 30.0,
     ) -> Any:
         data = None if body is None else json.dumps(body)
-        async with self.session.request(
-            method,
-            self.conn.server + path,
-            data=data,
-            params=_params(params),
-            headers=self._headers(content_type if data is not None else None),
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                raise _error(resp.status, text)
-            return json.loads(text) if text else None
+        for attempt in range(2):
+            async with self.session.request(
+                method,
+                self.conn.server + path,
+                data=data,
+                params=_params(params),
+                headers=await self._headers(content_type if data is not None else None),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                text = await resp.text()
+                if resp.status == 401 and attempt == 0 and self.conn.refreshable:
+                    self.conn.invalidate()  # an expired or rotated credential: once more with a fresh one
+                    continue
+                if resp.status >= 400:
+                    raise _error(resp.status, text)
+                return json.loads(text) if text else None
+        raise AssertionError("unreachable")
 
     async def get(self, res: Resource, name: str, namespace: str | None = None, sub: str | None = None) -> Any:
         return await self.request("GET", res.path(namespace, name, sub))
@@ -218,9 +223,11 @@ class Kube:
         async with self.session.get(
             self.conn.server + res.path(namespace),
             params=_params(q),
-            headers=self._headers(),
+            headers=await self._headers(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_seconds + 30),
         ) as resp:
+            if resp.status == 401:
+                self.conn.invalidate()  # the caller's next watch starts with a fresh credential
             if resp.status >= 400:
                 raise _error(resp.status, await resp.text())
             buf = b""

@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from elasti_istio.controller import vspatch
+from elasti_istio.duration import parse_go
 from elasti_istio.kube import Kube, load_connection
 from elasti_istio.kube.client import JSON_PATCH, KubeError
 from elasti_istio.localcluster import binaries
@@ -46,7 +47,6 @@ from elasti_istio.vsrewrite import (
     RESTORE_ANNOTATION,
     ActivatorRef,
     Target,
-    parse_duration,
     read_restore,
     route_total,
     to_proxy,
@@ -280,7 +280,7 @@ def violations(value: Any, node: dict[str, Any], path: str = "spec") -> list[str
                 out.append(f"{path}: not base64")
         if _is_duration(node):  # Istio's CEL rule (not enforced by a 1.20 server, but by current ones)
             try:
-                if parse_duration(value) < 0.001:
+                if parse_go(value) < 0.001:
                     out.append(f"{path}: {value!r} under 1ms")
             except ValueError:
                 out.append(f"{path}: {value!r} not a duration")

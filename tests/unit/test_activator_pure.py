@@ -1,31 +1,15 @@
-"""The activator's pure parts: durations, header routing, hold policy, ElastiService parsing, header rewriting."""
+"""The activator's pure parts: header routing, hold policy, ElastiService parsing, header rewriting."""
 
 from __future__ import annotations
 
-import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from activator.duration import parse_duration
 from activator.forward import mesh_not_ready, response_headers, upstream_headers
 from activator.queue import Admission, Change, HoldQueues
 from activator.registry import Target, WakeFailure, target_from
 from activator.routing import Rejection, route
 from tests.activator_stubs import elastiservice
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("60s", 60), ("100ms", 0.1), ("1m30s", 90), ("1.5h", 5400), ("0", 0), ("250us", 0.00025), ("2h45m", 9900)],
-)
-def test_durations(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["", "60", "s", "1x", "-1s", "1s 2s", "sixty"])
-def test_bad_durations(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(text)
 
 
 def test_route_by_header() -> None:

@@ -19,7 +19,6 @@ from elasti_istio.vsrewrite import (
     effective_weights,
     is_proxied,
     matches,
-    parse_duration,
     read_restore,
     route_timeouts,
     route_total,
@@ -600,41 +599,6 @@ def test_restore_annotation_round_trip_for_several_targets() -> None:
 def test_malformed_annotation_reads_as_nothing(raw: str) -> None:
     assert read_restore({RESTORE_ANNOTATION: raw}) == {}
     assert write_restore({RESTORE_ANNOTATION: raw}, "a/b", None) is None
-
-
-# --- durations ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("60s", 60.0),
-        ("1.5s", 1.5),
-        ("100ms", 0.1),
-        ("1m30s", 90.0),
-        ("2h", 7200.0),
-        ("0", 0.0),
-        ("0s", 0.0),
-        (".5s", 0.5),
-        ("1h2m3.5s", 3723.5),
-        ("250us", 0.00025),
-        ("1\u00b5s", 1e-6),
-        ("1\u03bcs", 1e-6),
-        ("10ns", 1e-8),
-        ("+3s", 3.0),
-        ("-1.5m", -90.0),
-    ],
-)
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize(
-    "text", ["", "s", ".s", "1", "1.5", "10", "00", "abc", "1x", " 1s", "1s ", "1d", "-", "1.2.3s"]
-)
-def test_parse_duration_rejects_junk(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(text)
 
 
 def test_serve_uses_the_recorded_positions_when_the_target_is_no_longer_known() -> None:
