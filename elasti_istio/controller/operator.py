@@ -64,7 +64,7 @@ class Controller:
         self.recorder = Recorder(self.kube, host=cfg.identity)
         self.reconciler = Reconciler(self.kube, cfg, self.idx, self.recorder)
         self.queue = WorkQueue(self._process, workers=cfg.workers)
-        self.reconciler._requeue = self.queue.add  # type: ignore[method-assign]
+        self.reconciler.requeue = self.queue.add
         self.waker = Waker(self.reconciler.wake, self.is_leader, cfg.wake_token_file, sleep=self._sleep)
         self.seeded = asyncio.Event()
         self.elector: LeaderElector | None = None
@@ -126,7 +126,7 @@ class Controller:
         now = time.monotonic()
         for key in keys:
             if target_event:
-                self.reconciler.event_time.setdefault(key, now)
+                self.reconciler.saw_target_event(key, now)
             self.queue.add(key)
 
     async def _sleep(self, namespace: str, name: str) -> str:
@@ -176,7 +176,8 @@ class Controller:
         if replicas is not None:
             self._replicas[wk] = replicas
             if replicas == 0 and before:  # a scale to zero, just now: the next reconcile switches first
-                self.reconciler.went_to_zero.update(keys)
+                for key in keys:
+                    self.reconciler.saw_scale_to_zero(key)
         ready = 0 if etype == "DELETED" else int((obj.get("status") or {}).get("readyReplicas") or 0)
         was_ready = self._ready.pop(wk, 0)
         if etype != "DELETED":

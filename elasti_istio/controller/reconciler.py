@@ -1,8 +1,11 @@
-"""Reconciles one ElastiService: reads the target, Service, DestinationRules and VirtualServices from
-the API server, decides the routing mode, applies it, and writes a status that tells the truth.
+"""Reconciles one ElastiService in three steps: :meth:`Reconciler.observe` reads the target, Service,
+DestinationRules and VirtualServices (every read, no write); :func:`decide.decide` says what to write
+(pure); :meth:`Reconciler.act` writes it; then one status write and the Events of what changed
+(:func:`decide.report`, pure).
 
 Everything it decides is derived from the cluster (the VirtualServices carry their own restore data),
-so a controller restarted at any point converges without memory of what it was doing.
+so a controller restarted at any point converges; what it keeps between reconciles is one record per
+ElastiService (:mod:`memory`).
 """
 
 from __future__ import annotations
@@ -12,18 +15,20 @@ import dataclasses
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 
-from elasti_istio import duration, routekey, vsrewrite
+from elasti_istio import routekey, vsrewrite
 from elasti_istio.controller import conditions as C
-from elasti_istio.controller import metrics, schedule, triggers, vspatch
+from elasti_istio.controller import decide, metrics, triggers, vspatch
 from elasti_istio.controller import spec as es_spec
 from elasti_istio.controller.config import ControllerConfig
 from elasti_istio.controller.drlookup import rules_for
 from elasti_istio.controller.events import Recorder
 from elasti_istio.controller.indexes import Indexes, Key, es_key, split_key
+from elasti_istio.controller.memory import Memories
 from elasti_istio.controller.ratelimit import TokenBucket
 from elasti_istio.controller.workloads import (
     WORKLOAD_RESOURCES,
@@ -34,10 +39,21 @@ from elasti_istio.controller.workloads import (
     target_subsets,
     workload_state,
 )
+from elasti_istio.controller.world import (
+    HOLD_UNTIL,
+    KEDA_PAUSED,
+    KEDA_PAUSED_REPLICAS,
+    PAUSED_BY_US,
+    Blocked,
+    Outcome,
+    Plan,
+    Resolved,
+    World,
+    keda_owner_pause,
+)
 from elasti_istio.kube import Kube, KubeError
 from elasti_istio.kube.client import JSON_PATCH, retry_on_conflict
 from elasti_istio.resources import (
-    ANN_BIND,
     DEPLOYMENTS,
     DESTINATIONRULES,
     ELASTISERVICES,
@@ -51,63 +67,19 @@ from elasti_istio.resources import (
     VIRTUALSERVICES,
 )
 
+__all__ = ["Blocked", "Reconciler", "Resolved", "keda_owner_pause"]
+
 log = logging.getLogger("elasti.controller")
 
 FINALIZER = f"{GROUP}/finalizer"
-KEDA_PAUSED_REPLICAS = "autoscaling.keda.sh/paused-replicas"
-KEDA_PAUSED = "autoscaling.keda.sh/paused"
-PAUSED_BY_US = f"{GROUP}/paused-keda"
-HOLD_UNTIL = f"{GROUP}/wake-hold-until"
 MANAGED_LABEL = f"{GROUP}/elastiservice"
 # Before routes go back to a woken target: how often its Service's EndpointSlices are looked at, and
 # for how long at most (seconds).
-ENDPOINTS_POLL = 0.05
+ENDPOINTS_POLL = decide.ENDPOINTS_POLL
 ENDPOINTS_WAIT = 10.0
 # After a deleted ElastiService's routes are restored: how long its origin Service stays for the
 # forwards of requests the activators released (seconds).
 ORIGIN_GRACE = 2.0
-
-
-def keda_owner_pause(so: dict[str, Any] | None) -> str | None:
-    """The pause annotations of a ScaledObject its owner set (not this controller), as ``k=v`` text; None
-    when it is not paused, or paused by this controller."""
-    ann = ((so or {}).get("metadata") or {}).get("annotations") or {}
-    if PAUSED_BY_US in ann:
-        return None
-    found = [f"{k}={ann[k]}" for k in (KEDA_PAUSED_REPLICAS, KEDA_PAUSED) if k in ann]
-    if KEDA_PAUSED in ann and KEDA_PAUSED_REPLICAS not in ann and str(ann[KEDA_PAUSED]).lower() != "true":
-        return None  # "paused: false" is KEDA's way to unpause
-    return ", ".join(found) or None
-
-
-class Blocked(Exception):
-    """The ElastiService cannot be acted on as it stands; a condition says why."""
-
-    def __init__(self, ctype: str, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.ctype, self.reason, self.message = ctype, reason, message
-
-
-@dataclasses.dataclass
-class Resolved:
-    """What a reconcile found out about an ElastiService's world."""
-
-    spec: es_spec.ElastiSpec
-    workload_kind: str
-    workload: dict[str, Any]
-    state: WorkloadState
-    scaled_object: dict[str, Any] | None
-    service: dict[str, Any]
-    origin_name: str
-    origin_port: int
-    target: vsrewrite.Target  # as a VirtualService in the ElastiService's namespace sees it
-    subset_labels: dict[str, dict[str, str]]
-    targets: dict[str, vsrewrite.Target] = dataclasses.field(default_factory=dict)  # by VirtualService namespace
-
-    def target_for(self, vs_namespace: str) -> vsrewrite.Target:
-        """The target as routes in ``vs_namespace`` see it: their subsets come from the DestinationRules
-        Istio applies for a client there."""
-        return self.targets.get(vs_namespace, self.target)
 
 
 class Reconciler:
@@ -119,22 +91,11 @@ class Reconciler:
         self.activator = vsrewrite.ActivatorRef(cfg.activator_host, cfg.activator_port)
         self.route_keys = routekey.KeyFile(cfg.route_key_file) if cfg.route_key_file else None
         self.activator_available: tuple[bool, str, str] = (True, "NotChecked", "")
-        self.event_time: dict[Key, float] = {}
-        self.last_wake: dict[Key, str] = {}
-        self.wake_failure: dict[Key, tuple[str, str]] = {}
-        self.waking: set[Key] = set()
-        # Targets a watch event showed going to 0 replicas, and when their routes were switched early.
-        self.went_to_zero: set[Key] = set()
-        self.pod_ready: dict[Key, int] = {}  # ready pods of waking targets, from the pod watches
-        self.endpoints_wait: dict[Key, float] = {}  # since when routes wait for the target's endpoints
-        self.finalize_restored: dict[Key, float] = {}  # a deleted ElastiService: when its routes were restored
+        self.mem = Memories()
+        # Wired by the operator: the work queue's ``add``, and the pod watches' ready-pod counts.
+        self.requeue: Callable[[Key], None] = lambda key: None
+        self.pod_ready: Mapping[Key, int] = {}
         self.endpoints_forbidden = False
-        self.switched_early: dict[Key, float] = {}
-        self._routing_cache: dict[Key, tuple[int, Any]] = {}
-        self._reported: dict[tuple[Key, str], tuple[str, str]] = {}
-        self.sleeping: set[Key] = set()
-        self.trigger_state: dict[Key, tuple[bool, str, str]] = {}
-        self._locks: dict[Key, asyncio.Lock] = {}
         self._http: aiohttp.ClientSession | None = None
         self.fail_open_bucket = TokenBucket(cfg.fail_open_wakes_per_second, cfg.fail_open_burst)
 
@@ -142,10 +103,17 @@ class Reconciler:
         """One writer per ElastiService at a time (never two different ones): a reconcile, a wake and a
         sleep of it run one after the other, and each reads what it decides on after taking the lock, so
         no decision comes from reads older than the last write another one made."""
-        lk = self._locks.get(key)
-        if lk is None:
-            lk = self._locks[key] = asyncio.Lock()
-        return lk
+        return self.mem[key].lock
+
+    def saw_target_event(self, key: Key, when: float) -> None:
+        """A target event the next switch answers (the switch latency metric starts here)."""
+        rec = self.mem[key]
+        if rec.event_time is None:
+            rec.event_time = when
+
+    def saw_scale_to_zero(self, key: Key) -> None:
+        """A watch event showed the target going to 0 replicas just now: the next reconcile switches first."""
+        self.mem[key].went_to_zero = True
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -166,7 +134,7 @@ class Reconciler:
         ns, name = split_key(key)
         begun = time.monotonic()
         try:
-            if key in self.went_to_zero:
+            if self.mem[key].went_to_zero:
                 await self.proxy_at_once(key)
             es = await self.kube.get_or_none(ELASTISERVICES, name, ns)
             if es is None:
@@ -181,7 +149,8 @@ class Reconciler:
             raise
 
     async def proxy_at_once(self, key: Key) -> None:
-        """Routes a target just seen going to 0 replicas to the activator before anything else is read.
+        """A named shortcut: routes a target just seen going to 0 replicas to the activator before anything
+        else is read. It decides nothing new (the target at zero means proxy mode, :func:`decide.desired_mode`).
 
         Kubernetes takes the target's pods out of the endpoints within tens of milliseconds of that
         same event, and a request routed to the Service meanwhile finds none ("no healthy
@@ -189,8 +158,9 @@ class Reconciler:
         known from the last reconcile (the routing target) and the indexes (the bound
         VirtualServices); the full reconcile that follows checks everything and corrects the rest.
         """
-        self.went_to_zero.discard(key)
-        cached = self._routing_cache.get(key)
+        rec = self.mem[key]
+        rec.went_to_zero = False
+        cached = rec.routing
         if cached is None or not self.activator_available[0]:
             return
         target, _labels, targets = cached[1]
@@ -198,15 +168,15 @@ class Reconciler:
             try:
                 vs_target = targets.get(vk[0], target)
                 if await self.switch_vs(vk, vs_target, "proxy", key, cached=self.idx.vs_objects.get(vk)):
-                    self.switched_early[key] = time.monotonic()
+                    rec.switched_early = time.monotonic()
             except Exception as exc:  # the full reconcile retries with fresh data
                 log.debug("%s: early switch of %s/%s failed: %s", key, vk[0], vk[1], exc)
 
     async def release_at_once(self, key: Key, ready: int, delay: float = 0.0) -> None:
-        """Tells the activators that a target just got its first ready replica, before anything else is
-        read: they release the held requests on ``status.readyReplicas``, and every read the full
-        reconcile makes first would be added to each held request's wait. The full reconcile that
-        follows checks everything and writes the rest of the status."""
+        """A named shortcut: tells the activators that a target just got its first ready replica, before
+        anything else is read: they release the held requests on ``status.readyReplicas``, and every read
+        the full reconcile makes first would be added to each held request's wait. The full reconcile
+        that follows checks everything and writes the rest of the status."""
         ns, name = split_key(key)
         if delay:
             await asyncio.sleep(delay)
@@ -214,27 +184,12 @@ class Reconciler:
             await self.kube.patch(ELASTISERVICES, name, {"status": {"readyReplicas": ready}}, ns, sub="status")
         except (KubeError, OSError) as exc:  # the full reconcile writes it too
             log.debug("%s: early readyReplicas write failed: %s", key, exc)
-            self._requeue(key)
+            self.requeue(key)
 
     def forget(self, key: Key) -> None:
         ns, name = split_key(key)
         self.idx.forget_es(key)
-        for d in (
-            self.event_time,
-            self.last_wake,
-            self.wake_failure,
-            self._routing_cache,
-            self.trigger_state,
-            self._locks,
-            self.endpoints_wait,
-            self.finalize_restored,
-        ):
-            d.pop(key, None)  # type: ignore[attr-defined]
-        self.waking.discard(key)
-        self.sleeping.discard(key)
-        self.went_to_zero.discard(key)
-        self.switched_early.pop(key, None)
-        self._reported = {k: v for k, v in self._reported.items() if k[0] != key}
+        self.mem.forget(key)
         metrics.forget(ns, name)
 
     async def ensure_finalizer(self, es: dict[str, Any]) -> dict[str, Any]:
@@ -335,7 +290,8 @@ class Reconciler:
         gens = tuple(self.idx.routing_generation[s] for s in spaces)
         key_gen = self.route_keys.generation if self.route_keys is not None else 0
         cache_key = (gens, key_gen, tuple(spaces), labels_key, tuple(sorted(sel.items())), spec.service)
-        cached = self._routing_cache.get(spec.key)
+        rec = self.mem[spec.key]
+        cached = rec.routing
         if cached and cached[0] == hash(cache_key):
             return cached[1]  # type: ignore[no-any-return]
         probe = vsrewrite.Target(namespace=ns, name=spec.name, service=spec.service, whole_service=True)
@@ -365,401 +321,135 @@ class Reconciler:
                 namespace=ns, name=spec.name, service=spec.service, subsets=subsets, whole_service=whole, token=token
             )
         result = (targets[ns], labels_by_ns[ns], targets)
-        self._routing_cache[spec.key] = (hash(cache_key), result)
+        rec.routing = (hash(cache_key), result)
         return result
 
-    # ---- the reconcile -----------------------------------------------------------------------
+    # ---- the reconcile: observe, decide, act, report --------------------------------------
     async def _reconcile(self, es: dict[str, Any], begun: float) -> float | None:
-        """``begun``: when this reconcile started reading (see the switch timing below)."""
+        """``begun``: when this reconcile started reading (see the switch timing in :meth:`act`)."""
+        world = await self.observe(es)
+        plan = decide.decide(world)
+        outcome = await self.act(world, plan, begun)
+        status, memory, events = decide.report(world, plan, outcome)
+        self.mem[world.key].keep(memory)
+        baseline = world.status
+        if plan.release_ready is not None:
+            baseline["readyReplicas"] = plan.release_ready  # written before the routes moved
+        await self.write_status(es, baseline, status)
+        for event in events:
+            if event.type == "Warning":
+                log.warning("%s: %s", world.key, event.message)
+            self.recorder.emit(es, event.type, event.reason, event.message)
+        old_phase = world.status.get("phase")
+        if plan.phase is not None and plan.phase != old_phase and world.r is not None:
+            metrics.TRANSITIONS.labels(world.r.spec.namespace, world.r.spec.name, plan.phase).inc()
+            log.info("%s: phase %s -> %s", world.key, old_phase or "-", plan.phase)
+        return decide.sooner(plan.requeue, outcome.requeue)
+
+    async def observe(self, es: dict[str, Any]) -> World:
+        """Every read a reconcile decides on; no write (the routing target is cached in memory)."""
         meta = es["metadata"]
         key = es_key(meta["namespace"], meta["name"])
-        status = dict(es.get("status") or {})
-        conds: list[dict[str, Any]] = list(status.get("conditions") or [])
-        requeue: float | None = None
+        rec = self.mem[key]
+        base = World(
+            key=key,
+            es=es,
+            now=dt.datetime.now(dt.UTC),
+            activator=self.activator_available,
+            memory=rec.snapshot(),
+            cluster_domain=self.cfg.cluster_domain,
+            activator_ref=self.activator,
+        )
         try:
             r = await self.resolve(es)
         except Blocked as blk:
-            # Nothing can be woken or proxied: make sure no route points at the activator.
-            restored = await self.restore_all(key, es)
-            conds = self._problem(es, conds, blk.ctype, blk.reason, blk.message)
-            if blk.ctype == "ServiceFound":
-                conds = C.set_condition(conds, C.TARGET_FOUND, True, "TargetFound", "scale target found")
-            conds = C.set_condition(conds, C.READY, False, blk.reason, blk.message)
-            new_status = dict(
-                status,
-                mode="serve",
-                conditions=conds,
-                observedGeneration=meta.get("generation"),
-                boundVirtualServices=sorted(f"{a}/{b}" for a, b in restored),
-            )
-            new_status.pop("origin", None)
-            await self.write_status(es, status, new_status)
-            return None
-
-        spec, state = r.spec, r.state
-        conds = C.set_condition(
-            conds,
-            C.TARGET_FOUND,
-            True,
-            "TargetFound",
-            f"{r.workload_kind} {state.name}"
-            + (f" via ScaledObject {spec.target.name}" if spec.target.kind == "ScaledObject" else ""),
-        )
-        conds = C.set_condition(
-            conds, "ServiceFound", True, "ServiceFound", f"Service {spec.service}, port {r.origin_port}"
-        )
-        await self.ensure_origin_service(es, r)
-
-        # Bound VirtualServices, read fresh.
-        refs = self.idx.bound_vs(key)
+            touched = frozenset(self.idx.bound_vs(key) | self.idx.vs_with_restore(key))
+            return dataclasses.replace(base, blocked=blk, touched=touched)
+        refs = frozenset(self.idx.bound_vs(key))
         vss: dict[tuple[str, str], dict[str, Any]] = {}
-        missing: list[str] = []
         for vns, vname in sorted(refs):
             vs = await self.kube.get_or_none(VIRTUALSERVICES, vname, vns)
-            if vs is None:
-                missing.append(f"{vns}/{vname}")
-            else:
+            if vs is not None:
                 vss[(vns, vname)] = vs
-        # VirtualServices holding our restore data that are no longer bound go back to serve mode.
-        for stale in sorted(self.idx.vs_with_restore(key) - set(vss)):
-            await self.switch_vs(stale, r.target_for(stale[0]), "serve", key)
+        stale = tuple(sorted(self.idx.vs_with_restore(key) - set(vss)))
+        world = dataclasses.replace(base, r=r, refs=refs, vss=vss, stale=stale)
+        state = r.state
+        if state.at_zero:
+            selector = origin_selector(state, (r.service.get("spec") or {}).get("selector") or {}, r.subset_labels)
+            world = dataclasses.replace(world, pods_left=await self.count_pods(r.spec.namespace, selector))
+        elif state.ready >= 1 and world.activator[0] and not world.memory.sleeping:
+            if decide.proxied(world, decide.classify(world)[0]):  # only then is the EndpointSlice awaited
+                world = dataclasses.replace(world, endpoints_listed=await self.endpoints_listed(key, r))
+        return world
 
-        routing = {
-            k: v
-            for k, v in vss.items()
-            if vsrewrite.routes_to(v.get("spec") or {}, k[0], r.target_for(k[0]), self.cfg.cluster_domain)
-            or vsrewrite.is_proxied(v.get("spec") or {}, r.target_for(k[0]), self.activator)
-        }
-        # A Service shared with other workloads, routed without a subset: bound, the destination just is not
-        # this target's alone (it follows the workloads that serve it, or the first target at zero).
-        shared = {
-            k
-            for k, v in vss.items()
-            if k not in routing
-            and vsrewrite.routes_to(
-                v.get("spec") or {},
-                k[0],
-                dataclasses.replace(r.target_for(k[0]), whole_service=True),
-                self.cfg.cluster_domain,
-            )
-        }
-        no_route = sorted(f"{a}/{b}" for a, b in set(vss) - set(routing) - shared)
-        if missing or no_route or not refs:
-            parts = []
-            if not refs:
-                parts.append(
-                    "no VirtualService is bound: list one in spec.virtualServices or annotate it "
-                    f"{ANN_BIND}={spec.name}"
-                )
-            if missing:
-                parts.append(f"VirtualService {', '.join(missing)} not found")
-            if no_route:
-                subset = (
-                    f" subset {', '.join(sorted(r.target.subsets))}"
-                    if r.target.subsets
-                    else (
-                        " (without a subset)"
-                        if r.target.whole_service
-                        else " (no DestinationRule subset selects the target's pods, and the Service also "
-                        "selects other workloads)"
-                    )
-                )
-                parts.append(
-                    f"VirtualService {', '.join(no_route)} has no http route to Service {spec.service}{subset}"
-                )
-            reason = "VirtualServiceNotFound" if missing else "NoRouteToTarget" if no_route else "NoVirtualService"
-            conds = self._problem(es, conds, C.VS_BOUND, reason, "; ".join(parts))
-            requeue = 30.0 if missing else None
-        else:
-            conds = self._ok(
-                es,
-                conds,
-                C.VS_BOUND,
-                "Bound",
-                f"{len(routing) + len(shared)} VirtualService(s): "
-                + ", ".join(f"{a}/{b}" for a, b in sorted(set(routing) | shared))
-                + (
-                    f"; Service {spec.service} is shared with other workloads: its destinations without a subset "
-                    "go to the activator only when none of them serves (then for the first target at zero, by "
-                    "kind and name)"
-                    if shared
-                    else ""
-                ),
-            )
-
-        # Route timeouts shorter than the hold time cut held requests.
-        short = []
-        for (vns, vname), vs in routing.items():
-            for field, t in vsrewrite.route_timeouts(
-                vs.get("spec") or {}, vns, r.target_for(vns), self.cfg.cluster_domain
-            ):
-                try:
-                    secs = duration.parse_go(t)
-                except ValueError:
-                    continue
-                if secs < spec.hold_timeout:
-                    short.append(f"{vns}/{vname} has a route {field} of {t}")
-        if short:
-            conds = self._problem(
-                es,
-                conds,
-                C.TIMEOUTS,
-                "RouteTimeoutShorterThanHold",
-                f"{'; '.join(short)}, shorter than activator.holdTimeout "
-                f"({spec.hold_timeout:g}s): held requests are cut by the mesh first",
-            )
-        else:
-            conds = C.set_condition(
-                conds, C.TIMEOUTS, True, "Compatible", "no route timeout is shorter than the hold timeout"
-            )
-
-        # Fail open when the activator cannot take traffic.
-        act_ok, act_reason, act_msg = self.activator_available
-        if act_ok:
-            conds = self._ok(es, conds, C.ACTIVATOR, act_reason, act_msg)
-        else:
-            conds = self._problem(es, conds, C.ACTIVATOR, act_reason, act_msg)
-
-        # When scale to zero is allowed at all.
-        allowed = self.period_allows(spec)
-        if allowed is None:
-            conds = C.set_condition(conds, C.ALLOWED, True, "Always", "no enabledPeriod: scale to zero at any time")
-        elif isinstance(allowed, str):
-            conds = self._problem(es, conds, C.ALLOWED, "InvalidSchedule", allowed)
-        elif allowed:
-            conds = C.set_condition(conds, C.ALLOWED, True, "InEnabledPeriod", "inside enabledPeriod")
-        else:
-            conds = C.set_condition(
-                conds, C.ALLOWED, False, "OutsideEnabledPeriod", "outside enabledPeriod: the target is kept awake"
-            )
-        if spec.enabled_period is not None:
-            requeue = min(requeue or 60.0, 60.0)
-        if allowed is False and state.at_zero and act_ok:
-            await self.scale_up(
-                es, r, reason="OutsideEnabledPeriod", why="scale to zero is not allowed now (enabledPeriod)"
-            )
-
-        # KEDA: a wake hold that has run out is lifted, so that KEDA decides again.
-        hold_left = await self.lift_expired_keda_hold(r)
-        if hold_left:
-            requeue = min(requeue or hold_left, hold_left)
-
-        # Idle triggers, as last evaluated.
-        if spec.triggers:
-            ts = self.trigger_state.get(key)
-            if ts is None:
-                conds = C.set_condition(conds, C.TRIGGERS, True, "NotEvaluated", "triggers not evaluated yet")
-            elif ts[0]:
-                conds = self._ok(es, conds, C.TRIGGERS, ts[1], ts[2])
-            else:
-                conds = self._problem(es, conds, C.TRIGGERS, ts[1], ts[2])
-        else:
-            conds = [c for c in conds if c["type"] != C.TRIGGERS]
-
-        proxied_now = any(
-            vsrewrite.is_proxied(v.get("spec") or {}, r.target_for(k[0]), self.activator) for k, v in routing.items()
-        )
-        endpoints_listed = True
-        if key in self.sleeping and act_ok:
-            desired = "proxy"  # our own scale-down: routes go to the activator first
-        elif not act_ok:
-            desired = "serve"
-            if state.at_zero:
-                wait = self.fail_open_bucket.take()
-                if wait == 0.0:
-                    await self.scale_up(
-                        es, r, reason="FailOpen", why="the activator is unavailable, so the target is woken"
-                    )
-                else:
-                    metrics.FAIL_OPEN_DEFERRED.labels(spec.namespace, spec.name).inc()
-                    self.recorder.emit(
-                        es,
-                        "Warning",
-                        "FailOpenRateLimited",
-                        f"the activator is unavailable and many targets are being woken: wakes are limited to "
-                        f"{self.cfg.fail_open_wakes_per_second:g}/s (burst {self.cfg.fail_open_burst}); "
-                        f"{state.kind} {state.name} is woken in about {wait:.1f}s",
-                    )
-                    requeue = min(requeue or wait, wait)
-        elif state.at_zero:
-            desired = "proxy"
-        elif state.ready >= 1:
-            desired = "serve"
-            if proxied_now and not (endpoints_listed := await self.endpoints_listed(key, r)):
-                # The mesh learns of a pod from the Service's EndpointSlices (through istiod's debounced
-                # push): routes that went back before that would meet "no healthy upstream". Meanwhile
-                # the activator forwards the traffic; bounded by ENDPOINTS_WAIT.
-                desired = "proxy"
-                requeue = min(requeue or ENDPOINTS_POLL, ENDPOINTS_POLL)
-        else:
-            desired = "proxy" if proxied_now else "serve"
-        if desired == "serve":
-            self.endpoints_wait.pop(key, None)
-
-        # Release held requests as early as possible: readyReplicas first, routes after.
-        if state.ready != status.get("readyReplicas") and state.ready >= 1 and proxied_now:
-            await self.patch_status(es, {"readyReplicas": state.ready})
-            status["readyReplicas"] = state.ready
-
+    async def act(self, w: World, plan: Plan, begun: float) -> Outcome:
+        """The plan's writes, in order: routes for a blocked ElastiService back to serve; else the origin
+        Service, stale routes back to serve, an expired KEDA hold lifted, a wake, readyReplicas (the
+        activators release on it) and then the routes."""
+        es, key, rec = w.es, w.key, self.mem[w.key]
+        if plan.restore_all:
+            await self.restore_all(key, es)
+            return Outcome(memory=rec.snapshot())
+        r = w.r
+        assert r is not None
+        if plan.ensure_origin:
+            await self.ensure_origin_service(es, r)
+        for vk in plan.serve_stale:
+            await self.switch_vs(vk, r.target_for(vk[0]), "serve", key)
+        if plan.lift_keda_hold:
+            await self.unpause_keda(r)
+        requeue = None
+        if plan.scale_up is not None:
+            requeue = await self._act_scale_up(es, r, plan.scale_up)
+        if plan.endpoints_wait_over:
+            rec.endpoints_wait = None
+        if plan.release_ready is not None:
+            await self.patch_status(es, {"readyReplicas": plan.release_ready})
         changed = False
-        for vk in sorted(routing):
-            changed |= await self.switch_vs(vk, r.target_for(vk[0]), desired, key)
+        for vk in plan.routing:
+            changed |= await self.switch_vs(vk, r.target_for(vk[0]), plan.desired, key)
+        changed = self._time_switch(w, plan, begun, changed)
+        if changed:
+            log.info("%s: VirtualServices switched to %s mode", key, plan.desired)
+        return Outcome(memory=rec.snapshot(), changed=changed, requeue=requeue)
+
+    async def _act_scale_up(self, es: dict[str, Any], r: Resolved, up: Any) -> float | None:
+        """A wake the rules asked for; fail-open wakes share a token bucket (the seconds until the next
+        one may go are returned as the requeue)."""
+        if up.rate_limited:
+            wait = self.fail_open_bucket.take()
+            if wait > 0.0:
+                metrics.FAIL_OPEN_DEFERRED.labels(r.spec.namespace, r.spec.name).inc()
+                self.recorder.emit(
+                    es,
+                    "Warning",
+                    "FailOpenRateLimited",
+                    f"the activator is unavailable and many targets are being woken: wakes are limited to "
+                    f"{self.cfg.fail_open_wakes_per_second:g}/s (burst {self.cfg.fail_open_burst}); "
+                    f"{r.state.kind} {r.state.name} is woken in about {wait:.1f}s",
+                )
+                return wait
+        await self.scale_up(es, r, reason=up.reason, why=up.why)
+        return None
+
+    def _time_switch(self, w: World, plan: Plan, begun: float, changed: bool) -> bool:
+        """The switch latency metric: from the target event this switch answers (one this reconcile saw,
+        as it came before the reads, or one the switch came after) to the switch. A later event is left
+        for the next reconcile. An early switch (:meth:`proxy_at_once`) counts as this one's."""
+        rec, r = self.mem[w.key], w.r
+        assert r is not None
         switched_at = time.monotonic()
-        early = self.switched_early.pop(key, None)
-        if early is not None and desired == "proxy" and not changed:
+        early, rec.switched_early = rec.switched_early, None
+        if early is not None and plan.desired == "proxy" and not changed:
             changed, switched_at = True, early
-        mode = desired if routing else "serve"
-        if routing and desired == "proxy":
-            # Truth from what the VirtualServices now say.
-            mode = "proxy"
-        # The target event this switch answers: one this reconcile saw (it came before the reads), or
-        # one the switch came after. A later event is left for the next reconcile.
-        started = self.event_time.get(key)
+        started = rec.event_time
         if started is not None and (started <= begun or (changed and started <= switched_at)):
-            del self.event_time[key]
+            rec.event_time = None
         else:
             started = None
-        if changed:
-            if started is not None:
-                metrics.SWITCH_SECONDS.labels(spec.namespace, spec.name, desired).observe(switched_at - started)
-            n = len(routing)
-            if desired == "proxy":
-                self.recorder.emit(
-                    es,
-                    "Normal",
-                    "SwitchedToProxy",
-                    f"{state.kind} {state.name} is at 0 replicas: {n} VirtualService(s) route to the activator",
-                )
-            else:
-                self.recorder.emit(
-                    es,
-                    "Normal",
-                    "SwitchedToServe",
-                    f"{n} VirtualService(s) route to Service {spec.service} again ({state.ready} ready replica(s))",
-                )
-            log.info("%s: VirtualServices switched to %s mode", key, desired)
-
-        # Phase.
-        pods_left = 0
-        if state.at_zero:
-            pods_left = await self.count_pods(
-                spec.namespace,
-                origin_selector(state, (r.service.get("spec") or {}).get("selector") or {}, r.subset_labels),
-            )
-            if pods_left or state.current:
-                requeue = 1.0 if requeue is None else min(requeue, 1.0)
-        phase = C.phase_for(state, pods_left)
-        if phase == "Serving" and desired == "proxy" and not state.at_zero and not endpoints_listed:
-            phase = "ScalingUp"  # ready, but the routes wait for the Service's EndpointSlice to list it
-
-        # Wake outcome.
-        failure = self.wake_failure.get(key)
-        if failure and failure[0] == "PausedByOwner" and keda_owner_pause(r.scaled_object) is None:
-            del self.wake_failure[key]  # the owner lifted the pause: traffic may wake it again
-            failure = None
-        if failure is None and state.stuck and state.replicas > 0 and state.ready == 0:
-            failure = state.stuck
-        if failure is not None:
-            conds = self._problem(es, conds, C.WAKE_FAILED, failure[0], failure[1], positive=True)
-        elif key in self.waking or C.get_condition(conds, C.WAKE_FAILED):
-            if state.ready >= 1:
-                self.waking.discard(key)
-                conds = C.set_condition(
-                    conds,
-                    C.WAKE_FAILED,
-                    False,
-                    "Woken",
-                    f"{state.kind} {state.name} has {state.ready} ready replica(s)",
-                )
-            else:
-                conds = C.set_condition(
-                    conds,
-                    C.WAKE_FAILED,
-                    False,
-                    "Waking",
-                    f"waiting for {state.kind} {state.name} to report a ready replica",
-                )
-
-        ready_problem = next(
-            (c for c in conds if c["type"] in (C.VS_BOUND, C.ACTIVATOR) and c["status"] == "False"), None
-        )
-        if ready_problem:
-            conds = C.set_condition(conds, C.READY, False, ready_problem["reason"], ready_problem["message"])
-        else:
-            conds = C.set_condition(
-                conds,
-                C.READY,
-                True,
-                "Proxying" if mode == "proxy" else "Serving",
-                "requests are held by the activator while the target wakes"
-                if mode == "proxy"
-                else "routes go straight to the target",
-            )
-
-        new_status = dict(status)
-        new_status.update(
-            phase=phase,
-            mode=mode,
-            readyReplicas=state.ready,
-            origin={
-                "service": r.origin_name,
-                "port": r.origin_port,
-                "ports": sorted({int(p["port"]) for p in (r.service.get("spec") or {}).get("ports") or []}),
-            },
-            boundVirtualServices=sorted(f"{a}/{b}" for a, b in routing),
-            observedGeneration=meta.get("generation"),
-            conditions=conds,
-        )
-        if key in self.last_wake:
-            new_status["lastWakeTime"] = self.last_wake[key]
-        old_phase = status.get("phase")
-        if phase != old_phase:
-            if phase in ("ScalingToZero", "ScaledToZero") and old_phase not in ("ScalingToZero", "ScaledToZero"):
-                new_status["lastScaledToZeroTime"] = C.now_iso()
-            if phase == "Serving":
-                new_status["awakeSince"] = C.now_iso()
-        elif phase == "Serving" and not status.get("awakeSince"):
-            new_status["awakeSince"] = C.now_iso()
-        await self.write_status(es, status, new_status)
-        if phase != old_phase:
-            metrics.TRANSITIONS.labels(spec.namespace, spec.name, phase).inc()
-            self.recorder.emit(es, "Normal", phase, self._phase_message(phase, state, pods_left))
-            log.info("%s: phase %s -> %s", key, old_phase or "-", phase)
-        return requeue
-
-    @staticmethod
-    def _phase_message(phase: str, state: WorkloadState, pods_left: int) -> str:
-        target = f"{state.kind} {state.name}"
-        return {
-            "Serving": f"{target} has {state.ready} ready replica(s)",
-            "ScalingUp": f"{target} is scaling up to {state.replicas} replica(s)",
-            "ScalingToZero": f"{target} scaled to 0; {max(pods_left, state.current)} pod(s) still terminating",
-            "ScaledToZero": f"{target} has no replica left",
-        }[phase]
-
-    def _problem(
-        self,
-        es: dict[str, Any],
-        conds: list[dict[str, Any]],
-        ctype: str,
-        reason: str,
-        message: str,
-        positive: bool = False,
-    ) -> list[dict[str, Any]]:
-        """Sets a failing condition and emits a Warning Event when its reason or message is new."""
-        key = es_key(es["metadata"]["namespace"], es["metadata"]["name"])
-        if self._reported.get((key, ctype)) != (reason, message):
-            self._reported[(key, ctype)] = (reason, message)
-            self.recorder.emit(es, "Warning", reason, message)
-            log.warning("%s: %s", key, message)
-        return C.set_condition(conds, ctype, positive, reason, message)
-
-    def _ok(
-        self, es: dict[str, Any], conds: list[dict[str, Any]], ctype: str, reason: str, message: str
-    ) -> list[dict[str, Any]]:
-        key = es_key(es["metadata"]["namespace"], es["metadata"]["name"])
-        self._reported.pop((key, ctype), None)
-        return C.set_condition(conds, ctype, True, reason, message)
+        if changed and started is not None:
+            metrics.SWITCH_SECONDS.labels(r.spec.namespace, r.spec.name, plan.desired).observe(switched_at - started)
+        return changed
 
     # ---- writes ------------------------------------------------------------------------------
     async def write_status(self, es: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -852,7 +542,7 @@ class Reconciler:
         if r is not None:
             target, targets = r.target, r.targets
         else:
-            cached = self._routing_cache.get(key)
+            cached = self.mem[key].routing
             svc = (es.get("spec") or {}).get("service", "")
             target = cached[1][0] if cached else vsrewrite.Target(namespace=ns, name=name, service=svc)
             targets = cached[1][2] if cached else {}
@@ -925,7 +615,10 @@ class Reconciler:
         select the target's pods must not keep its routes on the activator forever).
         """
         spec, state = r.spec, r.state
-        since = self.endpoints_wait.setdefault(key, time.monotonic())
+        rec = self.mem[key]
+        if rec.endpoints_wait is None:
+            rec.endpoints_wait = time.monotonic()
+        since = rec.endpoints_wait
         if time.monotonic() - since > ENDPOINTS_WAIT:
             log.warning(
                 "%s: no EndpointSlice of Service %s lists a ready pod of %s %s after %.0fs; routes go back anyway",
@@ -986,11 +679,10 @@ class Reconciler:
         except KubeError as exc:
             if exc.status < 500:  # refused, not a passing server failure
                 msg = f"scaling {r.workload_kind} {name} to {spec.min_replicas} was refused: {exc.message}"
-                self.wake_failure[key] = ("ScaleRefused", msg)
+                self.mem[key].wake_failure = ("ScaleRefused", msg)
             raise
-        self.wake_failure.pop(key, None)
-        self.waking.add(key)
-        self.last_wake[key] = C.now_iso()
+        rec = self.mem[key]
+        rec.wake_failure, rec.waking, rec.last_wake = None, True, C.now_iso()
         self.recorder.emit(
             es, "Normal", reason, f"{why}: {r.workload_kind} {name} scaled {current} -> {spec.min_replicas}"
         )
@@ -1008,7 +700,7 @@ class Reconciler:
             f"ScaledObject {so_name} is paused by its owner ({owner_pause}): {r.workload_kind} {r.state.name} "
             "is not woken and held requests are answered 503; remove the pause to let traffic wake it"
         )
-        self.wake_failure[r.spec.key] = ("PausedByOwner", msg)
+        self.mem[r.spec.key].wake_failure = ("PausedByOwner", msg)
         return msg
 
     async def unpause_keda(self, r: Resolved) -> None:
@@ -1055,21 +747,6 @@ class Reconciler:
             r.spec.wake_hold_seconds,
         )
 
-    async def lift_expired_keda_hold(self, r: Resolved) -> float | None:
-        """Removes a wake hold whose time has come; returns the seconds left of one still running."""
-        so = r.scaled_object
-        if so is None:
-            return None
-        ann = (so.get("metadata") or {}).get("annotations") or {}
-        if ann.get(PAUSED_BY_US) != "wake-hold" or HOLD_UNTIL not in ann:
-            return None
-        until = C.parse_time(ann[HOLD_UNTIL])
-        left = (until - dt.datetime.now(dt.UTC)).total_seconds() if until else 0.0
-        if left > 0:
-            return left + 0.5
-        await self.unpause_keda(r)
-        return None
-
     async def pause_keda_at_zero(self, r: Resolved) -> None:
         """elasti owns 1 -> 0 (``minReplicaCount`` >= 1): before its own scale-down it pauses KEDA at 0,
         which KEDA documents as pinning the target there; the wake removes the pause."""
@@ -1080,17 +757,6 @@ class Reconciler:
             return  # the owner's pause is theirs: never rewritten, never removed
         patch = {"metadata": {"annotations": {KEDA_PAUSED_REPLICAS: "0", PAUSED_BY_US: "sleep", HOLD_UNTIL: None}}}
         await self.kube.patch(SCALEDOBJECTS, so["metadata"]["name"], patch, r.spec.namespace)
-
-    @staticmethod
-    def period_allows(spec: es_spec.ElastiSpec) -> bool | str | None:
-        """None: no enabledPeriod; True/False: inside/outside it; a string: why the schedule is invalid."""
-        if spec.enabled_period is None:
-            return None
-        try:
-            cron = schedule.parse_cron(spec.enabled_period.schedule)
-        except schedule.CronError as exc:
-            return f"enabledPeriod.schedule {spec.enabled_period.schedule!r}: {exc}; nothing is scaled by schedule"
-        return schedule.in_period(cron, spec.enabled_period.duration, dt.datetime.now(dt.UTC))
 
     # ---- scale-down by the controller ----------------------------------------------------------
     async def sleep(self, namespace: str, name: str, reason: str, why: str) -> str:
@@ -1109,7 +775,7 @@ class Reconciler:
                 )
             if r.state.at_zero:
                 return "ScaledToZero"
-            allowed = self.period_allows(r.spec)
+            allowed = decide.period_allows(r.spec, dt.datetime.now(dt.UTC))
             if allowed is False or isinstance(allowed, str):
                 raise Blocked(
                     C.ALLOWED,
@@ -1117,7 +783,7 @@ class Reconciler:
                     "scale to zero is not allowed now (enabledPeriod)",
                 )
             routing = [vk for vk in sorted(self.idx.bound_vs(key))]
-            self.sleeping.add(key)
+            self.mem[key].sleeping = True
             try:
                 for vk in routing:
                     await self.switch_vs(vk, r.target_for(vk[0]), "proxy", key)
@@ -1125,10 +791,10 @@ class Reconciler:
                 res = WORKLOAD_RESOURCES[r.workload_kind]
                 await self.kube.patch(res, r.state.name, {"spec": {"replicas": 0}}, namespace, sub="scale")
             except BaseException:
-                self.sleeping.discard(key)
-                self._requeue(key)
+                self.mem[key].sleeping = False
+                self.requeue(key)
                 raise
-            self.sleeping.discard(key)
+            self.mem[key].sleeping = False
             self.recorder.emit(
                 es,
                 "Normal",
@@ -1136,7 +802,7 @@ class Reconciler:
                 f"{why}: routes moved to the activator, then {r.workload_kind} {r.state.name} scaled to 0",
             )
             log.info("%s: %s: %s %s scaled to 0", key, reason, r.workload_kind, r.state.name)
-            self._requeue(key)
+            self.requeue(key)
             return "ScalingToZero"
 
     async def consider_idle(self, key: Key) -> None:
@@ -1165,11 +831,11 @@ class Reconciler:
             )
         else:
             state = (True, "Idle" if idle else "Busy", "; ".join(x.message for x in results))
-        previous = self.trigger_state.get(key)
-        self.trigger_state[key] = state
+        rec = self.mem[key]
+        previous, rec.triggers = rec.triggers, state
         metrics.IDLE_CHECKS.labels(ns, name, "error" if not healthy else "idle" if idle else "busy").inc()
         if previous is None or previous[:2] != state[:2]:
-            self._requeue(key)
+            self.requeue(key)
         if not idle:
             return
         awake = C.parse_time(status.get("awakeSince") or status.get("lastWakeTime") or "")
@@ -1226,7 +892,10 @@ class Reconciler:
                     es, r, reason="WokenOnDelete", why="the ElastiService is being deleted, so its target is woken"
                 )
         if waiting:
-            since = self.finalize_restored.setdefault(key, time.monotonic())
+            rec = self.mem[key]
+            if rec.finalize_restored is None:
+                rec.finalize_restored = time.monotonic()
+            since = rec.finalize_restored
             grace = ORIGIN_GRACE - (time.monotonic() - since)
             if grace > 0:
                 return grace  # forwards of released requests still use the origin Service
@@ -1272,29 +941,26 @@ class Reconciler:
         try:
             r = await self.resolve(es)
         except Blocked as blk:
-            self.wake_failure[key] = (blk.reason, blk.message)
+            self.mem[key].wake_failure = (blk.reason, blk.message)
             metrics.WAKES.labels(namespace, name, "failed").inc()
-            asyncio.get_running_loop().call_soon(self._requeue, key)
+            asyncio.get_running_loop().call_soon(self.requeue, key)
             raise
-        self.wake_failure.pop(key, None)
+        self.mem[key].wake_failure = None
         paused = self.owner_paused(r)
         if paused:
             metrics.WAKES.labels(namespace, name, "failed").inc()
-            asyncio.get_running_loop().call_soon(self._requeue, key)
+            asyncio.get_running_loop().call_soon(self.requeue, key)
             raise Blocked(C.WAKE_FAILED, "PausedByOwner", paused)
         try:
             scaled = await self.scale_up(es, r, reason="Woken", why="a request arrived for the sleeping target")
         except KubeError:
             metrics.WAKES.labels(namespace, name, "failed").inc()
-            asyncio.get_running_loop().call_soon(self._requeue, key)
+            asyncio.get_running_loop().call_soon(self.requeue, key)
             raise
         metrics.WAKES.labels(namespace, name, "scaled" if scaled else "already_awake").inc()
         if scaled:
-            self.event_time.setdefault(key, time.monotonic())
-        self._requeue(key)
+            self.saw_target_event(key, time.monotonic())
+        self.requeue(key)
         if scaled or r.state.ready == 0:
             return "ScalingUp"
         return "Serving"
-
-    def _requeue(self, key: Key) -> None:
-        """Set by the operator to the work queue's ``add``."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from elasti_istio.controller.reconciler import Blocked
+from elasti_istio.controller.world import Blocked
 from elasti_istio.kube import KubeError
 
 log = logging.getLogger("elasti.wake")

@@ -1,0 +1,417 @@
+"""When the routes go to the activator, and why: the rules of one reconcile, as pure functions.
+
+:func:`decide` takes the world as read (:class:`~elasti_istio.controller.world.World`) and returns the
+writes to make (:class:`~elasti_istio.controller.world.Plan`); :func:`report` takes what the writes
+achieved and returns the status to write and the Events to post. No I/O here, and no clock but
+``world.now``.
+
+The routing mode, in the order the rules are tried (:func:`desired_mode`):
+
+========================================  ==========  ===============================================
+the world                                 routes      and
+========================================  ==========  ===============================================
+our own scale-down under way              proxy       (the routes move before the target goes to 0)
+the activator unavailable                 serve       a target at zero is woken (fail open, rate
+                                                      limited)
+the target at zero                        proxy
+a ready replica, routes still proxied,    proxy       until the EndpointSlice lists it (bounded;
+not yet in the Service's EndpointSlices               looked at again in ``ENDPOINTS_POLL``)
+a ready replica                           serve
+scaling up, no replica ready              unchanged   (proxied stays proxied, serving stays serving)
+========================================  ==========  ===============================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from elasti_istio import duration, vsrewrite
+from elasti_istio.controller import conditions as C
+from elasti_istio.controller import schedule
+from elasti_istio.controller import spec as es_spec
+from elasti_istio.controller.workloads import WorkloadState
+from elasti_istio.controller.world import (
+    HOLD_UNTIL,
+    PAUSED_BY_US,
+    Memory,
+    Outcome,
+    Plan,
+    Resolved,
+    ScaleUp,
+    VsKey,
+    World,
+    keda_owner_pause,
+)
+from elasti_istio.resources import ANN_BIND
+
+ENDPOINTS_POLL = 0.05  # seconds between looks at a woken target's EndpointSlices
+MISSING_VS_RETRY = 30.0  # a bound VirtualService not found is looked for again this often
+PERIOD_RECHECK = 60.0  # with an enabledPeriod, the period is looked at again at least this often
+PODS_LEFT_RECHECK = 1.0  # a target at zero with pods still terminating
+HOLD_MARGIN = 0.5  # a KEDA wake hold is lifted this long after its deadline
+# Conditions whose "bad" state is a Warning: the value of ``status`` that is bad.
+BAD = {
+    C.TARGET_FOUND: "False",
+    "ServiceFound": "False",
+    C.VS_BOUND: "False",
+    C.ACTIVATOR: "False",
+    C.TIMEOUTS: "False",
+    C.TRIGGERS: "False",
+    C.WAKE_FAILED: "True",
+}
+NOT_A_WARNING = {(C.ALLOWED, "OutsideEnabledPeriod")}  # a schedule doing what it was asked to
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+def sooner(a: float | None, b: float | None) -> float | None:
+    """The earlier of two requeue delays (None: no requeue)."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
+# ---- the rules ---------------------------------------------------------------------------------
+
+
+def decide(w: World) -> Plan:
+    if w.blocked is not None:
+        return _decide_blocked(w)
+    r = w.r
+    assert r is not None
+    spec, state = r.spec, r.state
+    via = f" via ScaledObject {spec.target.name}" if spec.target.kind == "ScaledObject" else ""
+    conds = C.set_condition(w.conditions, C.TARGET_FOUND, True, "TargetFound", f"{r.workload_kind} {state.name}{via}")
+    conds = C.set_condition(
+        conds, "ServiceFound", True, "ServiceFound", f"Service {spec.service}, port {r.origin_port}"
+    )
+    plan = Plan(ensure_origin=True, serve_stale=w.stale)
+    routing, shared = classify(w)
+    plan.routing = tuple(sorted(routing))
+    conds, plan.requeue = bound_condition(w, conds, routing, shared)
+    conds = timeouts_condition(w, conds, routing)
+    act_ok, act_reason, act_msg = w.activator
+    conds = C.set_condition(conds, C.ACTIVATOR, act_ok, act_reason, act_msg)
+    conds, plan.scale_up, requeue = period_rules(w, conds)
+    plan.requeue = sooner(plan.requeue, requeue)
+    plan.lift_keda_hold, requeue = keda_hold_rules(r, w.now)
+    plan.requeue = sooner(plan.requeue, requeue)
+    conds = triggers_condition(w, conds)
+    proxied_now = proxied(w, routing)
+    plan.desired, fail_open, requeue = desired_mode(w, state, proxied_now)
+    plan.requeue = sooner(plan.requeue, requeue)
+    if fail_open:
+        plan.scale_up = ScaleUp("FailOpen", "the activator is unavailable, so the target is woken", rate_limited=True)
+    plan.endpoints_wait_over = plan.desired == "serve"
+    if state.ready != w.status.get("readyReplicas") and state.ready >= 1 and proxied_now:
+        plan.release_ready = state.ready  # the activators release held requests on it: before the routes move
+    plan.mode = plan.desired if routing else "serve"
+    if state.at_zero and (w.pods_left or state.current):
+        plan.requeue = sooner(plan.requeue, PODS_LEFT_RECHECK)
+    plan.phase = C.phase_for(state, w.pods_left)
+    if plan.phase == "Serving" and plan.desired == "proxy" and not state.at_zero and not w.endpoints_listed:
+        plan.phase = "ScalingUp"  # ready, but the routes wait for the Service's EndpointSlice to list it
+    plan.conditions = conds
+    return plan
+
+
+def desired_mode(w: World, state: WorkloadState, proxied_now: bool) -> tuple[str, bool, float | None]:
+    """(routing mode, whether to wake the target because the activator is gone, requeue): the table above."""
+    if w.memory.sleeping and w.activator[0]:
+        return "proxy", False, None
+    if not w.activator[0]:
+        return "serve", state.at_zero, None
+    if state.at_zero:
+        return "proxy", False, None
+    if state.ready >= 1:
+        if proxied_now and not w.endpoints_listed:
+            return "proxy", False, ENDPOINTS_POLL
+        return "serve", False, None
+    return ("proxy" if proxied_now else "serve"), False, None
+
+
+def classify(w: World) -> tuple[set[VsKey], set[VsKey]]:
+    """The bound VirtualServices that route to the target (or are proxied for it), and those that route
+    to its Service only without a subset while the Service is shared with other workloads."""
+    r = w.r
+    assert r is not None
+    routing = {
+        k
+        for k, v in w.vss.items()
+        if vsrewrite.routes_to(v.get("spec") or {}, k[0], r.target_for(k[0]), w.cluster_domain)
+        or vsrewrite.is_proxied(v.get("spec") or {}, r.target_for(k[0]), w.activator_ref)
+    }
+    shared = {
+        k
+        for k, v in w.vss.items()
+        if k not in routing
+        and vsrewrite.routes_to(
+            v.get("spec") or {}, k[0], dataclasses.replace(r.target_for(k[0]), whole_service=True), w.cluster_domain
+        )
+    }
+    return routing, shared
+
+
+def proxied(w: World, routing: set[VsKey]) -> bool:
+    """Whether any of the routes to the target goes to the activator now."""
+    r = w.r
+    assert r is not None
+    return any(vsrewrite.is_proxied(w.vss[k].get("spec") or {}, r.target_for(k[0]), w.activator_ref) for k in routing)
+
+
+def bound_condition(
+    w: World, conds: list[dict[str, Any]], routing: set[VsKey], shared: set[VsKey]
+) -> tuple[list[dict[str, Any]], float | None]:
+    r = w.r
+    assert r is not None
+    spec = r.spec
+    missing = sorted(f"{a}/{b}" for a, b in w.refs - set(w.vss))
+    no_route = sorted(f"{a}/{b}" for a, b in set(w.vss) - routing - shared)
+    if not (missing or no_route or not w.refs):
+        names = ", ".join(f"{a}/{b}" for a, b in sorted(routing | shared))
+        message = f"{len(routing) + len(shared)} VirtualService(s): {names}"
+        if shared:
+            message += (
+                f"; Service {spec.service} is shared with other workloads: its destinations without a subset go "
+                "to the activator only when none of them serves (then for the first target at zero, by kind and "
+                "name)"
+            )
+        return C.set_condition(conds, C.VS_BOUND, True, "Bound", message), None
+    parts = []
+    if not w.refs:
+        parts.append(
+            f"no VirtualService is bound: list one in spec.virtualServices or annotate it {ANN_BIND}={spec.name}"
+        )
+    if missing:
+        parts.append(f"VirtualService {', '.join(missing)} not found")
+    if no_route:
+        if r.target.subsets:
+            subset = f" subset {', '.join(sorted(r.target.subsets))}"
+        elif r.target.whole_service:
+            subset = " (without a subset)"
+        else:
+            subset = (
+                " (no DestinationRule subset selects the target's pods, and the Service also selects other workloads)"
+            )
+        parts.append(f"VirtualService {', '.join(no_route)} has no http route to Service {spec.service}{subset}")
+    reason = "VirtualServiceNotFound" if missing else "NoRouteToTarget" if no_route else "NoVirtualService"
+    return C.set_condition(conds, C.VS_BOUND, False, reason, "; ".join(parts)), (MISSING_VS_RETRY if missing else None)
+
+
+def timeouts_condition(w: World, conds: list[dict[str, Any]], routing: set[VsKey]) -> list[dict[str, Any]]:
+    """Route timeouts shorter than the hold time cut held requests."""
+    r = w.r
+    assert r is not None
+    short = []
+    for vns, vname in sorted(routing):
+        spec = w.vss[(vns, vname)].get("spec") or {}
+        for field, t in vsrewrite.route_timeouts(spec, vns, r.target_for(vns), w.cluster_domain):
+            try:
+                secs = duration.parse_go(t)
+            except ValueError:
+                continue
+            if secs < r.spec.hold_timeout:
+                short.append(f"{vns}/{vname} has a route {field} of {t}")
+    if short:
+        message = (
+            f"{'; '.join(short)}, shorter than activator.holdTimeout ({r.spec.hold_timeout:g}s): held requests are "
+            "cut by the mesh first"
+        )
+        return C.set_condition(conds, C.TIMEOUTS, False, "RouteTimeoutShorterThanHold", message)
+    return C.set_condition(conds, C.TIMEOUTS, True, "Compatible", "no route timeout is shorter than the hold timeout")
+
+
+def period_allows(spec: es_spec.ElastiSpec, now: dt.datetime) -> bool | str | None:
+    """None: no enabledPeriod; True/False: inside/outside it; a string: why the schedule is invalid."""
+    if spec.enabled_period is None:
+        return None
+    try:
+        cron = schedule.parse_cron(spec.enabled_period.schedule)
+    except schedule.CronError as exc:
+        return f"enabledPeriod.schedule {spec.enabled_period.schedule!r}: {exc}; nothing is scaled by schedule"
+    return schedule.in_period(cron, spec.enabled_period.duration, now)
+
+
+def period_rules(w: World, conds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ScaleUp | None, float | None]:
+    """When scale to zero is allowed at all; outside the enabledPeriod a target at zero is woken."""
+    r = w.r
+    assert r is not None
+    allowed = period_allows(r.spec, w.now)
+    if allowed is None:
+        conds = C.set_condition(conds, C.ALLOWED, True, "Always", "no enabledPeriod: scale to zero at any time")
+    elif isinstance(allowed, str):
+        conds = C.set_condition(conds, C.ALLOWED, False, "InvalidSchedule", allowed)
+    elif allowed:
+        conds = C.set_condition(conds, C.ALLOWED, True, "InEnabledPeriod", "inside enabledPeriod")
+    else:
+        conds = C.set_condition(
+            conds, C.ALLOWED, False, "OutsideEnabledPeriod", "outside enabledPeriod: the target is kept awake"
+        )
+    requeue = PERIOD_RECHECK if r.spec.enabled_period is not None else None
+    scale = None
+    if allowed is False and r.state.at_zero and w.activator[0]:
+        scale = ScaleUp("OutsideEnabledPeriod", "scale to zero is not allowed now (enabledPeriod)")
+    return conds, scale, requeue
+
+
+def keda_hold_rules(r: Resolved, now: dt.datetime) -> tuple[bool, float | None]:
+    """(lift it, requeue): a wake hold on the ScaledObject whose time has come is lifted, so that KEDA
+    decides again; one still running is looked at again when it ends."""
+    ann = ((r.scaled_object or {}).get("metadata") or {}).get("annotations") or {}
+    if ann.get(PAUSED_BY_US) != "wake-hold" or HOLD_UNTIL not in ann:
+        return False, None
+    until = C.parse_time(ann[HOLD_UNTIL])
+    left = (until - now).total_seconds() if until else 0.0
+    if left > 0:
+        return False, left + HOLD_MARGIN
+    return True, None
+
+
+def triggers_condition(w: World, conds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Idle triggers, as last evaluated."""
+    r = w.r
+    assert r is not None
+    if not r.spec.triggers:
+        return [c for c in conds if c["type"] != C.TRIGGERS]
+    ts = w.memory.triggers
+    if ts is None:
+        return C.set_condition(conds, C.TRIGGERS, True, "NotEvaluated", "triggers not evaluated yet")
+    return C.set_condition(conds, C.TRIGGERS, ts[0], ts[1], ts[2])
+
+
+def _decide_blocked(w: World) -> Plan:
+    """Nothing can be woken or proxied: no route may point at the activator."""
+    blk = w.blocked
+    assert blk is not None
+    conds = C.set_condition(w.conditions, blk.ctype, False, blk.reason, blk.message)
+    if blk.ctype == "ServiceFound":
+        conds = C.set_condition(conds, C.TARGET_FOUND, True, "TargetFound", "scale target found")
+    conds = C.set_condition(conds, C.READY, False, blk.reason, blk.message)
+    return Plan(restore_all=True, conditions=conds)
+
+
+# ---- what the writes achieved: status and Events -----------------------------------------------
+
+
+def wake_rules(w: World, memory: Memory, conds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Memory]:
+    """The ``WakeFailed`` condition: a wake that failed (a refusal, a pause by the KEDA owner, the target's
+    own rollout stuck), or one under way, or done."""
+    r = w.r
+    assert r is not None
+    state = r.state
+    failure = memory.wake_failure
+    if failure and failure[0] == "PausedByOwner" and keda_owner_pause(r.scaled_object) is None:
+        memory = dataclasses.replace(memory, wake_failure=None)  # the owner lifted the pause
+        failure = None
+    if failure is None and state.stuck and state.replicas > 0 and state.ready == 0:
+        failure = state.stuck
+    if failure is not None:
+        return C.set_condition(conds, C.WAKE_FAILED, True, failure[0], failure[1]), memory
+    if memory.waking or C.get_condition(conds, C.WAKE_FAILED):
+        if state.ready >= 1:
+            memory = dataclasses.replace(memory, waking=False)
+            msg = f"{state.kind} {state.name} has {state.ready} ready replica(s)"
+            return C.set_condition(conds, C.WAKE_FAILED, False, "Woken", msg), memory
+        msg = f"waiting for {state.kind} {state.name} to report a ready replica"
+        return C.set_condition(conds, C.WAKE_FAILED, False, "Waking", msg), memory
+    return conds, memory
+
+
+def ready_condition(conds: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    problem = next((c for c in conds if c["type"] in (C.VS_BOUND, C.ACTIVATOR) and c["status"] == "False"), None)
+    if problem:
+        return C.set_condition(conds, C.READY, False, problem["reason"], problem["message"])
+    if mode == "proxy":
+        return C.set_condition(
+            conds, C.READY, True, "Proxying", "requests are held by the activator while the target wakes"
+        )
+    return C.set_condition(conds, C.READY, True, "Serving", "routes go straight to the target")
+
+
+def report(w: World, plan: Plan, outcome: Outcome) -> tuple[dict[str, Any], Memory, list[Event]]:
+    """(the status to write, the memory to keep, the Events to post) after acting on ``plan``."""
+    old = w.status
+    now = w.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    generation = w.es["metadata"].get("generation")
+    if w.blocked is not None:
+        new = dict(old, mode="serve", conditions=plan.conditions, observedGeneration=generation)
+        new["boundVirtualServices"] = sorted(f"{a}/{b}" for a, b in w.touched)
+        new.pop("origin", None)
+        return new, outcome.memory, warnings(w.conditions, plan.conditions)
+    r = w.r
+    assert r is not None and plan.phase is not None
+    conds, memory = wake_rules(w, outcome.memory, plan.conditions)
+    conds = ready_condition(conds, plan.mode)
+    ports = sorted({int(p["port"]) for p in (r.service.get("spec") or {}).get("ports") or []})
+    new = dict(old)
+    new.update(
+        phase=plan.phase,
+        mode=plan.mode,
+        readyReplicas=r.state.ready,
+        origin={"service": r.origin_name, "port": r.origin_port, "ports": ports},
+        boundVirtualServices=sorted(f"{a}/{b}" for a, b in plan.routing),
+        observedGeneration=generation,
+        conditions=conds,
+    )
+    if memory.last_wake is not None:
+        new["lastWakeTime"] = memory.last_wake
+    if plan.release_ready is not None:
+        old = dict(old, readyReplicas=plan.release_ready)  # already written, before the routes moved
+    old_phase = w.status.get("phase")
+    asleep = ("ScalingToZero", "ScaledToZero")
+    if plan.phase != old_phase:
+        if plan.phase in asleep and old_phase not in asleep:
+            new["lastScaledToZeroTime"] = now
+        if plan.phase == "Serving":
+            new["awakeSince"] = now
+    elif plan.phase == "Serving" and not old.get("awakeSince"):
+        new["awakeSince"] = now
+    events = warnings(w.conditions, conds)
+    if outcome.changed:
+        events.append(switch_event(r, plan))
+    if plan.phase != old_phase:
+        events.append(Event("Normal", plan.phase, phase_message(plan.phase, r.state, w.pods_left)))
+    return new, memory, events
+
+
+def warnings(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[Event]:
+    """A Warning Event for each condition that turned bad, or is bad for a new reason or message: they
+    come from the conditions as read, so a restarted controller does not repeat them."""
+    old = {c.get("type"): c for c in before}
+    out = []
+    for c in after:
+        ctype = c["type"]
+        if BAD.get(ctype, "False" if ctype == C.ALLOWED else None) != c["status"]:
+            continue
+        if (ctype, c["reason"]) in NOT_A_WARNING:
+            continue
+        prev = old.get(ctype) or {}
+        if (prev.get("status"), prev.get("reason"), prev.get("message")) != (c["status"], c["reason"], c["message"]):
+            out.append(Event("Warning", c["reason"], c["message"]))
+    return out
+
+
+def switch_event(r: Resolved, plan: Plan) -> Event:
+    n, state = len(plan.routing), r.state
+    if plan.desired == "proxy":
+        msg = f"{state.kind} {state.name} is at 0 replicas: {n} VirtualService(s) route to the activator"
+        return Event("Normal", "SwitchedToProxy", msg)
+    msg = f"{n} VirtualService(s) route to Service {r.spec.service} again ({state.ready} ready replica(s))"
+    return Event("Normal", "SwitchedToServe", msg)
+
+
+def phase_message(phase: str, state: WorkloadState, pods_left: int) -> str:
+    target = f"{state.kind} {state.name}"
+    return {
+        "Serving": f"{target} has {state.ready} ready replica(s)",
+        "ScalingUp": f"{target} is scaling up to {state.replicas} replica(s)",
+        "ScalingToZero": f"{target} scaled to 0; {max(pods_left, state.current)} pod(s) still terminating",
+        "ScaledToZero": f"{target} has no replica left",
+    }[phase]

@@ -1,0 +1,401 @@
+"""The rules of a reconcile, without a cluster: each row is a world as read, and what must follow from it
+(the routing mode, the writes, the phase, the conditions, the Events)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from elasti_istio import vsrewrite
+from elasti_istio.controller import conditions as C
+from elasti_istio.controller import decide
+from elasti_istio.controller import spec as es_spec
+from elasti_istio.controller.decide import ENDPOINTS_POLL, Event
+from elasti_istio.controller.workloads import WorkloadState
+from elasti_istio.controller.world import (
+    HOLD_UNTIL,
+    KEDA_PAUSED_REPLICAS,
+    PAUSED_BY_US,
+    Blocked,
+    Memory,
+    Outcome,
+    Plan,
+    Resolved,
+    ScaleUp,
+    World,
+)
+
+NS = "shop"
+ACT = vsrewrite.ActivatorRef("elasti-activator.elasti-system.svc.cluster.local", 8012)
+NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=dt.UTC)  # a Wednesday, noon UTC
+TARGET = vsrewrite.Target(NS, "details", "details")
+VS = (NS, "details")
+NO_MEMORY = Memory()
+
+
+def es(**spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": NS, "name": "details", "generation": 3},
+        "spec": {
+            "service": "details",
+            "scaleTargetRef": {"kind": "Deployment", "name": "details-v1"},
+            "virtualServices": ["details"],
+            "activator": {"holdTimeout": "60s"},
+            **spec,
+        },
+        "status": {},
+    }
+
+
+def route(timeout: str | None = None, subset: str | None = None) -> dict[str, Any]:
+    dest: dict[str, Any] = {"host": "details"}
+    if subset:
+        dest["subset"] = subset
+    http: dict[str, Any] = {"route": [{"destination": dest}]}
+    if timeout:
+        http["timeout"] = timeout
+    return {"metadata": {"namespace": NS, "name": "details"}, "spec": {"hosts": ["details"], "http": [http]}}
+
+
+def proxied(vs: dict[str, Any], target: vsrewrite.Target = TARGET) -> dict[str, Any]:
+    spec, _ = vsrewrite.to_proxy(vs["spec"], NS, target, ACT)
+    return dict(vs, spec=spec)
+
+
+def world(
+    *,
+    replicas: int = 1,
+    ready: int = 1,
+    current: int | None = None,
+    stuck: tuple[str, str] | None = None,
+    vss: dict[tuple[str, str], dict[str, Any]] | None = None,
+    refs: frozenset[tuple[str, str]] = frozenset({VS}),
+    activator: bool = True,
+    memory: Memory = NO_MEMORY,
+    endpoints_listed: bool = True,
+    pods_left: int = 0,
+    scaled_object: dict[str, Any] | None = None,
+    status: dict[str, Any] | None = None,
+    target: vsrewrite.Target = TARGET,
+    now: dt.datetime = NOW,
+    **spec: Any,
+) -> World:
+    obj = es(**spec)
+    obj["status"] = status or {}
+    state = WorkloadState(
+        "Deployment",
+        "details-v1",
+        replicas,
+        ready,
+        replicas if current is None else current,
+        {"app": "details"},
+        {"app": "details"},
+        False,
+        stuck,
+    )
+    r = Resolved(
+        spec=es_spec.parse(obj),
+        workload_kind="Deployment",
+        workload={},
+        state=state,
+        scaled_object=scaled_object,
+        service={"spec": {"selector": {"app": "details"}, "ports": [{"port": 9080}]}},
+        origin_name="details-elasti-origin",
+        origin_port=9080,
+        target=target,
+        subset_labels={},
+    )
+    return World(
+        key=f"{NS}/details",
+        es=obj,
+        now=now,
+        activator=(True, "Available", "the activator is ready") if activator else (False, "Unavailable", "gone"),
+        memory=memory,
+        activator_ref=ACT,
+        cluster_domain="cluster.local",
+        r=r,
+        refs=refs,
+        vss={VS: route()} if vss is None else vss,
+        endpoints_listed=endpoints_listed,
+        pods_left=pods_left,
+    )
+
+
+def run(w: World, memory: Memory | None = None) -> tuple[Plan, dict[str, Any], list[Event]]:
+    """decide, then report as if every write succeeded (``memory``: as the writes left it)."""
+    plan = decide.decide(w)
+    status, _memory, events = decide.report(w, plan, Outcome(memory=memory or w.memory, changed=False))
+    return plan, status, events
+
+
+def cond(status: dict[str, Any], ctype: str) -> tuple[str, str]:
+    c = C.get_condition(status["conditions"], ctype)
+    assert c is not None, ctype
+    return c["status"], c["reason"]
+
+
+# ---- the routing mode: one row per rule of decide.desired_mode ----------------------------------------
+
+MODE_ROWS = [
+    # (what, world, desired routes, phase, wake, requeue)
+    ("serving", world(), "serve", "Serving", None, None),
+    ("at zero", world(replicas=0, ready=0), "proxy", "ScaledToZero", None, None),
+    ("pods still terminating", world(replicas=0, ready=0, pods_left=1), "proxy", "ScalingToZero", None, 1.0),
+    ("our own scale-down", world(memory=Memory(sleeping=True)), "proxy", "Serving", None, None),
+    ("activator gone, at zero: fail open", world(replicas=0, ready=0, activator=False), "serve", "ScaledToZero",
+     "FailOpen", None),
+    ("activator gone, serving", world(activator=False), "serve", "Serving", None, None),
+    ("activator gone during our scale-down", world(memory=Memory(sleeping=True), activator=False), "serve",
+     "Serving", None, None),
+    ("woken, not yet in the EndpointSlice", world(vss={VS: proxied(route())}, endpoints_listed=False), "proxy",
+     "ScalingUp", None, ENDPOINTS_POLL),
+    ("woken, listed", world(vss={VS: proxied(route())}), "serve", "Serving", None, None),
+    ("scaling up, proxied", world(ready=0, vss={VS: proxied(route())}), "proxy", "ScalingUp", None, None),
+    ("scaling up, serving", world(ready=0), "serve", "ScalingUp", None, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "w", "desired", "phase", "wake", "requeue"), MODE_ROWS, ids=[r[0] for r in MODE_ROWS])
+def test_routing_mode(what: str, w: World, desired: str, phase: str, wake: str | None, requeue: float | None) -> None:
+    plan, status, _ = run(w)
+    assert (plan.desired, plan.phase, plan.requeue) == (desired, phase, requeue), what
+    assert (plan.scale_up.reason if plan.scale_up else None) == wake
+    assert plan.routing == (VS,) and status["mode"] == desired and status["phase"] == phase
+    assert plan.endpoints_wait_over == (desired == "serve")
+
+
+def test_fail_open_is_rate_limited_and_says_why() -> None:
+    plan, status, events = run(world(replicas=0, ready=0, activator=False))
+    assert plan.scale_up == ScaleUp("FailOpen", "the activator is unavailable, so the target is woken", True)
+    assert cond(status, C.ACTIVATOR) == ("False", "Unavailable")
+    assert cond(status, C.READY) == ("False", "Unavailable")
+    assert Event("Warning", "Unavailable", "gone") in events
+
+
+def test_ready_replicas_are_written_before_the_routes_move() -> None:
+    plan, status, _ = run(world(vss={VS: proxied(route())}, status={"readyReplicas": 0}))
+    assert plan.release_ready == 1 and status["readyReplicas"] == 1
+    plan, _, _ = run(world(vss={VS: proxied(route())}, status={"readyReplicas": 1}))
+    assert plan.release_ready is None  # already there
+    plan, _, _ = run(world(status={"readyReplicas": 0}))
+    assert plan.release_ready is None  # not proxied: nothing is held
+
+
+# ---- enabledPeriod ------------------------------------------------------------------------------------
+
+PERIOD_ROWS = [
+    # schedule (UTC), duration, at zero, allowed condition, wake
+    ("0 11 * * *", "2h", True, ("True", "InEnabledPeriod"), None),
+    ("0 20 * * *", "2h", True, ("False", "OutsideEnabledPeriod"), "OutsideEnabledPeriod"),
+    ("0 20 * * *", "2h", False, ("False", "OutsideEnabledPeriod"), None),
+    ("not a cron", "2h", True, ("False", "InvalidSchedule"), None),
+]
+
+
+@pytest.mark.parametrize(("cron", "length", "at_zero", "allowed", "wake"), PERIOD_ROWS)
+def test_enabled_period(cron: str, length: str, at_zero: bool, allowed: tuple[str, str], wake: str | None) -> None:
+    w = world(
+        replicas=0 if at_zero else 1, ready=0 if at_zero else 1, enabledPeriod={"schedule": cron, "duration": length}
+    )
+    plan, status, events = run(w)
+    assert cond(status, C.ALLOWED) == allowed
+    assert (plan.scale_up.reason if plan.scale_up else None) == wake
+    assert plan.requeue is not None and plan.requeue <= decide.PERIOD_RECHECK
+    warned = [e.reason for e in events if e.type == "Warning"]
+    assert warned == (["InvalidSchedule"] if allowed[1] == "InvalidSchedule" else [])  # outside is no warning
+
+
+def test_no_wake_outside_the_period_while_the_activator_is_gone() -> None:
+    """The fail-open rule wakes it instead (rate limited)."""
+    w = world(replicas=0, ready=0, activator=False, enabledPeriod={"schedule": "0 20 * * *", "duration": "2h"})
+    plan, _, _ = run(w)
+    assert plan.scale_up is not None and plan.scale_up.reason == "FailOpen"
+
+
+# ---- KEDA ---------------------------------------------------------------------------------------------
+
+
+def scaled_object(until: dt.datetime, by_us: str = "wake-hold") -> dict[str, Any]:
+    ann = {KEDA_PAUSED_REPLICAS: "1", PAUSED_BY_US: by_us, HOLD_UNTIL: until.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return {"metadata": {"name": "details", "annotations": ann}, "spec": {"minReplicaCount": 0}}
+
+
+@pytest.mark.parametrize(
+    ("until", "lift", "requeue"),
+    [(NOW - dt.timedelta(seconds=1), True, None), (NOW + dt.timedelta(seconds=10), False, 10 + decide.HOLD_MARGIN)],
+)
+def test_keda_wake_hold(until: dt.datetime, lift: bool, requeue: float | None) -> None:
+    plan, _, _ = run(world(scaled_object=scaled_object(until)))
+    assert (plan.lift_keda_hold, plan.requeue) == (lift, requeue)
+
+
+def test_a_pause_by_the_owner_is_not_a_hold_of_ours() -> None:
+    so = scaled_object(NOW - dt.timedelta(seconds=1))
+    del so["metadata"]["annotations"][PAUSED_BY_US]
+    plan, _, _ = run(world(scaled_object=so))
+    assert not plan.lift_keda_hold
+
+
+# ---- wakes --------------------------------------------------------------------------------------------
+
+WAKE_ROWS = [
+    # (what, world, memory after the writes, WakeFailed, memory's wake failure after)
+    ("refused", world(ready=0, memory=Memory(wake_failure=("ScaleRefused", "no"))), None,
+     ("True", "ScaleRefused"), ("ScaleRefused", "no")),
+    ("paused by the owner", world(replicas=0, ready=0, memory=Memory(wake_failure=("PausedByOwner", "p")),
+     scaled_object={"metadata": {"annotations": {KEDA_PAUSED_REPLICAS: "0"}}}), None, ("True", "PausedByOwner"),
+     ("PausedByOwner", "p")),
+    ("the owner lifted the pause", world(replicas=0, ready=0, memory=Memory(wake_failure=("PausedByOwner", "p")),
+     scaled_object={"metadata": {"annotations": {}}}), None, None, None),
+    ("rollout stuck", world(ready=0, stuck=("ProgressDeadlineExceeded", "stuck")), None,
+     ("True", "ProgressDeadlineExceeded"), None),
+    ("waking", world(ready=0), Memory(waking=True), ("False", "Waking"), None),
+    ("woken", world(), Memory(waking=True), ("False", "Woken"), None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "w", "after", "wake_failed", "failure"), WAKE_ROWS, ids=[r[0] for r in WAKE_ROWS])
+def test_wake_outcome(
+    what: str, w: World, after: Memory | None, wake_failed: tuple[str, str] | None, failure: tuple[str, str] | None
+) -> None:
+    plan = decide.decide(w)
+    status, memory, _ = decide.report(w, plan, Outcome(memory=after or w.memory))
+    got = C.get_condition(status["conditions"], C.WAKE_FAILED)
+    assert (None if got is None else (got["status"], got["reason"])) == wake_failed, what
+    assert memory.wake_failure == failure
+    if wake_failed == ("False", "Woken"):
+        assert not memory.waking  # done: forgotten
+
+
+def test_a_wake_is_recorded_in_the_status() -> None:
+    _, status, _ = run(world(), Memory(last_wake="2026-12-02T11:59:00Z"))
+    assert status["lastWakeTime"] == "2026-12-02T11:59:00Z"
+
+
+# ---- VirtualServices ----------------------------------------------------------------------------------
+
+
+def test_a_missing_virtualservice_is_looked_for_again() -> None:
+    plan, status, events = run(world(vss={}))
+    assert cond(status, C.VS_BOUND) == ("False", "VirtualServiceNotFound")
+    assert cond(status, C.READY) == ("False", "VirtualServiceNotFound")
+    assert plan.requeue == decide.MISSING_VS_RETRY and plan.routing == () and plan.mode == "serve"
+    assert [e.reason for e in events if e.type == "Warning"] == ["VirtualServiceNotFound"]
+
+
+def test_no_virtualservice_bound() -> None:
+    _, status, _ = run(world(vss={}, refs=frozenset()))
+    assert cond(status, C.VS_BOUND) == ("False", "NoVirtualService")
+
+
+def test_a_route_to_another_subset_is_no_route() -> None:
+    target = dataclasses.replace(TARGET, subsets=frozenset({"v1"}), whole_service=False)
+    _, status, _ = run(world(vss={VS: route(subset="v2")}, target=target))
+    assert cond(status, C.VS_BOUND) == ("False", "NoRouteToTarget")
+
+
+def test_a_shared_service_routed_without_a_subset_is_bound_but_not_switched() -> None:
+    target = dataclasses.replace(TARGET, whole_service=False)
+    plan, status, _ = run(world(vss={VS: route()}, target=target, replicas=0, ready=0))
+    assert cond(status, C.VS_BOUND) == ("True", "Bound")
+    assert "shared with other workloads" in C.get_condition(status["conditions"], C.VS_BOUND)["message"]
+    assert plan.routing == () and plan.mode == "serve"
+
+
+def test_a_virtualservice_edited_while_proxied_is_still_its_own() -> None:
+    """Someone changed the host of the proxied route: it no longer routes to the target, but it carries
+    the target's activator destination, so it stays bound and is switched (the rewrite keeps the edit)."""
+    edited = proxied(route())
+    edited["spec"]["hosts"] = ["details.example.com"]
+    plan, status, _ = run(world(vss={VS: edited}, replicas=0, ready=0))
+    assert plan.routing == (VS,) and plan.desired == "proxy" and status["mode"] == "proxy"
+
+
+def test_stale_virtualservices_go_back_to_serve() -> None:
+    w = dataclasses.replace(world(), stale=((NS, "old"),))
+    assert decide.decide(w).serve_stale == ((NS, "old"),)
+
+
+def test_a_route_timeout_shorter_than_the_hold() -> None:
+    _, status, events = run(world(vss={VS: route(timeout="5s")}))
+    assert cond(status, C.TIMEOUTS) == ("False", "RouteTimeoutShorterThanHold")
+    assert [e.reason for e in events if e.type == "Warning"] == ["RouteTimeoutShorterThanHold"]
+    _, status, _ = run(world(vss={VS: route(timeout="90s")}))
+    assert cond(status, C.TIMEOUTS) == ("True", "Compatible")
+
+
+# ---- triggers -----------------------------------------------------------------------------------------
+
+TRIGGER = {"type": "prometheus", "metadata": {"serverAddress": "http://p:9090", "query": "q", "threshold": "1"}}
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (None, ("True", "NotEvaluated")),
+        ((True, "Idle", "below"), ("True", "Idle")),
+        ((False, "MetricsUnavailable", "down"), ("False", "MetricsUnavailable")),
+    ],
+)
+def test_triggers(state: tuple[bool, str, str] | None, expected: tuple[str, str]) -> None:
+    _, status, _ = run(world(memory=Memory(triggers=state), triggers=[TRIGGER]))
+    assert cond(status, C.TRIGGERS) == expected
+
+
+def test_no_triggers_no_condition() -> None:
+    old = [{"type": C.TRIGGERS, "status": "True", "reason": "Idle", "message": "", "lastTransitionTime": "x"}]
+    _, status, _ = run(world(status={"conditions": old}))
+    assert C.get_condition(status["conditions"], C.TRIGGERS) is None
+
+
+# ---- blocked, status times, Events ---------------------------------------------------------------------
+
+
+def test_blocked_restores_every_route_and_says_why() -> None:
+    base = world()
+    w = dataclasses.replace(
+        base, r=None, blocked=Blocked(C.TARGET_FOUND, "TargetNotFound", "gone"), touched=frozenset({VS})
+    )
+    w.es["status"] = {"origin": {"service": "x"}, "mode": "proxy"}
+    plan, status, events = run(w)
+    assert plan.restore_all and status["mode"] == "serve" and "origin" not in status
+    assert status["boundVirtualServices"] == [f"{NS}/details"]
+    assert cond(status, C.READY) == ("False", "TargetNotFound")
+    assert events == [Event("Warning", "TargetNotFound", "gone")]
+
+
+def test_a_missing_service_still_says_the_target_was_found() -> None:
+    w = dataclasses.replace(world(), r=None, blocked=Blocked("ServiceFound", "ServiceNotFound", "no svc"))
+    _, status, _ = run(w)
+    assert cond(status, C.TARGET_FOUND) == ("True", "TargetFound")
+    assert cond(status, "ServiceFound") == ("False", "ServiceNotFound")
+
+
+def test_phase_times_come_from_the_worlds_clock() -> None:
+    _, status, events = run(world(replicas=0, ready=0, status={"phase": "Serving"}))
+    assert status["lastScaledToZeroTime"] == "2026-12-02T12:00:00Z"
+    assert Event("Normal", "ScaledToZero", "Deployment details-v1 has no replica left") in events
+    _, status, _ = run(world(status={"phase": "ScalingUp"}))
+    assert status["awakeSince"] == "2026-12-02T12:00:00Z"
+
+
+def test_warnings_come_from_condition_transitions_so_a_restart_does_not_repeat_them() -> None:
+    _, first, events = run(world(vss={}))
+    assert [e.reason for e in events] == ["VirtualServiceNotFound", "Serving"]
+    # The next reconcile (or a restarted controller) reads the status the first one wrote.
+    _, second, events = run(world(vss={}, status=first))
+    assert events == [] and second["conditions"] == first["conditions"]
+    # A new message for the same problem is worth a new Warning.
+    _, _, events = run(world(vss={}, refs=frozenset({VS, (NS, "other")}), status=first))
+    assert [e.reason for e in events] == ["VirtualServiceNotFound"]
+
+
+def test_a_switch_is_an_event() -> None:
+    w = world(replicas=0, ready=0)
+    plan = decide.decide(w)
+    _, _, events = decide.report(w, plan, Outcome(memory=w.memory, changed=True))
+    msg = "Deployment details-v1 is at 0 replicas: 1 VirtualService(s) route to the activator"
+    assert Event("Normal", "SwitchedToProxy", msg) in events
