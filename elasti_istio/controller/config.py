@@ -46,6 +46,13 @@ def parse_deployment_ref(value: str) -> tuple[str, str] | None:
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     d = ControllerConfig()
+    _process_flags(p.add_argument_group("where it runs and how it is elected"), d)
+    _routing_flags(p.add_argument_group("routes to the activator"), d)
+    _endpoint_flags(p.add_argument_group("what it serves"), d)
+    _scaling_flags(p.add_argument_group("wakes and scale-downs"), d)
+
+
+def _process_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
     options.add(
         p,
         "--namespace",
@@ -56,43 +63,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
-        "--activator-host",
-        default=d.activator_host,
-        help="host of the activator Service that proxy-mode routes send traffic to",
-    )
-    options.add(p, "--activator-port", type=int, default=d.activator_port, help="port of the activator Service")
-    options.add(
-        p,
-        "--activator-deployment",
-        type=parse_deployment_ref,
-        default="elasti-system/elasti-activator",
-        metavar="NS/NAME",
-        help="the activator Deployment; without a ready replica routes stay in serve mode and sleeping "
-        "targets are woken (fail open); 'none' disables the check",
-    )
-    options.add(
-        p,
-        "--wake-listen",
-        type=options.host_port,
-        default="0.0.0.0:8013",
-        metavar="HOST:PORT",
-        help="where POST /v1/wake is served",
-    )
-    options.add(
-        p,
-        "--metrics-listen",
-        type=options.host_port,
-        default="0.0.0.0:8080",
-        metavar="HOST:PORT",
-        help="where /metrics, /healthz and /readyz are served",
-    )
-    options.add(
-        p,
         "--kubeconfig",
         default=None,
         metavar="PATH",
         help="kubeconfig file; default: in-cluster, then $KUBECONFIG or ~/.kube/config",
     )
+    options.add(p, "--cluster-domain", default=d.cluster_domain, help="DNS suffix of Service hosts")
     options.add(
         p,
         "--leader-election",
@@ -111,22 +87,26 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         default=d.lease_seconds,
         help="how long a Lease is held without renewal before another replica takes over",
     )
-    options.add(p, "--cluster-domain", default=d.cluster_domain, help="DNS suffix of Service hosts")
+    options.add(p, "--workers", type=int, default=d.workers, help="ElastiServices reconciled concurrently")
+    options.add(p, "--log-level", default="info", help="debug, info, warning or error")
+
+
+def _routing_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
     options.add(
         p,
-        "--route-key-file",
-        default=None,
-        metavar="PATH",
-        help="the route key (a mounted Secret, one key per line, the first signs): proxy-mode routes carry an "
-        "elasti-token the activator checks, so only the mesh route can use it; re-read when the file changes",
+        "--activator-host",
+        default=d.activator_host,
+        help="host of the activator Service that proxy-mode routes send traffic to",
     )
+    options.add(p, "--activator-port", type=int, default=d.activator_port, help="port of the activator Service")
     options.add(
         p,
-        "--trigger-allow",
-        default="",
-        metavar="HOSTS_AND_CIDRS",
-        help="comma-separated Prometheus hosts (exact names) and networks (for IP addresses) that idle triggers "
-        "may query; empty: any http(s) address without credentials, query or fragment",
+        "--activator-deployment",
+        type=parse_deployment_ref,
+        default="elasti-system/elasti-activator",
+        metavar="NS/NAME",
+        help="the activator Deployment; without a ready replica routes stay in serve mode and sleeping "
+        "targets are woken (fail open); 'none' disables the check",
     )
     options.add(
         p,
@@ -137,11 +117,49 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
+        "--route-key-file",
+        default=None,
+        metavar="PATH",
+        help="the route key (a mounted Secret, one key per line, the first signs): proxy-mode routes carry an "
+        "elasti-token the activator checks, so only the mesh route can use it; re-read when the file changes",
+    )
+
+
+def _endpoint_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
+    options.add(
+        p,
+        "--wake-listen",
+        type=options.host_port,
+        default="0.0.0.0:8013",
+        metavar="HOST:PORT",
+        help="where POST /v1/wake is served",
+    )
+    options.add(
+        p,
+        "--metrics-listen",
+        type=options.host_port,
+        default="0.0.0.0:8080",
+        metavar="HOST:PORT",
+        help="where /metrics, /healthz and /readyz are served",
+    )
+    options.add(
+        p,
         "--wake-token-file",
         default=None,
         metavar="PATH",
         help="accept POST /v1/wake only with the bearer token in this file (re-read when it changes, so a "
         "mounted Secret can rotate); default: no authentication",
+    )
+
+
+def _scaling_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
+    options.add(
+        p,
+        "--trigger-allow",
+        default="",
+        metavar="HOSTS_AND_CIDRS",
+        help="comma-separated Prometheus hosts (exact names) and networks (for IP addresses) that idle triggers "
+        "may query; empty: any http(s) address without credentials, query or fragment",
     )
     options.add(
         p,
@@ -177,8 +195,6 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         "requests are released at its first ready pod, before the workload's status says so; 0: wait for "
         "the workload's status",
     )
-    options.add(p, "--workers", type=int, default=d.workers, help="ElastiServices reconciled concurrently")
-    options.add(p, "--log-level", default="info", help="debug, info, warning or error")
 
 
 def from_args(args: argparse.Namespace) -> ControllerConfig:

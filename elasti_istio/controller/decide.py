@@ -297,6 +297,37 @@ def _decide_blocked(w: World) -> Plan:
     return Plan(restore_all=True, conditions=conds)
 
 
+# ---- deletion ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DeletionStep:
+    """One look at a deleted ElastiService whose routes are on the activator."""
+
+    wake: bool = False  # the target is at zero: wake it
+    release_ready: int | None = None  # write status.readyReplicas (the activators release on it)
+    look_at_endpoints: bool = False  # read the Service's EndpointSlices, then ask again
+    wait: float | None = None  # look again in this many seconds; None: restore the routes now
+    unready_restore: bool = False  # restoring without a ready replica (holdTimeout is over): a Warning
+
+
+def deletion_rules(state: WorkloadState, status_ready: Any, left: float, listed: bool | None) -> DeletionStep:
+    """The routes of a deleted ElastiService stay on the activator until the woken target has a ready
+    replica its Service's EndpointSlices list (``listed``; None: not read yet), for at most ``left``
+    more seconds of its holdTimeout since the deletion. readyReplicas is written before the
+    EndpointSlices are read: the activators release held requests on it."""
+    if state.at_zero and left > 0:
+        return DeletionStep(wake=True, wait=min(0.5, left))
+    release = state.ready if state.ready >= 1 and status_ready != state.ready else None
+    if left > 0 and state.ready == 0:
+        return DeletionStep(wait=min(0.5, left))  # held requests wait; pod events come sooner
+    if left > 0 and listed is None:
+        return DeletionStep(release_ready=release, look_at_endpoints=True)
+    if left > 0 and not listed:
+        return DeletionStep(release_ready=release, wait=min(ENDPOINTS_POLL, left))
+    return DeletionStep(release_ready=release, unready_restore=state.ready == 0)
+
+
 # ---- what the writes achieved: status and Events -----------------------------------------------
 
 

@@ -399,3 +399,37 @@ def test_a_switch_is_an_event() -> None:
     _, _, events = decide.report(w, plan, Outcome(memory=w.memory, changed=True))
     msg = "Deployment details-v1 is at 0 replicas: 1 VirtualService(s) route to the activator"
     assert Event("Normal", "SwitchedToProxy", msg) in events
+
+
+# ---- deletion -----------------------------------------------------------------------------------------
+
+
+def workload(replicas: int, ready: int) -> WorkloadState:
+    return WorkloadState("Deployment", "details-v1", replicas, ready, replicas, {}, {}, False, None)
+
+
+DELETION_ROWS = [
+    # (what, state, status.readyReplicas, seconds of holdTimeout left, listed, step)
+    ("at zero: woken, routes stay", workload(0, 0), 0, 30.0, None, decide.DeletionStep(wake=True, wait=0.5)),
+    ("scaling up: routes stay", workload(1, 0), 0, 30.0, None, decide.DeletionStep(wait=0.5)),
+    ("ready: released, then the EndpointSlices", workload(1, 1), 0, 30.0, None,
+     decide.DeletionStep(release_ready=1, look_at_endpoints=True)),
+    ("ready, not listed yet", workload(1, 1), 1, 30.0, False, decide.DeletionStep(wait=ENDPOINTS_POLL)),
+    ("ready and listed: restore", workload(1, 1), 1, 30.0, True, decide.DeletionStep()),
+    ("holdTimeout over, never ready: restore with a warning", workload(1, 0), 0, -1.0, None,
+     decide.DeletionStep(unready_restore=True)),
+    ("holdTimeout over, ready, not listed: restore", workload(1, 1), 0, -1.0, None,
+     decide.DeletionStep(release_ready=1)),
+    ("at zero, holdTimeout over: restore (the finalizer wakes it after)", workload(0, 0), 0, -1.0, None,
+     decide.DeletionStep(unready_restore=True)),
+    ("waits no longer than holdTimeout", workload(1, 0), 0, 0.2, None, decide.DeletionStep(wait=0.2)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("what", "state", "status_ready", "left", "listed", "step"), DELETION_ROWS, ids=[r[0] for r in DELETION_ROWS]
+)
+def test_deletion(
+    what: str, state: WorkloadState, status_ready: int, left: float, listed: bool | None, step: decide.DeletionStep
+) -> None:
+    assert decide.deletion_rules(state, status_ready, left, listed) == step, what
