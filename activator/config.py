@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from elasti_istio import options
+from elasti_istio import logs, options
 
 DEFAULT_CONTROLLER_URL = "http://elasti-controller.elasti-system.svc.cluster.local:8013"
 # Above what an Istio sidecar lets through by default (60 KiB of headers, 100 of them) plus the few
@@ -239,7 +239,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         "accepted): a request whose elasti-token is not the token of its elasti-service is refused with 403; "
         "unset: no check (any pod that reaches the activator can name any ElastiService)",
     )
-    options.add(p, "--log-level", default="info", help="debug, info, warning or error")
+    logs.add_flags(p)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    logs.setup(args.log_level, "activator")
+    logs.setup(args.log_level, "activator", args.log_format)
     cfg = Config.from_args(args)
     try:
         import uvloop  # type: ignore[import-not-found,unused-ignore]

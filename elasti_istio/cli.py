@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from elasti_istio import __version__, options
+from elasti_istio.commands import errors
 
 # Subcommand modules, each with register(subparsers) setting ``func``.
 COMMANDS = (
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = errors.explain(exc)
+        if message is None:
+            raise  # a bug: the traceback says where
+        print("error: " + " ".join(message.split()), file=sys.stderr)  # one line, whatever the cause's form
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,13 +42,26 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"error: cannot read --wake-token-file: {exc}", file=sys.stderr)
             return 2
-    status, body = asyncio.run(post_controller(args, f"/v1/{args.verb}", {"namespace": ns, "name": name}, token))
+    request = {"namespace": ns, "name": name, **({"by": "cli"} if args.verb == "wake" else {})}
+    status, body = asyncio.run(post_controller(args, f"/v1/{args.verb}", request, token))
     ok = status == 202
     if args.output == "json":
         print(json.dumps({"status": status, **(body if isinstance(body, dict) else {"body": body})}))
     elif ok:
         print(f"{ns}/{name}: {args.verb} accepted, phase {body.get('phase')}")
     else:
-        err = body.get("error") if isinstance(body, dict) else body
-        print(f"{ns}/{name}: {args.verb} failed ({status}): {err}", file=sys.stderr)
+        print(f"{ns}/{name}: {args.verb} failed ({status}): {failure(body)}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def failure(body: object) -> str:
+    """The server's own words: the controller's ``error`` (and ``reason``), or the API server's Status
+    ``message`` when the service proxy answered (no controller Service, no permission to proxy)."""
+    if not isinstance(body, dict):
+        return str(body)
+    if body.get("error"):
+        return f"{body['error']}" + (f" ({body['reason']})" if body.get("reason") else "")
+    if body.get("kind") == "Status" and body.get("message"):
+        via = "through the API server's service proxy; --controller-url reaches the controller directly"
+        return f"{body['message']} ({via})"
+    return json.dumps(body)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import aiohttp
 
 from elasti_istio import options
+from elasti_istio.commands.errors import UnreachableError
 from elasti_istio.kube import Kube, KubeError, load_connection
+
+T = TypeVar("T")
+NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 SYSTEM_NS = "elasti-system"
 
@@ -29,6 +35,24 @@ def kube(args: argparse.Namespace) -> Kube:
     return Kube(load_connection(args.kubeconfig), user_agent="elasti-istio-cli")
 
 
+async def reaching(what: str, fix: str, call: Awaitable[T]) -> T:
+    """``call``, with a network failure turned into one line naming ``what`` could not be reached."""
+    try:
+        return await call
+    except aiohttp.InvalidURL as exc:
+        raise UnreachableError(f"{what}: not a valid URL ({exc}); {fix}") from exc
+    except NETWORK_ERRORS as exc:
+        reason = getattr(getattr(exc, "os_error", None), "strerror", None) or str(exc) or type(exc).__name__
+        raise UnreachableError(f"cannot reach {what} ({reason}); {fix}") from exc
+
+
+async def with_api(args: argparse.Namespace, work: Any) -> Any:
+    """Runs ``work(kube)`` against the API server of ``--kubeconfig``; unreachable: one clear line."""
+    async with kube(args) as k:
+        fix = "is the cluster up, and is --kubeconfig (or KUBECONFIG) the right one?"
+        return await reaching(f"the API server at {k.conn.server}", fix, work(k))
+
+
 def split_ref(ref: str) -> tuple[str, str]:
     ns, sep, name = ref.partition("/")
     if not sep or not ns or not name:
@@ -45,22 +69,27 @@ async def post_controller(
     if token:
         headers["Authorization"] = f"Bearer {token}"
     if args.controller_url:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                args.controller_url.rstrip("/") + path,
-                data=json.dumps(body),
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=60),
-            ) as resp,
-        ):
-            return resp.status, _json(await resp.text())
-    async with kube(args) as k:
+        url = args.controller_url.rstrip("/") + path
+
+        async def post() -> tuple[int, Any]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    url, data=json.dumps(body), headers=headers, timeout=aiohttp.ClientTimeout(total=60)
+                ) as resp,
+            ):
+                return resp.status, _json(await resp.text())
+
+        return await reaching(f"the controller at {args.controller_url}", "check --controller-url", post())
+
+    async def through_proxy(k: Kube) -> tuple[int, Any]:
         proxy = f"/api/v1/namespaces/{args.controller_namespace}/services/{args.controller_service}:8013/proxy{path}"
         try:
             return 202, await k.request("POST", proxy, body=body, timeout=60)
         except KubeError as exc:
             return exc.status, exc.body if isinstance(exc.body, dict) else {"error": exc.message}
+
+    return await with_api(args, through_proxy)  # type: ignore[no-any-return]
 
 
 def _json(text: str) -> Any:

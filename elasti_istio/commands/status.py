@@ -11,19 +11,22 @@ from typing import Any
 import aiohttp
 
 from elasti_istio import options
-from elasti_istio.commands.common import SYSTEM_NS, add_connection_flags, kube
+from elasti_istio.commands.common import SYSTEM_NS, add_connection_flags, with_api
 from elasti_istio.kube import Kube, KubeError
 from elasti_istio.resources import DEPLOYMENTS, ELASTISERVICES, PODS
 
-COLUMNS = ("NAMESPACE", "NAME", "SERVICE", "PHASE", "MODE", "READY", "VIRTUALSERVICES", "LAST WAKE", "HELD")
+COLUMNS = (
+    "NAMESPACE", "NAME", "SERVICE", "PHASE", "MODE", "READY", "REASON", "REPLICAS",
+    "VIRTUALSERVICES", "LAST WAKE", "HELD",
+)  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "status",
-        help="show ElastiServices: phase, mode, ready replicas, bound routes, held requests",
-        description="Lists ElastiServices with their phase, mode, ready replicas, bound "
-        "VirtualServices, last wake and the requests held right now, summed over the activator "
+        help="show ElastiServices: phase, mode, Ready and why, ready replicas, bound routes, held requests",
+        description="Lists ElastiServices with their phase, mode, Ready condition and its reason, ready "
+        "replicas, bound VirtualServices, last wake and the requests held right now, summed over the activator "
         "replicas (read from each replica's admin port through the API server's pod proxy, or "
         "from --activator-admin).",
     )
@@ -73,7 +76,9 @@ def _cell(row: dict[str, Any], column: str) -> str:
         "SERVICE": "service",
         "PHASE": "phase",
         "MODE": "mode",
-        "READY": "readyReplicas",
+        "READY": "ready",
+        "REASON": "reason",
+        "REPLICAS": "readyReplicas",
         "VIRTUALSERVICES": "boundVirtualServices",
         "LAST WAKE": "lastWakeTime",
         "HELD": "held",
@@ -87,27 +92,33 @@ def _cell(row: dict[str, Any], column: str) -> str:
 
 
 async def collect(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str | None]:
-    async with kube(args) as k:
-        ns = None if args.all_namespaces else (args.namespace or k.conn.namespace or "default")
-        items = (await k.list(ELASTISERVICES, ns)).get("items") or []
-        rows = []
-        for es in sorted(items, key=lambda o: (o["metadata"]["namespace"], o["metadata"]["name"])):
-            st = es.get("status") or {}
-            rows.append(
-                {
-                    "namespace": es["metadata"]["namespace"],
-                    "name": es["metadata"]["name"],
-                    "service": (es.get("spec") or {}).get("service"),
-                    "phase": st.get("phase"),
-                    "mode": st.get("mode"),
-                    "readyReplicas": st.get("readyReplicas"),
-                    "boundVirtualServices": st.get("boundVirtualServices", []),
-                    "lastWakeTime": st.get("lastWakeTime"),
-                    "held": None,
-                }
-            )
-        warning = await fill_held(k, args, rows)
-        return rows, warning
+    return await with_api(args, lambda k: _collect(k, args))  # type: ignore[no-any-return]
+
+
+async def _collect(k: Kube, args: argparse.Namespace) -> tuple[list[dict[str, Any]], str | None]:
+    ns = None if args.all_namespaces else (args.namespace or k.conn.namespace or "default")
+    items = (await k.list(ELASTISERVICES, ns)).get("items") or []
+    rows = []
+    for es in sorted(items, key=lambda o: (o["metadata"]["namespace"], o["metadata"]["name"])):
+        st = es.get("status") or {}
+        ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+        rows.append(
+            {
+                "namespace": es["metadata"]["namespace"],
+                "name": es["metadata"]["name"],
+                "service": (es.get("spec") or {}).get("service"),
+                "phase": st.get("phase"),
+                "mode": st.get("mode"),
+                "ready": ready.get("status"),
+                "reason": ready.get("reason"),
+                "readyReplicas": st.get("readyReplicas"),
+                "boundVirtualServices": st.get("boundVirtualServices", []),
+                "lastWakeTime": st.get("lastWakeTime"),
+                "held": None,
+            }
+        )
+    warning = await fill_held(k, args, rows)
+    return rows, warning
 
 
 async def fill_held(k: Kube, args: argparse.Namespace, rows: list[dict[str, Any]]) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from elasti_istio import options
+from elasti_istio import logs, options
 from elasti_istio.controller.triggers import Allow, parse_allow
 
 
@@ -88,7 +88,7 @@ def _process_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
         help="how long a Lease is held without renewal before another replica takes over",
     )
     options.add(p, "--workers", type=int, default=d.workers, help="ElastiServices reconciled concurrently")
-    options.add(p, "--log-level", default="info", help="debug, info, warning or error")
+    logs.add_flags(p)
 
 
 def _routing_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:

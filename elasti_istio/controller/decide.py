@@ -355,8 +355,14 @@ def wake_rules(w: World, memory: Memory, conds: list[dict[str, Any]]) -> tuple[l
     return conds, memory
 
 
+READY_BLOCKERS = {C.VS_BOUND: "False", C.ACTIVATOR: "False", C.WAKE_FAILED: "True"}  # and a blocked spec
+
+
 def ready_condition(conds: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    problem = next((c for c in conds if c["type"] in (C.VS_BOUND, C.ACTIVATOR) and c["status"] == "False"), None)
+    """Ready is False with the first of: no bound route to the target, the activator unavailable, a
+    failed wake (cold requests would fail). Warnings that leave it working (a short route timeout, an
+    invalid schedule, triggers that cannot be evaluated) do not make it unready."""
+    problem = next((c for c in conds if READY_BLOCKERS.get(c["type"]) == c["status"]), None)
     if problem:
         return C.set_condition(conds, C.READY, False, problem["reason"], problem["message"])
     if mode == "proxy":

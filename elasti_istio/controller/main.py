@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    logs.setup(args.log_level, "controller")
+    logs.setup(args.log_level, "controller", args.log_format)
     cfg = config.from_args(args)
     return asyncio.run(_main(cfg))
 

@@ -20,6 +20,11 @@ from elasti_istio.kube import KubeError
 from elasti_istio.kube.client import retry_on_conflict
 from elasti_istio.resources import ELASTISERVICES, SERVICES
 
+WAKE_CAUSES = {
+    "activator": "a request arrived for the sleeping target",
+    "cli": "asked to wake (elasti-istio wake)",
+}
+
 
 class Operations(Base):
     """Part of :class:`~elasti_istio.controller.reconciler.Reconciler`."""
@@ -196,16 +201,16 @@ class Operations(Base):
 
         await retry_on_conflict(drop)
 
-    async def wake(self, namespace: str, name: str) -> str:
+    async def wake(self, namespace: str, name: str, by: str = "activator") -> str:
         """Scales the target up if it is below minTargetReplicas; returns the resulting phase.
 
         Raises LookupError when the ElastiService does not exist and Blocked/KubeError when the target
         cannot be woken (a condition and an Event say so too).
         """
         async with self.lock(es_key(namespace, name)):
-            return await self._wake(namespace, name)
+            return await self._wake(namespace, name, by)
 
-    async def _wake(self, namespace: str, name: str) -> str:
+    async def _wake(self, namespace: str, name: str, by: str) -> str:
         key = es_key(namespace, name)
         es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
         if es is None:
@@ -225,7 +230,8 @@ class Operations(Base):
             asyncio.get_running_loop().call_soon(self.requeue, key)
             raise Blocked(C.WAKE_FAILED, "PausedByOwner", paused)
         try:
-            scaled = await self.scale_up(es, r, reason="Woken", why="a request arrived for the sleeping target")
+            why = WAKE_CAUSES.get(by, WAKE_CAUSES["activator"])
+            scaled = await self.scale_up(es, r, reason="Woken", why=why)
         except KubeError:
             metrics.WAKES.labels(namespace, name, "failed").inc()
             asyncio.get_running_loop().call_soon(self.requeue, key)

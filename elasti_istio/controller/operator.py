@@ -116,6 +116,7 @@ class Controller:
                 self.queue.add(key)
         elif not leader:
             self.queue.enabled.clear()
+            metrics.clear_state()
             self.pods.drop_all()
 
     async def _process(self, key: str) -> float | None:
@@ -435,6 +436,8 @@ class Controller:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)
         self.seeded.set()
+        if self.elector is None:
+            metrics.LEADER.set(1)  # without leader election every replica acts
         if self.is_leader():
             self.queue.enabled.set()
             self.enqueue(self.idx.all_es())

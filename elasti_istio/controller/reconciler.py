@@ -76,6 +76,7 @@ class Reconciler(FastPath, Observe, Act, Scaling, Operations):
         if plan.release_ready is not None:
             baseline["readyReplicas"] = plan.release_ready  # written before the routes moved
         await self.write_status(es, baseline, status)
+        metrics.observe_status(*split_key(world.key), status)
         for event in events:
             if event.type == "Warning":
                 log.warning("%s: %s", world.key, event.message)

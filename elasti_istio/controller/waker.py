@@ -27,6 +27,7 @@ from elasti_istio.kube import KubeError
 log = logging.getLogger("elasti.wake")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 MAX_WAIT = 60.0  # seconds a wake may wait for the target's first ready replica
+WAKERS = ("activator", "cli")  # who asks for a wake (``"by"``; the activator when absent): the Event says so
 
 
 def error(status: int, message: str, **extra: Any) -> web.Response:
@@ -72,7 +73,7 @@ class Waker:
 
     def __init__(
         self,
-        wake: Callable[[str, str], Awaitable[str]],
+        wake: Callable[[str, str, str], Awaitable[str]],
         is_leader: Callable[[], bool],
         token_file: str | None = None,
         sleep: Callable[[str, str], Awaitable[str]] | None = None,
@@ -93,7 +94,7 @@ class Waker:
                 answered += 1
         return answered
 
-    async def wake_and_wait(self, namespace: str, name: str, wait: float) -> dict[str, Any]:
+    async def wake_and_wait(self, namespace: str, name: str, wait: float, by: str = "activator") -> dict[str, Any]:
         """The answer's phase and readiness; the waiter is registered before the wake, so a ready
         replica seen at any point after it is not missed."""
         key = f"{namespace}/{name}"
@@ -101,7 +102,7 @@ class Waker:
         waiters = self._ready_waiters.setdefault(key, set())
         waiters.add(fut)
         try:
-            phase = await self.wake(namespace, name)
+            phase = await self.wake(namespace, name, by)
             if phase != "ScalingUp":
                 return {"phase": phase, "ready": phase == "Serving"}
             if fut.done() or wait > 0:
@@ -116,11 +117,12 @@ class Waker:
             if not waiters and self._ready_waiters.get(key) is waiters:
                 del self._ready_waiters[key]
 
-    async def wake(self, namespace: str, name: str) -> str:
+    async def wake(self, namespace: str, name: str, by: str = "activator") -> str:
+        """Concurrent wakes of one ElastiService share one call (the first one's ``by`` is recorded)."""
         key = f"{namespace}/{name}"
         fut = self._inflight.get(key)
         if fut is None:
-            fut = asyncio.ensure_future(self._wake(namespace, name))
+            fut = asyncio.ensure_future(self._wake(namespace, name, by))
             self._inflight[key] = fut
             fut.add_done_callback(lambda _f: self._inflight.pop(key, None))
         return await asyncio.shield(fut)
@@ -133,13 +135,13 @@ class Waker:
         if sleep is None:
             return error(404, "sleep is not served here")
 
-        async def action(ns: str, name: str, _wait: float) -> dict[str, Any]:
+        async def action(ns: str, name: str, _wait: float, _by: str) -> dict[str, Any]:
             return {"phase": await sleep(ns, name)}
 
         return await self._handle(request, action)
 
     async def _handle(
-        self, request: web.Request, action: Callable[[str, str, float], Awaitable[dict[str, Any]]]
+        self, request: web.Request, action: Callable[[str, str, float, str], Awaitable[dict[str, Any]]]
     ) -> web.Response:
         if self._token is not None and not self._token.allows(request.headers.get("Authorization")):
             return web.json_response(
@@ -162,8 +164,11 @@ class Waker:
         wait = body.get("wait", 0)
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= MAX_WAIT:
             return error(400, f"wait must be a number of seconds from 0 to {MAX_WAIT:g}")
+        by = body.get("by", "activator")
+        if by not in WAKERS:
+            return error(400, f"by must be one of {', '.join(WAKERS)}")
         try:
-            answer = await action(ns, name, float(wait))
+            answer = await action(ns, name, float(wait), by)
         except LookupError as exc:
             return error(404, str(exc), namespace=ns, name=name)
         except Blocked as exc:

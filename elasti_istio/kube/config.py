@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
+class KubeconfigError(RuntimeError):
+    """No usable kubeconfig; the message says which file and what to do."""
+
+
 EXPIRY_MARGIN = 10.0  # seconds before an exec plugin's expirationTimestamp that it is run again
 
 
@@ -152,14 +156,18 @@ def _from_kubeconfig(path: str | None, context: str | None) -> KubeConnection:
     from kubernetes import client, config  # imported lazily: only reading kubeconfig needs it
 
     if path and not Path(path).exists():
-        raise FileNotFoundError(f"kubeconfig not found: {path}")
+        raise KubeconfigError(f"kubeconfig not found: {path}")
     cfg = client.Configuration()
+    where = path or os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
         config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
     except config.ConfigException as exc:
-        raise RuntimeError(
-            f"no usable Kubernetes configuration ({exc}); pass --kubeconfig or run in a cluster"
+        raise KubeconfigError(
+            f"no usable Kubernetes configuration in {where} ({exc}); pass --kubeconfig, set KUBECONFIG or run "
+            "in a cluster"
         ) from exc
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise KubeconfigError(f"the kubeconfig {where} cannot be read: {type(exc).__name__}: {exc}") from exc
     header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
     token = header.split(" ", 1)[-1] if header else None
     user, base = _kubeconfig_user(path, context)

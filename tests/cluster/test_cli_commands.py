@@ -12,7 +12,7 @@ from typing import Any
 
 from tests.cluster.test_controller_lifecycle import bookinfo, phase
 from tests.conftest import K8s, MeshInfo
-from tests.harness import Proc, free_port, http_json, scale, wait_until
+from tests.harness import Proc, events_for, free_port, http_json, scale, wait_until
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -97,6 +97,16 @@ def test_status_wake_and_sleep(
         slept = cli("sleep", f"{namespace}/details", "--controller-url", wake_base, "--output", "json")
         assert slept.returncode == 0 and json.loads(slept.stdout)["status"] == 202
         wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="asleep by the CLI")
+
+        # A wake asked by a person says so in its Event (the activator's say a request arrived).
+        assert cli("wake", f"{namespace}/details", "--controller-url", wake_base).returncode == 0
+        wait_until(
+            lambda: any(
+                e.reason == "Woken" and "asked to wake (elasti-istio wake)" in e.message
+                for e in events_for(k8s, namespace, "details")
+            ),
+            what="the Woken Event of the CLI's wake",
+        )
 
         missing = cli("wake", f"{namespace}/nope", "--controller-url", wake_base)
         assert missing.returncode == 1 and "not found" in missing.stderr

@@ -36,6 +36,7 @@ def test_only_the_leader_acts_and_a_killed_leader_is_replaced(
 
         leader = wait_until(one_leader, 60, "exactly one ready replica")
         follower = procs[1 - procs.index(leader)]
+        assert (leader_gauge(leader), leader_gauge(follower)) == (1.0, 0.0)
         code, body = follower.wake(namespace, "details")
         assert code == 503 and "not the leader" in body["error"]
         lease = k8s.custom.get_namespaced_custom_object(  # type: ignore[attr-defined]
@@ -55,3 +56,13 @@ def test_only_the_leader_acts_and_a_killed_leader_is_replaced(
         for p in procs:
             p.stop()
             print(p.log_path.name, p.logs()[-2000:])
+
+
+def leader_gauge(p: ControllerProc) -> float:
+    line = next(x for x in p.metrics().splitlines() if x.startswith("elasti_controller_leader "))
+    return float(line.split()[1])
+
+
+def test_without_leader_election_the_replica_says_it_acts(start_controller) -> None:  # type: ignore[no-untyped-def]
+    ctrl = start_controller()
+    wait_until(lambda: leader_gauge(ctrl) == 1.0, 30, "elasti_controller_leader 1 without leader election")

@@ -40,7 +40,8 @@ class Answer:
         return self.headers.get(COLD) == "true"
 
     def __repr__(self) -> str:
-        return f"Answer({self.status}, {self.body[:200]!r})"
+        # The headers say which hop answered (Envoy's own replies carry no x-envoy-upstream-service-time).
+        return f"Answer({self.status}, {self.body[:200]!r}, headers={self.headers})"
 
 
 class Sidecar:

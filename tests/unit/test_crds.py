@@ -31,7 +31,27 @@ def test_crd_names_and_columns() -> None:
     assert spec["names"]["shortNames"] == ["es"]
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Service", "Phase", "Mode", "Ready", "Age"]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert list(columns) == ["Service", "Phase", "Mode", "Ready", "Reason", "Replicas", "Age"]
+    assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'  # the condition, not a count
+    assert columns["Reason"] == '.status.conditions[?(@.type=="Ready")].reason'
+
+
+def test_every_field_is_documented_for_kubectl_explain() -> None:
+    missing: list[str] = []
+
+    def walk(node: dict, path: str) -> None:
+        for name, child in (node.get("properties") or {}).items():
+            if path == "es" and name == "metadata":
+                continue  # the API server refuses anything on metadata but name and generateName
+            if not child.get("description"):
+                missing.append(f"{path}.{name}")
+            walk(child, f"{path}.{name}")
+        if "items" in node:
+            walk(node["items"], f"{path}[]")
+
+    walk(schema(), "es")
+    assert missing == []
 
 
 def test_spec_schema() -> None:

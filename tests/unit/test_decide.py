@@ -265,6 +265,10 @@ def test_wake_outcome(
     status, memory, _ = decide.report(w, plan, Outcome(memory=after or w.memory))
     got = C.get_condition(status["conditions"], C.WAKE_FAILED)
     assert (None if got is None else (got["status"], got["reason"])) == wake_failed, what
+    if wake_failed and wake_failed[0] == "True":  # cold requests would fail: not Ready, and why
+        assert cond(status, C.READY) == ("False", wake_failed[1])
+    else:
+        assert cond(status, C.READY)[0] == "True"
     assert memory.wake_failure == failure
     if wake_failed == ("False", "Woken"):
         assert not memory.waking  # done: forgotten

@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -40,16 +41,21 @@ def expressions() -> list[str]:
     return exprs
 
 
+def check_expr(expr: str, known: dict[str, set[str]]) -> set[str]:
+    """Every elasti_ metric in ``expr`` is exported, and each label it groups by is on one of them."""
+    names = set(re.findall(r"\b(elasti_[a-z_]+)", expr))
+    for name in names:
+        assert name in known, f"{name} is not exported ({expr})"
+    for group in re.findall(r"by \(([^)]*)\)", expr):
+        for label in (x.strip() for x in group.split(",")):
+            assert any(label in known[n] for n in names), f"label {label} not on {names} ({expr})"
+    return names
+
+
 def test_every_dashboard_metric_and_label_exists() -> None:
     known = exported()
     for expr in expressions():
-        names = set(re.findall(r"\b(elasti_[a-z_]+)", expr))
-        assert names, expr
-        for name in names:
-            assert name in known, f"{name} is not exported ({expr})"
-        for group in re.findall(r"by \(([^)]*)\)", expr):
-            for label in (x.strip() for x in group.split(",")):
-                assert any(label in known[n] for n in names), f"label {label} not on {names} ({expr})"
+        assert check_expr(expr, known), expr
 
 
 def test_scrape_objects_use_the_deployed_port_names() -> None:
@@ -106,3 +112,61 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def rules() -> list[dict]:
+    doc = yaml.safe_load((MON / "prometheusrule.yaml").read_text())
+    assert doc["kind"] == "PrometheusRule"
+    return [r for g in doc["spec"]["groups"] for r in g["rules"]]
+
+
+def test_every_alert_metric_and_label_exists() -> None:
+    known = exported()
+    alerts = {r["alert"] for r in rules()}
+    assert alerts == {
+        "ElastiServiceNotReady",
+        "ElastiServiceStuckWaking",
+        "ElastiServiceWakeFailures",
+        "ElastiActivatorQueueFull",
+        "ElastiActivatorUnavailable",
+    }
+    for rule in rules():
+        check_expr(rule["expr"], known)
+
+
+def test_the_monitors_keep_our_labels_and_carry_a_release_label() -> None:
+    for f, key in (
+        ("podmonitor-controller.yaml", "podMetricsEndpoints"),
+        ("servicemonitor-activator.yaml", "endpoints"),
+    ):
+        doc = yaml.safe_load((MON / f).read_text())
+        assert doc["metadata"]["labels"]["release"]
+        assert all(e["honorLabels"] is True for e in doc["spec"][key]), f
+
+
+def test_the_state_gauges_follow_the_status() -> None:
+    status = {"phase": "ScalingUp", "mode": "proxy", "conditions": [{"type": "Ready", "status": "True"}]}
+    controller_metrics.observe_status("shop", "gauge-test", status)
+
+    def value(metric: Any, *labels: str) -> float:
+        return float(metric.labels(*labels)._value.get())
+
+    assert value(controller_metrics.READY, "shop", "gauge-test") == 1
+    assert value(controller_metrics.PHASE, "shop", "gauge-test", "ScalingUp") == 1
+    assert value(controller_metrics.PHASE, "shop", "gauge-test", "Serving") == 0
+    assert value(controller_metrics.MODE, "shop", "gauge-test", "proxy") == 1
+    controller_metrics.observe_status("shop", "gauge-test", {"phase": "Serving", "mode": "serve", "conditions": []})
+    assert value(controller_metrics.READY, "shop", "gauge-test") == 0
+    assert value(controller_metrics.MODE, "shop", "gauge-test", "proxy") == 0
+    controller_metrics.forget("shop", "gauge-test")
+    assert not [s for m in controller_metrics.PHASE.collect() for s in m.samples if s.labels["name"] == "gauge-test"]
+
+
+@pytest.mark.cluster  # promtool comes with the binaries (Debian's prometheus package)
+def test_promtool_accepts_the_rules(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    assert Path(promtool).exists(), "Debian's prometheus package (with promtool) is needed"
+    doc = yaml.safe_load((MON / "prometheusrule.yaml").read_text())
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": doc["spec"]["groups"]}))
+    out = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -14,7 +14,7 @@ from activator.wake import WakeNotifier
 from elasti_istio.controller.waker import Waker
 
 
-async def _wake(namespace: str, name: str) -> str:
+async def _wake(namespace: str, name: str, by: str) -> str:
     return "ScalingUp"
 
 

@@ -17,8 +17,10 @@ from elasti_istio.controller.waker import Waker
 
 class Phase:
     value = "ScalingUp"
+    by: list[str] = []
 
-    async def wake(self, namespace: str, name: str) -> str:
+    async def wake(self, namespace: str, name: str, by: str) -> str:
+        self.by.append(by)
         return self.value
 
 
@@ -78,3 +80,16 @@ async def test_a_bad_wait_is_refused(served: tuple[Waker, Phase, str], wait: obj
     ):
         assert resp.status == 400
         assert "wait must be a number of seconds" in (await resp.json())["error"]
+
+
+async def test_who_asked_is_passed_on(served: tuple[Waker, Phase, str]) -> None:
+    """The activator sends no ``by``; ``elasti-istio wake`` sends ``cli``: the Woken Event says which."""
+    _, phase, url = served
+    phase.by = []
+    async with aiohttp.ClientSession() as session:
+        for body, status in (({}, 202), ({"by": "cli"}, 202), ({"by": "someone"}, 400), ({"by": 1}, 400)):
+            async with session.post(url + "v1/wake", json={"namespace": "ns", "name": "svc", **body}) as resp:
+                assert resp.status == status, body
+                if status == 400:
+                    assert "by must be one of activator, cli" in (await resp.json())["error"]
+    assert phase.by == ["activator", "cli"]
