@@ -399,8 +399,6 @@ def report(w: World, plan: Plan, outcome: Outcome) -> tuple[dict[str, Any], Memo
     )
     if memory.last_wake is not None:
         new["lastWakeTime"] = memory.last_wake
-    if plan.release_ready is not None:
-        old = dict(old, readyReplicas=plan.release_ready)  # already written, before the routes moved
     old_phase = w.status.get("phase")
     asleep = ("ScalingToZero", "ScaledToZero")
     if plan.phase != old_phase:

@@ -10,10 +10,11 @@ from typing import Any
 
 from elasti_istio import vsrewrite
 from elasti_istio.controller import spec as es_spec
+from elasti_istio.controller.indexes import ObjKey
 from elasti_istio.controller.workloads import WorkloadState
 from elasti_istio.resources import GROUP
 
-VsKey = tuple[str, str]  # (namespace, name) of a VirtualService
+VsKey = ObjKey  # (namespace, name) of a VirtualService
 
 KEDA_PAUSED_REPLICAS = "autoscaling.keda.sh/paused-replicas"
 KEDA_PAUSED = "autoscaling.keda.sh/paused"
