@@ -9,6 +9,8 @@ from aiohttp import web
 
 from activator.config import Config
 from activator.forward import Forwarder
+from activator.h2client import H2Pool
+from activator.h2proxy import H2Forwarder, H2Front
 from activator.hold import Holds
 from activator.metrics import Metrics
 from activator.protocol import JsonErrorServer
@@ -65,6 +67,10 @@ class Activator:
             websocket_max_message=cfg.websocket_max_message,
         )
         self.proxy = Proxy(cfg, self.registry, self.holds, self.forwarder, self.metrics)
+        self.h2_pool = H2Pool()
+        self.h2 = H2Front(
+            self.proxy, H2Forwarder(self.h2_pool, cfg.upstream_proxy, cfg.sidecar_address, cfg.cold_start_header)
+        )
         self.admin = Admin(self.registry, self.holds, self.metrics)
 
         # The low-level server: no router or middlewares on the hot path. Handler cancellation turns a
@@ -81,6 +87,7 @@ class Activator:
             max_line_size=cfg.max_line_size,
             max_field_size=cfg.max_field_size,
             max_headers=cfg.max_headers,
+            h2_handler=self.h2.handle,
         )
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=max(cfg.drain_timeout, 0.1))
         await self._proxy_runner.setup()
@@ -128,6 +135,7 @@ class Activator:
             await self.kube.close()
         await self.upstream.close()
         await self.fast_upstream.close()
+        await self.h2_pool.close()
         await self.control.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

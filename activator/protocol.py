@@ -1,4 +1,5 @@
-"""The proxy listener's HTTP connections: aiohttp's, with its own answers as JSON and bodies left encoded.
+"""The proxy listener's HTTP connections: aiohttp's, with its own answers as JSON and bodies left encoded;
+a connection that opens with HTTP/2's preface is handed to the HTTP/2 protocol instead.
 
 aiohttp answers a request it cannot parse (bad request line, malformed or oversized headers, too
 many headers) with a ``text/plain`` 400 and an error-level traceback in the log. Here such a request
@@ -20,6 +21,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+from activator.h2server import PREFACE, H2Server, Handler
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class JsonErrorHandler(RequestHandler):
     """One connection of the proxy listener: aiohttp's, with JSON error answers, a deadline for the first
     request's headers, and a place in the listener's connection count."""
 
-    __slots__ = ("_counted", "_header_timer", "header_timeout", "on_rejected", "owner")
+    __slots__ = ("_counted", "_header_timer", "_sniff", "header_timeout", "on_rejected", "owner")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         owner: JsonErrorServer = self.owner
@@ -86,6 +89,7 @@ class JsonErrorHandler(RequestHandler):
             return
         owner.open_connections += 1
         self._counted = True
+        self._sniff: bytes | None = b"" if owner.h2_handler is not None else None
         super().connection_made(transport)
         if self.header_timeout > 0:
             self._header_timer = asyncio.get_running_loop().call_later(self.header_timeout, self._headers_late)
@@ -100,10 +104,37 @@ class JsonErrorHandler(RequestHandler):
             super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._sniff is not None:
+            data = self._sniff + data
+            if len(data) < len(PREFACE) and PREFACE.startswith(data):
+                self._sniff = data  # could still be HTTP/2's preface
+                return
+            self._sniff = None
+            if data.startswith(PREFACE):
+                self._to_h2(data)
+                return
         super().data_received(data)
         if self._header_timer is not None and (self._messages or self._request_count):
             self._header_timer.cancel()  # a request arrived; between requests the keep-alive timeout rules
             self._header_timer = None
+
+    def _to_h2(self, data: bytes) -> None:
+        """The client spoke HTTP/2 with prior knowledge (as Envoy does to a cleartext HTTP/2 upstream): the
+        connection moves to an HTTP/2 protocol and aiohttp's handler lets go of it without closing it."""
+        owner: JsonErrorServer = self.owner
+        transport = self.transport
+        assert transport is not None and owner.h2_handler is not None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._counted = False  # the count moves with the connection
+        self.transport = None
+        RequestHandler.connection_lost(self, None)
+        proto = H2Server(owner.h2_handler, owner.h2_max_streams, owner.h2_idle_timeout, owner.h2_lost)
+        owner.h2_connections.add(proto)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        proto.data_received(data)
 
     def _headers_late(self) -> None:
         """The first request's headers did not arrive in time: 408, and the connection goes."""
@@ -172,6 +203,8 @@ class JsonErrorServer(web.Server):
         on_refused: Callable[[str], None] | None = None,
         header_timeout: float = 0.0,
         max_connections: int = 0,
+        h2_handler: Handler | None = None,
+        h2_max_streams: int = 1000,
         **kwargs: Any,
     ) -> None:
         if _CAN_KEEP_ENCODING:
@@ -182,6 +215,25 @@ class JsonErrorServer(web.Server):
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.open_connections = 0
+        self.h2_handler = h2_handler
+        self.h2_max_streams = h2_max_streams
+        self.h2_idle_timeout = float(kwargs.get("keepalive_timeout", 75.0) or 0.0)
+        self.h2_connections: set[H2Server] = set()
+
+    def h2_lost(self, conn: H2Server) -> None:
+        if conn in self.h2_connections:
+            self.h2_connections.discard(conn)
+            self.open_connections -= 1
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        for conn in self.h2_connections:
+            conn._goaway()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """HTTP/1.1 and HTTP/2 connections finish what they are doing, side by side, within ``timeout``."""
+        h2_done = [conn.shutdown(timeout if timeout is not None else 15.0) for conn in list(self.h2_connections)]
+        await asyncio.gather(super().shutdown(timeout), *h2_done)
 
     def __call__(self) -> RequestHandler:
         proto = JsonErrorHandler(self, loop=self._loop, **self._kwargs)

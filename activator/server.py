@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -17,7 +20,7 @@ from activator.metrics import Metrics
 from activator.queue import Admission
 from activator.registry import Registry, Target
 from activator.routing import Rejection, route
-from activator.static import first_match
+from activator.static import StaticResponse, first_match
 from elasti_istio import routekey
 from elasti_istio.resources import HEADER, TOKEN_HEADER
 
@@ -47,8 +50,8 @@ def error(status: int, err: str, detail: str, retry_after: bool = False, close: 
     return resp
 
 
-def body_error(exc: BodyError) -> web.Response:
-    return error(exc.status, exc.error, exc.detail, close=True, retry_after=exc.status == 503)
+def body_refusal(exc: BodyError) -> Refusal:
+    return Refusal(exc.status, exc.error, exc.detail, retry_after=exc.status == 503, close=True)
 
 
 def not_utf8(request: web.BaseRequest) -> str | None:
@@ -76,6 +79,81 @@ def _is_websocket(request: web.BaseRequest) -> bool:
     return request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The activator's own answer to a request it will not forward, in a form each protocol renders."""
+
+    status: int
+    error: str
+    detail: str
+    retry_after: bool = False
+    close: bool = False  # the request body was not read to its end
+
+
+class Exchange(Protocol):
+    """One request as the hold loop sees it, whatever protocol carries it."""
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a forward the mesh answered "not ready" can be sent again (its body was kept)."""
+
+    @property
+    def deadline(self) -> float | None:
+        """The client's own deadline (loop time), when it set one; the hold never outlasts it."""
+
+    async def send(self, target: Target, was_held: bool) -> object | None:
+        """Forwards once: what the upstream answered, or None when the mesh says it is not ready yet.
+        Raises :class:`UpstreamError` or :class:`BodyError`."""
+
+    async def relay(self, up: object, was_held: bool) -> Any:
+        """Passes the upstream's answer on to the client."""
+
+    async def refuse(self, refusal: Refusal) -> Any:
+        """The activator's own answer."""
+
+    def close(self) -> None:
+        """Frees what the request kept (its body)."""
+
+
+class Http1:
+    """An HTTP/1.1 request (or websocket handshake) from aiohttp's server."""
+
+    __slots__ = ("body", "forwarder", "request")
+
+    def __init__(self, request: web.BaseRequest, forwarder: Forwarder, body: RequestBody | None) -> None:
+        self.request = request
+        self.forwarder = forwarder
+        self.body = body  # None for a websocket
+
+    @property
+    def retryable(self) -> bool:
+        return self.body is None or self.body.retryable
+
+    @property
+    def deadline(self) -> float | None:
+        return None
+
+    async def send(self, target: Target, was_held: bool) -> object | None:
+        if self.body is None:
+            return await self.forwarder.connect_websocket(self.request, target)
+        await self.body.load(whole=was_held)
+        return await self.forwarder.send(self.request, target, self.body)
+
+    async def relay(self, up: object, was_held: bool) -> web.StreamResponse:
+        if isinstance(up, web.StreamResponse):
+            return up  # a refused websocket handshake
+        if isinstance(up, Upstream):
+            return await self.forwarder.relay(self.request, up, was_held)
+        return await self.forwarder.relay_websocket(self.request, up, was_held)  # type: ignore[arg-type]
+
+    async def refuse(self, refusal: Refusal) -> web.Response:
+        return error(refusal.status, refusal.error, refusal.detail, refusal.retry_after, refusal.close)
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+
+
 class Proxy:
     """Routes each request by its ``elasti-service`` header; forwards it at once or holds it until ready."""
 
@@ -100,14 +178,40 @@ class Proxy:
         if invalid is not None:
             self.metrics.rejected_unrouted()
             return error(400, "invalid request", invalid, close=True)
-        routed = route(request.headers.getall(HEADER, []))
+        found = await self.resolve(request.headers, request.host, request.content_length)
+        if isinstance(found, Refusal):
+            return error(found.status, found.error, found.detail, found.retry_after, found.close)
+        target, port = found
+        if target.static and not target.ready:
+            hit = first_match(target.static, request.method, request.path, request.headers)
+            if hit is not None:
+                return self.static_hit(target, hit)
+        cfg = self.cfg
+        body = (
+            None
+            if _is_websocket(request)
+            else RequestBody(request, cfg.retry_body_limit, cfg.max_body_size, cfg.request_body_timeout, self.spool)
+        )
+        return await self.serve(Http1(request, self.forwarder, body), target, port)
+
+    def static_hit(self, target: Target, hit: StaticResponse) -> web.Response:
+        if hit.wake:
+            self.holds.want_wake(target)
+        self.metrics.target(target.key).outcome("static")
+        return web.Response(status=hit.status, text=hit.body, headers=dict(hit.response_headers))
+
+    async def resolve(
+        self, headers: Mapping[str, str], host: str, length: int | None
+    ) -> tuple[Target, int | None] | Refusal:
+        """The ElastiService and origin port a request is for, or why it is refused; counted either way."""
+        routed = route(headers.getall(HEADER, []))  # type: ignore[attr-defined]
         if isinstance(routed, Rejection):
             self.metrics.rejected_unrouted()
-            return error(400, routed.error, routed.detail)
+            return Refusal(400, routed.error, routed.detail)
         key, header_port = routed
-        if self.route_keys is not None and not self.route_keys.valid(key[0], key[1], request.headers.get(TOKEN_HEADER)):
+        if self.route_keys is not None and not self.route_keys.valid(key[0], key[1], headers.get(TOKEN_HEADER)):
             self.metrics.rejected_unrouted()
-            return error(
+            return Refusal(
                 403,
                 "forbidden",
                 f"no valid {TOKEN_HEADER} for {key[0]}/{key[1]}: requests reach the activator through the "
@@ -119,50 +223,38 @@ class Proxy:
         if target is None:
             self.metrics.rejected_unrouted()
             if not self.registry.synced:
-                return error(503, "not ready", "ElastiServices have not been listed yet", retry_after=True)
-            return error(404, "unknown ElastiService", f"no ElastiService {key[0]}/{key[1]} is known here")
-        port = target.port_for(header_port, request.host)
+                return Refusal(503, "not ready", "ElastiServices have not been listed yet", retry_after=True)
+            return Refusal(404, "unknown ElastiService", f"no ElastiService {key[0]}/{key[1]} is known here")
+        port = target.port_for(header_port, host)
         if port is not None and target.ports and port not in target.ports:
             self.metrics.target(target.key).outcome("rejected")
-            return error(
+            return Refusal(
                 502,
                 "port not on the Service",
                 f"the route chose port {port}, which the Service of {key[0]}/{key[1]} does not have "
                 f"(it has {', '.join(map(str, target.ports))})",
             )
         limit = self.cfg.max_body_size
-        length = request.content_length
         if limit and length is not None and length > limit:
             self.metrics.target(target.key).outcome("rejected")
-            return error(
+            return Refusal(
                 413,
                 "request body too large",
                 f"Content-Length {length} is larger than {limit} bytes (--max-body-size)",
                 close=True,
             )
-        if target.static and not target.ready:
-            hit = first_match(target.static, request.method, request.path, request.headers)
-            if hit is not None:
-                if hit.wake:
-                    self.holds.want_wake(target)
-                self.metrics.target(target.key).outcome("static")
-                return web.Response(status=hit.status, text=hit.body, headers=dict(hit.response_headers))
-        return await self._serve(request, target, port)
+        return target, port
 
-    async def _serve(self, request: web.BaseRequest, target: Target, port: int | None = None) -> web.StreamResponse:
+    async def serve(self, ex: Exchange, target: Target, port: int | None = None) -> Any:
+        """Forwards at once when the target is ready, else holds the request until it is, the hold times
+        out, the wake fails, the client's deadline passes or the client goes away."""
         key = target.key
         if port is not None:
             target = target.at_port(port)
         tm = self.metrics.target(key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + target.hold_timeout
-        websocket = _is_websocket(request)
-        cfg = self.cfg
-        body = (
-            None
-            if websocket
-            else RequestBody(request, cfg.retry_body_limit, cfg.max_body_size, cfg.request_body_timeout, self.spool)
-        )
+        client_deadline = ex.deadline
         held = was_held = probing = False
         held_at = 0.0
         mark = 0
@@ -172,45 +264,38 @@ class Proxy:
             while True:
                 if target.forwardable:
                     try:
-                        if websocket:
-                            up = await self.forwarder.connect_websocket(request, target)
-                        else:
-                            assert body is not None
-                            await body.load(whole=was_held)
-                            up = await self.forwarder.send(request, target, body)
+                        up = await ex.send(target, was_held)
                     except UpstreamError as exc:
                         outcome = "upstream_error"
-                        return error(502, "upstream unreachable", f"{target.authority}: {exc}")
+                        return await ex.refuse(Refusal(502, "upstream unreachable", f"{target.authority}: {exc}"))
                     except BodyError as exc:
                         outcome = "rejected"
-                        return body_error(exc)
+                        return await ex.refuse(body_refusal(exc))
                     if up is not None:
                         outcome = "forwarded"
                         if probing:
                             probing = False
-                            self.holds.end_probe(key, request)
+                            self.holds.end_probe(key, ex)
                         if held:
                             held = False
                             self.holds.leave(key, tm)
                             tm.hold_seconds.observe(loop.time() - held_at)
-                        if isinstance(up, web.StreamResponse):
-                            return up  # a refused websocket handshake
-                        if isinstance(up, Upstream):
-                            return await self.forwarder.relay(request, up, was_held)
-                        return await self.forwarder.relay_websocket(request, up, was_held)
+                        return await ex.relay(up, was_held)
                     tm.mesh_not_ready.inc()
-                    if body is not None and not body.retryable:
+                    if not ex.retryable:
                         outcome = "upstream_error"
-                        return error(
-                            503,
-                            "upstream not ready",
-                            f"the mesh found no ready endpoint for {target.authority}; the request came when its "
-                            f"target was ready and its body, larger than --retry-body-limit "
-                            f"({self.cfg.retry_body_limit} bytes), was being streamed through, so it was not kept "
-                            "for another try",
-                            retry_after=True,
+                        return await ex.refuse(
+                            Refusal(
+                                503,
+                                "upstream not ready",
+                                f"the mesh found no ready endpoint for {target.authority}; the request came when its "
+                                f"target was ready and its body, larger than --retry-body-limit "
+                                f"({self.cfg.retry_body_limit} bytes), was being streamed through, so it was not "
+                                "kept for another try",
+                                retry_after=True,
+                            )
                         )
-                    probing = self.holds.probe(key, request)
+                    probing = self.holds.probe(key, ex)
                     if probing:
                         if retrying_since is None:
                             retrying_since = loop.time()
@@ -221,24 +306,44 @@ class Proxy:
                     step = math.inf
                 now = loop.time()
                 limit = deadline if self.drain_deadline is None else min(deadline, self.drain_deadline)
+                if client_deadline is not None:
+                    limit = min(limit, client_deadline)
                 if now >= limit:
                     outcome = "timeout"
-                    if limit < deadline:
-                        return error(
-                            503, "shutting down", "the activator stopped before the target was ready", retry_after=True
+                    if limit == client_deadline and client_deadline < deadline:
+                        return await ex.refuse(
+                            Refusal(
+                                504,
+                                "deadline exceeded",
+                                f"the client's deadline passed while {key[0]}/{key[1]} was not ready",
+                            )
                         )
-                    return error(
-                        504,
-                        "hold timeout",
-                        f"{key[0]}/{key[1]} was not ready within {target.hold_timeout:g}s (spec.activator.holdTimeout)",
+                    if limit < deadline:
+                        return await ex.refuse(
+                            Refusal(
+                                503,
+                                "shutting down",
+                                "the activator stopped before the target was ready",
+                                retry_after=True,
+                            )
+                        )
+                    return await ex.refuse(
+                        Refusal(
+                            504,
+                            "hold timeout",
+                            f"{key[0]}/{key[1]} was not ready within {target.hold_timeout:g}s "
+                            "(spec.activator.holdTimeout)",
+                        )
                     )
                 if not held:
                     admission = self.holds.admit(target, tm)
                     if admission is not Admission.ADMITTED:
                         outcome = "overflow"
                         what = "queueLimit" if admission is Admission.QUEUE_FULL else "--max-held"
-                        return error(
-                            503, "too many held requests", f"{key[0]}/{key[1]}: {what} reached", retry_after=True
+                        return await ex.refuse(
+                            Refusal(
+                                503, "too many held requests", f"{key[0]}/{key[1]}: {what} reached", retry_after=True
+                            )
                         )
                     held = was_held = True
                     held_at = now
@@ -249,19 +354,23 @@ class Proxy:
                 failure = self.holds.failed_since(key, mark)
                 if failure is not None:
                     outcome = "wake_failed"
-                    return error(
-                        503,
-                        "wake failed",
-                        failure.message or failure.reason or "the controller could not wake the target",
+                    return await ex.refuse(
+                        Refusal(
+                            503,
+                            "wake failed",
+                            failure.message or failure.reason or "the controller could not wake the target",
+                        )
                     )
                 fresh = self.registry.get(key)
                 if fresh is None:
                     outcome = "rejected"
-                    return error(
-                        503,
-                        "ElastiService deleted",
-                        f"{key[0]}/{key[1]} was deleted while the request was held",
-                        retry_after=True,
+                    return await ex.refuse(
+                        Refusal(
+                            503,
+                            "ElastiService deleted",
+                            f"{key[0]}/{key[1]} was deleted while the request was held",
+                            retry_after=True,
+                        )
                     )
                 target = fresh if port is None else fresh.at_port(port)
         except asyncio.CancelledError:
@@ -270,10 +379,9 @@ class Proxy:
             outcome = "upstream_error"
             raise
         finally:
-            if body is not None:
-                body.close()
+            ex.close()
             if probing:
-                self.holds.end_probe(key, request)
+                self.holds.end_probe(key, ex)
             if held:
                 self.holds.leave(key, tm)
                 tm.hold_seconds.observe(loop.time() - held_at)

@@ -83,12 +83,22 @@ def activator_workload(port: int, admin_port: int, replicas: int = 1) -> list[di
             "spec": {
                 "selector": {"app": ACTIVATOR},
                 "ports": [
-                    {"name": "http", "port": 8012, "targetPort": 8012},
+                    # No protocol in the name: Istio keeps the caller's protocol (HTTP/1.1 or h2c for gRPC).
+                    {"name": "proxy", "port": 8012, "targetPort": 8012},
                     {"name": "http-admin", "port": 9091, "targetPort": 9091},
                 ],
             },
         },
+        activator_destination_rule(),
     ]
+
+
+def activator_destination_rule() -> dict[str, Any]:
+    """The shipped DestinationRule that has gateways keep the caller's protocol too."""
+    docs = load(repo_path("deploy", "kustomize", "base", "activator.yaml"))
+    rule = next(d for d in docs if d["kind"] == "DestinationRule")
+    rule["metadata"]["namespace"] = SYSTEM_NAMESPACE
+    return rule
 
 
 def install(api: Api, port: int, admin_port: int, *, cluster_wide_controller: bool = True) -> None:
@@ -100,7 +110,7 @@ def install(api: Api, port: int, admin_port: int, *, cluster_wide_controller: bo
     """
     _namespace_active(api)
     # An activator workload left behind by someone else may have another selector, which is immutable.
-    for kind, version in (("Deployment", "apps/v1"), ("Service", "v1")):
+    for kind, version in (("Deployment", "apps/v1"), ("Service", "v1"), ("DestinationRule", "networking.istio.io/v1")):
         api.delete(version, kind, ACTIVATOR, SYSTEM_NAMESPACE)
     _until(lambda: not api.core.list_namespaced_pod(SYSTEM_NAMESPACE).items, "no pod left in elasti-system")
     api.apply_all(service_accounts())

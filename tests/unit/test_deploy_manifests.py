@@ -84,6 +84,10 @@ def test_both_overlays_render_the_whole_install(docs: list[dict[str, Any]]) -> N
             assert d["metadata"].get("namespace"), f"{d['kind']} {d['metadata']['name']} has no namespace"
 
 
+# Istio's protocol names (a port name "<protocol>" or "<protocol>-<suffix>" declares one).
+ISTIO_PROTOCOLS = {"http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis", "udp"}
+
+
 def test_flags_ports_and_addresses_agree(docs: list[dict[str, Any]]) -> None:
     ctrl_dep, act_dep = find(docs, "Deployment", "elasti-controller"), find(docs, "Deployment", "elasti-activator")
     ctrl_svc, act_svc = find(docs, "Service", "elasti-controller"), find(docs, "Service", "elasti-activator")
@@ -106,9 +110,14 @@ def test_flags_ports_and_addresses_agree(docs: list[dict[str, Any]]) -> None:
     admin = service_port(act_svc, 9091)
     assert port_number(act_c, admin["targetPort"]) == act.admin_listen[1] == 9091
     assert labels_match(act_svc["spec"]["selector"], pod_labels(act_dep))
-    # Istio picks the protocol from the port names.
-    for svc in (ctrl_svc, act_svc):
-        assert all(p["name"].startswith("http-") and p.get("appProtocol") == "http" for p in svc["spec"]["ports"])
+    # Istio picks the protocol from the port names: HTTP, but the activator's proxy port keeps the caller's
+    # (HTTP/1.1 or h2c), on gateways too through the activator's DestinationRule.
+    others = [p for p in ctrl_svc["spec"]["ports"] + act_svc["spec"]["ports"] if p != proxy]
+    assert all(p["name"].startswith("http-") and p.get("appProtocol") == "http" for p in others)
+    assert "appProtocol" not in proxy and proxy["name"].split("-")[0] not in ISTIO_PROTOCOLS
+    (rule,) = [d for d in docs if d["kind"] == "DestinationRule"]
+    assert rule["spec"]["host"] == ctrl.activator_host
+    assert rule["spec"]["trafficPolicy"]["connectionPool"]["http"]["useClientProtocol"] is True
     # The fail-open check watches the real activator Deployment.
     meta = act_dep["metadata"]
     assert ctrl.activator_deployment == (meta["namespace"], meta["name"])

@@ -142,13 +142,17 @@ def test_destinations_without_endpoints_are_those_without_a_healthy_host_in_envo
 
 
 def test_activator_workload_forwards_both_ports_and_follows_readiness() -> None:
-    dep, svc = system.activator_workload(41000, 41001)
+    dep, svc, rule = system.activator_workload(41000, 41001)
     ann = dep["spec"]["template"]["metadata"]["annotations"]
     assert ann["elasti.truefoundry.com/sim-forward"] == "8012=127.0.0.1:41000,9091=127.0.0.1:41001"
     assert ann["elasti.truefoundry.com/sim-readiness-url"] == "http://127.0.0.1:41001/readyz"
     assert (dep["metadata"]["namespace"], dep["metadata"]["name"]) == ("elasti-system", "elasti-activator")
     assert [p["port"] for p in svc["spec"]["ports"]] == [8012, 9091]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    # The proxy port keeps the caller's protocol (h2c for gRPC), on gateways through the DestinationRule.
+    assert svc["spec"]["ports"][0]["name"] == "proxy" and "appProtocol" not in svc["spec"]["ports"][0]
+    assert rule["kind"] == "DestinationRule" and rule["metadata"]["namespace"] == "elasti-system"
+    assert rule["spec"]["host"] == "elasti-activator.elasti-system.svc.cluster.local"
 
 
 class FakeApi:

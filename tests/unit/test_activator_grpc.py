@@ -1,0 +1,260 @@
+"""gRPC and HTTP/2 through the activator with stock grpcio on both sides: a hand-fed registry, the origin a
+grpcio server on 127.0.0.1 (reached as the sidecar would be: ``--sidecar-address 127.0.0.1``, origin
+port), and a stub of the controller's wake endpoint. The mesh's part is tested in the e2e suite."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from activator.app import Activator
+from activator.config import Config
+from activator.registry import Registry
+from tests.activator_stubs import WakeEndpoint, elastiservice
+
+NS = "shop"
+_rv = itertools.count(2)
+ident = (lambda b: b), (lambda b: b)
+
+
+class Origin:
+    """A grpcio server with four raw-bytes methods that say what they got."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = asyncio.Event()
+        self.server = grpc.aio.server()
+
+    async def unary(self, req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        self.calls += 1
+        md = dict(ctx.invocation_metadata())
+        await ctx.send_initial_metadata((("x-origin", "yes"),))
+        if req.startswith(b"fail:"):
+            await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, req[5:].decode())
+        if req.startswith(b"slow"):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        ctx.set_trailing_metadata((("x-trailer", "t1"), ("x-got-echo", md.get("x-echo-me", ""))))
+        return b"unary:" + req
+
+    async def server_stream(self, req: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        self.calls += 1
+        for i in range(int(req or b"3")):
+            yield b"item%d" % i
+
+    async def client_stream(self, reqs: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> bytes:
+        self.calls += 1
+        got = [r async for r in reqs]
+        return b"|".join(got)
+
+    async def bidi(self, reqs: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        self.calls += 1
+        async for r in reqs:
+            yield b"echo:" + r
+
+    async def start(self) -> int:
+        handlers = {
+            "Unary": grpc.unary_unary_rpc_method_handler(self.unary, *ident),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream, *ident),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream, *ident),
+            "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi, *ident),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Echo", handlers),))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return port
+
+
+class Env:
+    def __init__(self, **cfg: Any) -> None:
+        self.registry = Registry()
+        self.registry.mark_synced()
+        self.cfg = cfg
+
+    async def start(self) -> Env:
+        self.origin = Origin()
+        self.origin_port = await self.origin.start()
+        self.wake = await WakeEndpoint().start()
+        cfg = dict(
+            listen=("127.0.0.1", 0),
+            admin_listen=("127.0.0.1", 0),
+            controller_url=self.wake.url,
+            sidecar_address="127.0.0.1",
+        )
+        cfg.update(self.cfg)
+        self.activator = Activator(Config(**cfg), self.registry)
+        await self.activator.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.activator.proxy_address[1]}")
+        return self
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        await self.activator.close()
+        await self.wake.stop()
+        await self.origin.server.stop(0)
+
+    def put(self, name: str = "grpcsvc", **kw: Any) -> None:
+        kw.setdefault("origin", (f"{name}-elasti-origin", self.origin_port))
+        self.registry.apply("MODIFIED", elastiservice(NS, name, resource_version=str(next(_rv)), **kw))
+
+    def md(self, name: str = "grpcsvc", *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+        return (("elasti-service", f"{NS}/{name}"), *extra)
+
+    def method(self, kind: str, name: str) -> Any:
+        factory = {
+            "Unary": self.channel.unary_unary,
+            "ServerStream": self.channel.unary_stream,
+            "ClientStream": self.channel.stream_unary,
+            "Bidi": self.channel.stream_stream,
+        }[kind]
+        return factory(f"/t.Echo/{name}", request_serializer=ident[0], response_deserializer=ident[1])
+
+    async def until_pending(self, n: int, name: str = "grpcsvc") -> None:
+        async with asyncio.timeout(20):
+            while self.activator.holds.pending((NS, name)) != n:
+                await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    e = await Env().start()
+    try:
+        yield e
+    finally:
+        await e.stop()
+
+
+async def test_a_warm_unary_call_passes_with_its_metadata_and_trailers(env: Env) -> None:
+    env.put(ready=True)
+    call = env.method("Unary", "Unary")(b"hi", metadata=env.md("grpcsvc", ("x-echo-me", "v1")))
+    assert await call == b"unary:hi"
+    assert ("x-origin", "yes") in tuple(await call.initial_metadata())
+    trailers = dict(await call.trailing_metadata())
+    assert trailers["x-trailer"] == "t1" and trailers["x-got-echo"] == "v1"
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_all_four_kinds_of_call_are_held_woken_and_answered(env: Env) -> None:
+    env.put(ready=False)
+    unary = env.method("Unary", "Unary")(b"a", metadata=env.md())
+    sstream = env.method("ServerStream", "ServerStream")(b"4", metadata=env.md())
+    cstream = env.method("ClientStream", "ClientStream")(iter([b"x", b"y", b"z"]), metadata=env.md())
+
+    bidi_sent: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def bidi_requests() -> AsyncIterator[bytes]:
+        while (item := await bidi_sent.get()) is not None:
+            yield item
+
+    bidi = env.method("Bidi", "Bidi")(bidi_requests(), metadata=env.md())
+    await bidi_sent.put(b"1")
+    unary_task = asyncio.ensure_future(unary)
+    sstream_task = asyncio.ensure_future(_collect(sstream))
+    cstream_task = asyncio.ensure_future(cstream)
+    await env.until_pending(4)
+    assert env.origin.calls == 0 and env.wake.count(NS, "grpcsvc") == 1
+    env.put(ready=True)
+    assert await unary_task == b"unary:a"
+    assert await sstream_task == [b"item0", b"item1", b"item2", b"item3"]
+    assert await cstream_task == b"x|y|z"
+    assert await bidi.read() == b"echo:1"
+    await bidi_sent.put(b"2")
+    assert await bidi.read() == b"echo:2"
+    await bidi_sent.put(None)
+    assert await bidi.read() is grpc.aio.EOF
+    assert await bidi.code() == grpc.StatusCode.OK
+    assert env.origin.calls == 4
+    cold = dict(await unary.initial_metadata())
+    assert cold.get("x-elasti-cold-start") == "true"
+
+
+async def _collect(call: Any) -> list[bytes]:
+    return [m async for m in call]
+
+
+async def test_a_non_ok_status_and_its_message_pass_through(env: Env) -> None:
+    env.put(ready=True)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await env.method("Unary", "Unary")(b"fail:no stock", metadata=env.md())
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == "no stock"
+
+
+async def test_a_deadline_shorter_than_the_hold_is_deadline_exceeded_and_the_call_leaves_the_queue(env: Env) -> None:
+    env.put(ready=False, hold_timeout="60s")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await env.method("Unary", "Unary")(b"a", metadata=env.md(), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await env.until_pending(0)
+    assert env.origin.calls == 0
+
+
+async def test_the_hold_timeout_answers_deadline_exceeded_in_grpc_form(env: Env) -> None:
+    env.put(ready=False, hold_timeout="200ms")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await env.method("Unary", "Unary")(b"a", metadata=env.md())
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "hold timeout" in err.value.details()
+    assert "holdTimeout" in err.value.details()
+
+
+async def test_a_cancelled_held_call_leaves_the_queue(env: Env) -> None:
+    env.put(ready=False)
+    call = env.method("Unary", "Unary")(b"a", metadata=env.md())
+    task = asyncio.ensure_future(call)
+    await env.until_pending(1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await env.until_pending(0)
+
+
+async def test_a_cancelled_forwarded_call_is_cancelled_at_the_origin(env: Env) -> None:
+    env.put(ready=True)
+    call = env.method("Unary", "Unary")(b"slow", metadata=env.md())
+    task = asyncio.ensure_future(call)
+    async with asyncio.timeout(20):
+        while env.origin.calls == 0:
+            await asyncio.sleep(0.01)
+    call.cancel()
+    async with asyncio.timeout(20):
+        await env.origin.cancelled.wait()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_overflow_unknown_and_wake_failed_are_grpc_answers(env: Env) -> None:
+    env.put(ready=False, queue_limit=1)
+    first = asyncio.ensure_future(env.method("Unary", "Unary")(b"a", metadata=env.md()))
+    await env.until_pending(1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await env.method("Unary", "Unary")(b"b", metadata=env.md())
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "too many held requests" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await env.method("Unary", "Unary")(b"b", metadata=env.md("nosuch"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    env.put(ready=False, queue_limit=1, wake_failed=("ScaleFailed", "quota exceeded", "2026-01-01T00:00:00Z"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await first
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "quota exceeded" in err.value.details()
+
+
+async def test_http1_still_works_beside_http2(env: Env) -> None:
+    import aiohttp
+
+    env.put(ready=True)
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{env.activator.proxy_address[1]}/x"
+        async with s.get(url) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]
