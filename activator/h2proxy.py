@@ -45,6 +45,7 @@ _DROP = frozenset(
     )
 )
 _MESH_REPLY_MAX = 512
+DEADLINE_MARGIN = 0.1  # seconds before a call's deadline that a hold gives up (a tenth of its timeout at most)
 
 
 @dataclass(slots=True)
@@ -131,6 +132,7 @@ class H2Exchange:
         "_retryable",
         "_up",
         "deadline",
+        "expires",
         "fwd",
         "grpc",
         "loop",
@@ -147,7 +149,11 @@ class H2Exchange:
         self.loop = asyncio.get_running_loop()
         self.grpc = grpcwire.is_grpc(req.header(b"content-type"))
         timeout = grpcwire.timeout_seconds(req.header(b"grpc-timeout")) if self.grpc else None
-        self.deadline = self.loop.time() + timeout if timeout is not None else None
+        self.expires = self.loop.time() + timeout if timeout is not None else None
+        # The hold answers a little before the deadline: Istio has every Envoy on the way time the call
+        # out at its grpc-timeout too (UNAVAILABLE "upstream request timeout"), so an answer at the
+        # deadline itself would lose the race and the client would not learn DEADLINE_EXCEEDED.
+        self.deadline = None if timeout is None else self.expires - min(DEADLINE_MARGIN, timeout * 0.1)
         self._kept: list[bytes] = []  # what was read from the client, for another try
         self._kept_size = 0
         self._retryable = True
@@ -160,7 +166,7 @@ class H2Exchange:
 
     async def send(self, target: Target, was_held: bool) -> H2Upstream | None:
         self._drop_upstream()
-        left = None if self.deadline is None else self.deadline - self.loop.time()
+        left = None if self.expires is None else self.expires - self.loop.time()
         headers = forward_headers(self.req, target, left)
         done = self.req.stream.ended and not self._kept and self.req.stream.trailers is None
         host, port = self.fwd.where(target)

@@ -62,7 +62,8 @@ def setup(level: str = "info", component: str = "elasti", fmt: str = "text") -> 
             logging.Formatter(f"%(asctime)s %(levelname)-7s {component} %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
         )
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
-    for noisy in ("aiohttp.access", "kubernetes", "urllib3"):
+    # hpack logs every header it encodes at debug level; h2 every frame.
+    for noisy in ("aiohttp.access", "kubernetes", "urllib3", "hpack", "h2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # kopf logs every handler call on every watched object; keep its warnings and errors only.
     for chatty in ("kopf.objects", "kopf._core", "kopf._cogs", "kopf.activities"):

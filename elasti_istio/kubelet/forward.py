@@ -69,6 +69,10 @@ class TcpForwarder:
                 up_writer.close()
                 with contextlib.suppress(Exception):
                     await up_writer.wait_closed()
+        except asyncio.CancelledError:
+            # Cut by close(): the connection ends here, and asyncio's server would log a cancelled
+            # handler as an error.
+            pass
         finally:
             writer.close()
             with contextlib.suppress(Exception):

@@ -6,12 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
 from pathlib import Path
 
 from elasti_istio import logs, options
 from elasti_istio.kube import Kube, load_connection
-from elasti_istio.kubelet.node import Kubelet
 from elasti_istio.kubelet.sidecar import DEFAULT_PORTS, SidecarConfig, parse_ports
 
 
@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Plays one node: binds pending Pods, gives each an address of the pod range, serves an app on "
         "every container port (Bookinfo stand-ins for examples-bookinfo-* images, a generic test app otherwise, a TCP "
         "forwarder for pods annotated elasti.truefoundry.com/sim-forward) and reports the Pods Running and Ready "
-        "after a startup delay (or, with elasti.truefoundry.com/sim-readiness-url, while that URL answers 200). A pod "
+        "after a startup delay (or, with elasti.truefoundry.com/sim-readiness-url, while that URL answers: 200 for "
+        "http://, SERVING to the gRPC health check for grpc://HOST:PORT/SERVICE, a connection for tcp://HOST:PORT). "
+        "Container ports named grpc* serve gRPC (health, reflection, elasti.echo.v1.Echo). A pod "
         "that asks for an Istio sidecar (sidecar.istio.io/inject) gets a real Envoy fed by istiod.",
     )
     options.add(p, "--kubeconfig", help="kubeconfig of an identity that may bind and update Pods")
@@ -94,10 +96,15 @@ def sidecar_config(args: argparse.Namespace) -> SidecarConfig | None:
 
 def run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level, "kubelet")
+    # Sidecars start by fork and exec while the pods' gRPC servers run: the children never use gRPC, so
+    # its fork handlers have nothing to do (they would only log that they skip). Read when grpc loads.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     return asyncio.run(_main(args))
 
 
 async def _main(args: argparse.Namespace) -> int:
+    from elasti_istio.kubelet.node import Kubelet  # loads grpc: not for the other commands
+
     kube = Kube(load_connection(args.kubeconfig), user_agent="elasti-kubelet")
     kubelet = Kubelet(
         kube,

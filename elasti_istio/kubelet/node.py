@@ -7,9 +7,10 @@ the rest. On deletion the app stops taking connections, in-flight requests finis
 period, and the Pod is deleted for good.
 
 What a container runs: a Bookinfo stand-in for ``examples-bookinfo-*`` images, the generic test app
-for any other image, or — for a Pod annotated ``elasti.truefoundry.com/sim-forward`` — a TCP
-forwarder to a local process. A Pod annotated ``elasti.truefoundry.com/sim-readiness-url`` is
-Ready exactly while that URL answers 200 (polled every ``readiness_interval`` seconds).
+for any other image (gRPC with health, reflection and an echo service on ports named ``grpc*``), or
+— for a Pod annotated ``elasti.truefoundry.com/sim-forward`` — a TCP forwarder to a local process.
+A Pod annotated ``elasti.truefoundry.com/sim-readiness-url`` is Ready exactly while that URL answers
+(polled every ``readiness_interval`` seconds; see :meth:`Kubelet.probe` for the schemes).
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from typing import Any
+import urllib.parse
+from typing import Any, NamedTuple
 
 import aiohttp
+import grpc
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elasti_istio.kube import Kube, KubeError
 from elasti_istio.kube.informer import Informer
 from elasti_istio.kubelet.apps import Caller, PodIdentity, generic_app, inflight
 from elasti_istio.kubelet.bookinfo import bookinfo_app, bookinfo_kind
 from elasti_istio.kubelet.forward import TcpForwarder, parse_forward
+from elasti_istio.kubelet.grpcapp import GrpcApp, is_grpc_port
 from elasti_istio.kubelet.ipam import PodAddresses
 from elasti_istio.kubelet.sidecar import ANN_SIDECAR_ADDRESS, Sidecar, SidecarConfig, namespace_labels, wants_sidecar
 from elasti_istio.localcluster.podnet import NetnsSockets
@@ -41,12 +46,18 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def container_ports(pod: dict[str, Any]) -> list[tuple[str, int]]:
+class ContainerPort(NamedTuple):
+    container: str
+    port: int
+    name: str  # the port's name ("" when unnamed)
+
+
+def container_ports(pod: dict[str, Any]) -> list[ContainerPort]:
     out = []
     for c in pod.get("spec", {}).get("containers", []):
         for p in c.get("ports") or []:
             if (p.get("protocol") or "TCP") == "TCP" and p.get("containerPort"):
-                out.append((c["name"], int(p["containerPort"])))
+                out.append(ContainerPort(c["name"], int(p["containerPort"]), str(p.get("name") or "")))
     return out
 
 
@@ -88,6 +99,9 @@ class PodRuntime:
         self.ip: str | None = None
         self.runners: list[web.AppRunner] = []
         self.forwarders: list[TcpForwarder] = []
+        # gRPC apps with the forwarder from the pod address; apart from `forwarders`, as their
+        # connections are pooled HTTP/2 ones that the server itself closes on stop.
+        self.grpc_apps: list[tuple[GrpcApp, TcpForwarder]] = []
         self.ready: bool | None = None
         self.readiness: asyncio.Task[None] | None = None
         self.sidecar: Sidecar | None = None
@@ -156,7 +170,7 @@ class PodRuntime:
             self.readiness = None
 
     async def _readiness_loop(self) -> None:
-        """Ready exactly while the annotated URL answers 200; both transitions are reported."""
+        """Ready exactly while the annotated URL answers (:meth:`Kubelet.probe`); both transitions are reported."""
         while not self.deleting:
             url = self.annotation(ANN_SIM_READINESS_URL)
             ok = True if not url else await self.kubelet.probe(url)
@@ -189,7 +203,7 @@ class PodRuntime:
 
     async def _start_forwarders(self, spec: str) -> None:
         assert self.ip is not None
-        ports = [p for _, p in container_ports(self.latest)]
+        ports = [p.port for p in container_ports(self.latest)]
         try:
             targets = parse_forward(spec, ports)
         except ValueError as exc:
@@ -215,8 +229,12 @@ class PodRuntime:
             await self._start_forwarders(forward)
             return
         containers = {c["name"]: c for c in self.latest.get("spec", {}).get("containers", [])}
-        for container, port in container_ports(self.latest):
-            app = self._app(containers[container], port)
+        for container, port, name in container_ports(self.latest):
+            spec = containers[container]
+            if is_grpc_port(name) and bookinfo_kind(spec.get("image") or "") is None:
+                await self._start_grpc(spec, port)
+                continue
+            app = self._app(spec, port)
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=30, handler_cancellation=True)
             await runner.setup()
             try:
@@ -233,12 +251,33 @@ class PodRuntime:
             self.namespace,
             self.name,
             self.ip,
-            [p for _, p in container_ports(self.latest)],
+            [p.port for p in container_ports(self.latest)],
         )
+
+    async def _start_grpc(self, container: dict[str, Any], port: int) -> None:
+        """The gRPC app on a loopback port of the kubelet's own network (gRPC binds by address and
+        cannot take a socket made in the pod network), reached from ``podIP:port`` through a forwarder."""
+        assert self.ip is not None
+        app = GrpcApp(PodIdentity(self.namespace, self.name, self.ip, port, container["name"]))
+        try:
+            bound = await app.start("127.0.0.1", 0)
+        except (OSError, RuntimeError) as exc:
+            log.error("%s/%s: cannot start the gRPC app of port %s: %s", self.namespace, self.name, port, exc)
+            await app.stop(None)
+            return
+        fwd = TcpForwarder(self.ip, port, ("127.0.0.1", bound), self.kubelet.sockets)
+        try:
+            await fwd.start()
+        except OSError as exc:
+            log.error("%s/%s: cannot listen on %s:%s: %s", self.namespace, self.name, self.ip, port, exc)
+            await app.stop(None)
+            return
+        self.grpc_apps.append((app, fwd))
 
     async def stop_apps(self, grace: float) -> None:
         runners, self.runners = self.runners, []
         forwarders, self.forwarders = self.forwarders, []
+        grpc_apps, self.grpc_apps = self.grpc_apps, []
         for runner in runners:
             # Closes the listening sockets first (no new connections), then waits for handlers.
             for site in list(runner.sites):
@@ -246,12 +285,18 @@ class PodRuntime:
                     await site.stop()
         for fwd in forwarders:
             fwd.stop_accepting()
-        if grace > 0:
-            await _wait_idle(runners, forwarders, grace)
+        for _app, fwd in grpc_apps:
+            fwd.stop_accepting()
+        # A gRPC server's stop sends GOAWAY and lets the calls in flight finish within the grace.
+        await asyncio.gather(
+            _wait_idle(runners, forwarders, grace),
+            *(app.stop(grace) for app, _fwd in grpc_apps),
+            return_exceptions=True,
+        )
         for runner in runners:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
-        for fwd in forwarders:
+        for fwd in [*forwarders, *(f for _app, f in grpc_apps)]:
             with contextlib.suppress(Exception):
                 await fwd.close()
         sidecar, self.sidecar = self.sidecar, None
@@ -392,7 +437,14 @@ class Kubelet:
         return None
 
     async def probe(self, url: str) -> bool:
-        """One readiness probe: True when ``url`` answers 200 within a second."""
+        """One readiness probe, passed when within a second ``http(s)://...`` answers 200, ``grpc://host:port/svc``
+        answers SERVING to the standard health check of ``svc`` (empty: the whole server), or ``tcp://host:port``
+        accepts a connection. The last two are for ports that do not answer an HTTP GET, such as gRPC ones."""
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme == "grpc":
+            return await self._probe_grpc(url)
+        if scheme == "tcp":
+            return await self._probe_tcp(url)
         if self._probe_session is None or self._probe_session.closed:
             self._probe_session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=1.0), cookie_jar=aiohttp.DummyCookieJar()
@@ -402,6 +454,30 @@ class Kubelet:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
+
+    async def _probe_grpc(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            async with grpc.aio.insecure_channel(parts.netloc) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=parts.path.strip("/")), timeout=1.0
+                )
+        except (grpc.RpcError, ValueError):
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def _probe_tcp(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            if parts.hostname is None or parts.port is None:
+                return False
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), 1.0)
+        except (OSError, TimeoutError, ValueError):
+            return False
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return True
 
     async def register_node(self) -> None:
         node = {
