@@ -221,6 +221,21 @@ def route_timeouts(
     return out
 
 
+def target_ports(
+    spec: dict, vs_namespace: str, target: Target, cluster_domain: str = "cluster.local"
+) -> set[int | None]:
+    """The Service ports the target's destinations name in the http routes, zero weight included;
+    ``None`` for a route that gives the activator no port (a destination names none, or they name
+    several): its requests go to the ElastiService's port, or the one they came in on."""
+    out: set[int | None] = set()
+    for _, route in _http_routes(spec):
+        ports = {_port_of(d) for d in route if _dest_matches(d, vs_namespace, target, cluster_domain)}
+        out |= ports
+        if len(ports) > 1:
+            out.add(None)
+    return out
+
+
 def is_proxied(
     spec: dict,
     target: Target,

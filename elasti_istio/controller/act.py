@@ -26,6 +26,7 @@ class Act(Base):
         Service, stale routes back to serve, an expired KEDA hold lifted, a wake, readyReplicas (the
         activators release on it) and then the routes."""
         es, key, rec = w.es, w.key, self.mem[w.key]
+        rec.protocol_refused = plan.protocol_refused  # the early switch to proxy mode must not undo it
         if plan.restore_all:
             await self.restore_all(key, es)
             return Outcome(memory=rec.snapshot())

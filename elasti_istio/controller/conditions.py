@@ -9,13 +9,14 @@ from elasti_istio.controller.workloads import WorkloadState
 
 TARGET_FOUND = "TargetFound"
 VS_BOUND = "VirtualServicesBound"
+PROTOCOL = "ProtocolSupported"
 ACTIVATOR = "ActivatorAvailable"
 WAKE_FAILED = "WakeFailed"
 TIMEOUTS = "RouteTimeoutsCompatible"
 ALLOWED = "ScaleToZeroAllowed"
 TRIGGERS = "TriggersHealthy"
 READY = "Ready"
-ORDER = (TARGET_FOUND, "ServiceFound", VS_BOUND, ACTIVATOR, TIMEOUTS, ALLOWED, TRIGGERS, WAKE_FAILED, READY)
+ORDER = (TARGET_FOUND, "ServiceFound", VS_BOUND, PROTOCOL, ACTIVATOR, TIMEOUTS, ALLOWED, TRIGGERS, WAKE_FAILED, READY)
 
 
 def now_iso() -> str:

@@ -10,6 +10,8 @@ The routing mode, in the order the rules are tried (:func:`desired_mode`):
 ========================================  ==========  ===============================================
 the world                                 routes      and
 ========================================  ==========  ===============================================
+a port of the routes the activator        serve       a target at zero is woken (no scale-down of our
+cannot carry (:mod:`protocols`)                       own either)
 our own scale-down under way              proxy       (the routes move before the target goes to 0)
 the activator unavailable                 serve       a target at zero is woken (fail open, rate
                                                       limited)
@@ -29,7 +31,7 @@ from typing import Any
 
 from elasti_istio import duration, vsrewrite
 from elasti_istio.controller import conditions as C
-from elasti_istio.controller import schedule
+from elasti_istio.controller import protocols, schedule
 from elasti_istio.controller import spec as es_spec
 from elasti_istio.controller.workloads import WorkloadState
 from elasti_istio.controller.world import (
@@ -56,6 +58,7 @@ BAD = {
     C.TARGET_FOUND: "False",
     "ServiceFound": "False",
     C.VS_BOUND: "False",
+    C.PROTOCOL: "False",
     C.ACTIVATOR: "False",
     C.TIMEOUTS: "False",
     C.TRIGGERS: "False",
@@ -96,6 +99,10 @@ def decide(w: World) -> Plan:
     routing, shared = classify(w)
     plan.routing = tuple(sorted(routing))
     conds, plan.requeue = bound_condition(w, conds, routing, shared)
+    carried, protocol_msg = protocol_rules(w, routing)
+    reason = "Supported" if carried else "UnsupportedProtocol"
+    conds = C.set_condition(conds, C.PROTOCOL, carried, reason, protocol_msg)
+    plan.protocol_refused = not carried
     conds = timeouts_condition(w, conds, routing)
     act_ok, act_reason, act_msg = w.activator
     conds = C.set_condition(conds, C.ACTIVATOR, act_ok, act_reason, act_msg)
@@ -105,8 +112,12 @@ def decide(w: World) -> Plan:
     plan.requeue = sooner(plan.requeue, requeue)
     conds = triggers_condition(w, conds)
     proxied_now = proxied(w, routing)
-    plan.desired, fail_open, requeue = desired_mode(w, state, proxied_now)
+    plan.desired, fail_open, requeue = desired_mode(w, state, proxied_now, plan.protocol_refused)
     plan.requeue = sooner(plan.requeue, requeue)
+    if plan.protocol_refused and state.at_zero and plan.scale_up is None:
+        plan.scale_up = ScaleUp(
+            "UnsupportedProtocol", "the activator cannot carry the routes' protocol, so the target is kept awake"
+        )
     if fail_open:
         plan.scale_up = ScaleUp("FailOpen", "the activator is unavailable, so the target is woken", rate_limited=True)
     plan.endpoints_wait_over = plan.desired == "serve"
@@ -122,8 +133,12 @@ def decide(w: World) -> Plan:
     return plan
 
 
-def desired_mode(w: World, state: WorkloadState, proxied_now: bool) -> tuple[str, bool, float | None]:
+def desired_mode(
+    w: World, state: WorkloadState, proxied_now: bool, protocol_refused: bool = False
+) -> tuple[str, bool, float | None]:
     """(routing mode, whether to wake the target because the activator is gone, requeue): the table above."""
+    if protocol_refused:
+        return "serve", False, None
     if w.memory.sleeping and w.activator[0]:
         return "proxy", False, None
     if not w.activator[0]:
@@ -203,6 +218,41 @@ def bound_condition(
         parts.append(f"VirtualService {', '.join(no_route)} has no http route to Service {spec.service}{subset}")
     reason = "VirtualServiceNotFound" if missing else "NoRouteToTarget" if no_route else "NoVirtualService"
     return C.set_condition(conds, C.VS_BOUND, False, reason, "; ".join(parts)), (MISSING_VS_RETRY if missing else None)
+
+
+def ports_in_use(w: World, routing: set[VsKey]) -> list[dict[str, Any]]:
+    """The Service ports the routes to the target use, by number: those their destinations name, and the
+    ElastiService's port (``status.origin.port``, where the activator forwards) when a route names none
+    or nothing routes yet. A request the activator forwards to the port it came in on needs no look: an
+    http route only applies on ports Istio takes as HTTP or detects. A port the Service lacks is left
+    out: there is no protocol to judge (and the activator refuses it)."""
+    r = w.r
+    assert r is not None
+    named: set[int | None] = set()
+    for vns, vname in routing:
+        named |= vsrewrite.target_ports(w.vss[(vns, vname)].get("spec") or {}, vns, r.target_for(vns), w.cluster_domain)
+    numbers = {r.origin_port if p is None else p for p in named or {None}}
+    by_number = {p.get("port"): p for p in (r.service.get("spec") or {}).get("ports") or [] if isinstance(p, dict)}
+    return [by_number[n] for n in sorted(numbers) if n in by_number]
+
+
+def protocol_rules(w: World, routing: set[VsKey]) -> tuple[bool, str]:
+    """(whether the activator can carry every port the routes use, why): one it cannot keeps every
+    route of the ElastiService in serve mode (they switch together)."""
+    r = w.r
+    assert r is not None
+    seen = [(p, protocols.classify(p)) for p in ports_in_use(w, routing)]
+    refused = [(p, c) for p, c in seen if not c.carried]
+    if refused:
+        which = "; ".join(
+            f"Service {r.spec.service} port {p['port']} ({protocols.basis(p)}) is {c.protocol}" for p, c in refused
+        )
+        return False, (
+            f"{which}: the activator carries only {protocols.CARRIED_TEXT}, so the routes stay in serve mode "
+            "(never moved to the activator) and the target is kept awake (woken when found at zero)"
+        )
+    ports = ", ".join(f"{p['port']} ({c.protocol})" for p, c in seen) or "none known"
+    return True, f"the activator carries every Service port the routes use: {ports}"
 
 
 def timeouts_condition(w: World, conds: list[dict[str, Any]], routing: set[VsKey]) -> list[dict[str, Any]]:
@@ -355,13 +405,19 @@ def wake_rules(w: World, memory: Memory, conds: list[dict[str, Any]]) -> tuple[l
     return conds, memory
 
 
-READY_BLOCKERS = {C.VS_BOUND: "False", C.ACTIVATOR: "False", C.WAKE_FAILED: "True"}  # and a blocked spec
+READY_BLOCKERS = {  # and a blocked spec
+    C.VS_BOUND: "False",
+    C.PROTOCOL: "False",
+    C.ACTIVATOR: "False",
+    C.WAKE_FAILED: "True",
+}
 
 
 def ready_condition(conds: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    """Ready is False with the first of: no bound route to the target, the activator unavailable, a
-    failed wake (cold requests would fail). Warnings that leave it working (a short route timeout, an
-    invalid schedule, triggers that cannot be evaluated) do not make it unready."""
+    """Ready is False with the first of: no bound route to the target, a port the activator cannot
+    carry, the activator unavailable, a failed wake (cold requests would fail). Warnings that leave it
+    working (a short route timeout, an invalid schedule, triggers that cannot be evaluated) do not make
+    it unready."""
     problem = next((c for c in conds if READY_BLOCKERS.get(c["type"]) == c["status"]), None)
     if problem:
         return C.set_condition(conds, C.READY, False, problem["reason"], problem["message"])

@@ -26,6 +26,7 @@ class Record:
     endpoints_wait: float | None = None  # since when the routes wait for the woken target's EndpointSlice
     finalize_restored: float | None = None  # a deleted ElastiService: when its routes were restored
     routing: tuple[int, Any] | None = None  # the routing target, cached with a hash of what it came from
+    protocol_refused: bool = False  # the last reconcile kept the routes in serve mode for their protocol
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
     def snapshot(self) -> Memory:

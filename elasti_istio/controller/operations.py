@@ -30,13 +30,19 @@ class Operations(Base):
     """Part of :class:`~elasti_istio.controller.reconciler.Reconciler`."""
 
     async def sleep(self, namespace: str, name: str, reason: str, why: str) -> str:
-        """Routes to the activator first, then the target to zero (never the other way round)."""
+        """Routes to the activator first, then the target to zero (never the other way round). Not when
+        the activator is unavailable, outside the enabledPeriod, or when the routes use a port whose
+        protocol the activator cannot carry (they would stay in serve mode, and requests fail)."""
         key = es_key(namespace, name)
         async with self.lock(key):
             es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
             if es is None:
                 raise LookupError(f"ElastiService {namespace}/{name} not found")
-            r = await self.resolve(es)
+            world = await self.observe(es)
+            if world.blocked is not None:
+                raise world.blocked
+            r = world.r
+            assert r is not None
             if not self.activator_available[0]:
                 raise Blocked(
                     C.ACTIVATOR,
@@ -52,6 +58,9 @@ class Operations(Base):
                     "OutsideEnabledPeriod" if allowed is False else "InvalidSchedule",
                     "scale to zero is not allowed now (enabledPeriod)",
                 )
+            carried, message = decide.protocol_rules(world, decide.classify(world)[0])
+            if not carried:
+                raise Blocked(C.PROTOCOL, "UnsupportedProtocol", f"not scaling to zero: {message}")
             routing = [vk for vk in sorted(self.idx.bound_vs(key))]
             self.mem[key].sleeping = True
             try:

@@ -123,6 +123,7 @@ class Plan:
     release_ready: int | None = None  # status.readyReplicas, written before the routes move
     routing: tuple[VsKey, ...] = ()  # the bound VirtualServices that route to the target
     desired: str = "serve"
+    protocol_refused: bool = False  # a port the activator cannot carry: the routes stay in serve mode
     endpoints_wait_over: bool = False  # routes may go back: the wait for the EndpointSlice ends
     conditions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     requeue: float | None = None

@@ -1,5 +1,5 @@
 """Operations: the controller's own scale-down (idle triggers with a real Prometheus, POST /v1/sleep),
-KEDA without tug of war, and the enabledPeriod schedule."""
+KEDA without tug of war, the enabledPeriod schedule, and a port the activator cannot carry."""
 
 from __future__ import annotations
 
@@ -18,17 +18,20 @@ import urllib3
 from kubernetes import watch
 
 from tests.cluster.test_controller_lifecycle import activator_dests, bookinfo, phase, vs_spec
-from tests.cluster.test_controller_resilience import cond_is
+from tests.cluster.test_controller_resilience import cond_is, es_doc
+from tests.cluster.test_kubectl_view import table
 from tests.conftest import K8s, MeshInfo
 from tests.harness import (
     condition,
     create,
     es,
+    events_for,
     free_port,
     get,
     http_json,
     patch,
     ready_replicas,
+    scale,
     wait_event,
     wait_until,
 )
@@ -360,6 +363,115 @@ def test_schedule_outside_period_keeps_awake_and_invalid_cron_is_reported(
     )
     assert http_json("POST", sleep_url, {"namespace": namespace, "name": "details"})[0] == 202
     wait_until(lambda: phase(k8s, namespace, "details") == "ScaledToZero", what="asleep inside the period")
+
+
+# ---- a protocol the activator cannot carry -----------------------------------------------------
+
+
+def db_workload(k8s: K8s, ns: str, port: dict[str, Any]) -> None:
+    """A Deployment ``db`` behind a Service with ``port``, an http route to it and its ElastiService."""
+    create(
+        k8s,
+        ns,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "db"},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "db"}},
+                "template": {
+                    "metadata": {"labels": {"app": "db"}},
+                    "spec": {"containers": [{"name": "db", "image": "x", "ports": [{"containerPort": 8080}]}]},
+                },
+            },
+        },
+    )
+    create(
+        k8s,
+        ns,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "db"},
+            "spec": {"selector": {"app": "db"}, "ports": [port]},
+        },
+    )
+    create(
+        k8s,
+        ns,
+        {
+            "apiVersion": "networking.istio.io/v1beta1",
+            "kind": "VirtualService",
+            "metadata": {"name": "db"},
+            "spec": {"hosts": ["db"], "http": [{"route": [{"destination": {"host": "db"}}]}]},
+        },
+    )
+    create(
+        k8s, ns, es_doc("db", service="db", virtualServices=["db"], scaleTargetRef={"kind": "Deployment", "name": "db"})
+    )
+
+
+def test_a_port_the_activator_cannot_carry_is_refused_not_broken(
+    k8s: K8s, namespace: str, start_controller: Any
+) -> None:
+    """A Service port named tcp-db behind an http route: the ElastiService says so (condition, Ready,
+    kubectl, a Warning), its VirtualService is never rewritten, not even when someone else scales the
+    target to zero (it is woken instead), and it is not scaled down on request; once the port is named
+    for HTTP, it works as usual."""
+    db_workload(k8s, namespace, {"name": "tcp-db", "port": 5432, "targetPort": 8080})
+    wait_until(lambda: ready_replicas(k8s, namespace, "db") == 1, what="db ready")
+    ctrl = start_controller()
+    wait_until(
+        lambda: cond_is(k8s, namespace, "db", "ProtocolSupported", "False", "UnsupportedProtocol"),
+        60,
+        "ProtocolSupported=False",
+    )
+    obj = es(k8s, namespace, "db")
+    status = obj["status"]
+    message = condition(obj, "ProtocolSupported")["message"]  # type: ignore[index]
+    assert message.startswith("Service db port 5432 (name tcp-db) is TCP: the activator carries only "), message
+    assert cond_is(k8s, namespace, "db", "Ready", "False", "UnsupportedProtocol")
+    assert status["mode"] == "serve"
+    row = table(k8s, namespace)["db"]
+    assert (row["READY"], row["REASON"], row["MODE"]) == ("False", "UnsupportedProtocol", "serve"), row
+    warning = wait_event(k8s, namespace, "db", "UnsupportedProtocol")
+    assert warning.type == "Warning" and warning.message == message
+
+    before = get(k8s, namespace, "VirtualService", "db")
+    assert before is not None
+    rec = Recorder(k8s, namespace).start()
+    try:
+        # Someone else scales the target to zero: the routes stay, and the target is woken.
+        scale(k8s, namespace, "db", 0)
+        wait_until(
+            lambda: any(
+                e.reason == "UnsupportedProtocol" and e.type == "Normal" for e in events_for(k8s, namespace, "db")
+            ),
+            60,
+            "the wake Event",
+        )
+        wait_until(lambda: ready_replicas(k8s, namespace, "db") == 1, 60, "db woken")
+        wait_until(lambda: phase(k8s, namespace, "db") == "Serving", 60, "Serving again")
+        code, body = http_json("POST", ctrl.wake_url.replace("/wake", "/sleep"), {"namespace": namespace, "name": "db"})
+        assert (code, body.get("reason")) == (409, "UnsupportedProtocol"), body
+        assert k8s.apps.read_namespaced_deployment("db", namespace).spec.replicas == 1  # type: ignore[attr-defined]
+        after = get(k8s, namespace, "VirtualService", "db")
+        assert after is not None and after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+        assert after["spec"] == before["spec"]
+        assert rec.first("VirtualService", lambda o: bool(activator_dests(o["spec"]))) is None
+        assert es(k8s, namespace, "db")["status"]["mode"] == "serve"
+    finally:
+        rec.stop()
+
+    # Named for HTTP: supported, Ready, and a scale to zero moves the route to the activator.
+    k8s.core.patch_namespaced_service(  # type: ignore[attr-defined]
+        "db", namespace, {"spec": {"ports": [{"name": "http-db", "port": 5432, "targetPort": 8080}]}}
+    )
+    wait_until(lambda: cond_is(k8s, namespace, "db", "ProtocolSupported", "True", "Supported"), 60, "Supported")
+    wait_until(lambda: cond_is(k8s, namespace, "db", "Ready", "True"), 60, "Ready")
+    scale(k8s, namespace, "db", 0)
+    wait_until(lambda: activator_dests(vs_spec(k8s, namespace, "db")), 60, "db proxied")
 
 
 # ---- idle triggers with a real Prometheus ---------------------------------------------------------

@@ -50,10 +50,12 @@ def es(**spec: Any) -> dict[str, Any]:
     }
 
 
-def route(timeout: str | None = None, subset: str | None = None) -> dict[str, Any]:
+def route(timeout: str | None = None, subset: str | None = None, port: int | None = None) -> dict[str, Any]:
     dest: dict[str, Any] = {"host": "details"}
     if subset:
         dest["subset"] = subset
+    if port is not None:
+        dest["port"] = {"number": port}
     http: dict[str, Any] = {"route": [{"destination": dest}]}
     if timeout:
         http["timeout"] = timeout
@@ -81,6 +83,8 @@ def world(
     status: dict[str, Any] | None = None,
     target: vsrewrite.Target = TARGET,
     now: dt.datetime = NOW,
+    ports: list[dict[str, Any]] | None = None,
+    origin_port: int = 9080,
     **spec: Any,
 ) -> World:
     obj = es(**spec)
@@ -102,9 +106,9 @@ def world(
         workload={},
         state=state,
         scaled_object=scaled_object,
-        service={"spec": {"selector": {"app": "details"}, "ports": [{"port": 9080}]}},
+        service={"spec": {"selector": {"app": "details"}, "ports": ports or [{"port": 9080}]}},
         origin_name="details-elasti-origin",
-        origin_port=9080,
+        origin_port=origin_port,
         target=target,
         subset_labels={},
     )
@@ -329,6 +333,88 @@ def test_a_route_timeout_shorter_than_the_hold() -> None:
     assert [e.reason for e in events if e.type == "Warning"] == ["RouteTimeoutShorterThanHold"]
     _, status, _ = run(world(vss={VS: route(timeout="90s")}))
     assert cond(status, C.TIMEOUTS) == ("True", "Compatible")
+
+
+# ---- protocols ----------------------------------------------------------------------------------------
+
+TCP_DB = [{"name": "tcp-db", "port": 9080}]
+HTTP_THEN_DB = [{"name": "http", "port": 9080}, {"name": "tcp-db", "port": 5432}]
+DB_THEN_HTTP = [{"name": "tcp-db", "port": 5432}, {"name": "http", "port": 9080}]
+
+PROTOCOL_ROWS = [
+    # (what, world, ProtocolSupported reason, desired routes, wake)
+    ("an http port", world(ports=[{"name": "http", "port": 9080}]), "Supported", "serve", None),
+    ("a grpc port at zero", world(replicas=0, ready=0, ports=[{"name": "grpc", "port": 9080}]), "Supported",
+     "proxy", None),
+    ("an h2c appProtocol at zero",
+     world(replicas=0, ready=0, ports=[{"port": 9080, "appProtocol": "kubernetes.io/h2c"}]), "Supported", "proxy",
+     None),
+    ("a tcp port, serving", world(ports=TCP_DB), "UnsupportedProtocol", "serve", None),
+    ("a tcp port at zero: woken", world(replicas=0, ready=0, ports=TCP_DB), "UnsupportedProtocol", "serve",
+     "UnsupportedProtocol"),
+    ("an https port at zero: woken", world(replicas=0, ready=0, ports=[{"name": "https", "port": 9080}]),
+     "UnsupportedProtocol", "serve", "UnsupportedProtocol"),
+    ("a wss appProtocol", world(ports=[{"name": "http", "port": 9080, "appProtocol": "kubernetes.io/wss"}]),
+     "UnsupportedProtocol", "serve", None),
+    ("a UDP port", world(ports=[{"name": "http", "port": 9080, "protocol": "UDP"}]), "UnsupportedProtocol", "serve",
+     None),
+    ("proxied when the port changed: back to serve, woken",
+     world(replicas=0, ready=0, ports=TCP_DB, vss={VS: proxied(route())}), "UnsupportedProtocol", "serve",
+     "UnsupportedProtocol"),
+    ("during our own scale-down", world(memory=Memory(sleeping=True), ports=TCP_DB), "UnsupportedProtocol", "serve",
+     None),
+    ("the activator gone too: woken, not failed open",
+     world(replicas=0, ready=0, activator=False, ports=TCP_DB), "UnsupportedProtocol", "serve", "UnsupportedProtocol"),
+    ("a route naming the tcp port", world(replicas=0, ready=0, ports=HTTP_THEN_DB, vss={VS: route(port=5432)}),
+     "UnsupportedProtocol", "serve", "UnsupportedProtocol"),
+    ("no port named, the ElastiService's port is tcp",
+     world(replicas=0, ready=0, ports=DB_THEN_HTTP, origin_port=5432), "UnsupportedProtocol", "serve",
+     "UnsupportedProtocol"),
+    ("every route names the http port: the ElastiService's port is not used",
+     world(replicas=0, ready=0, ports=DB_THEN_HTTP, origin_port=5432, vss={VS: route(port=9080)}), "Supported",
+     "proxy", None),
+    ("another Service port is tcp", world(replicas=0, ready=0, ports=HTTP_THEN_DB), "Supported", "proxy", None),
+    ("a port the Service lacks is not judged", world(replicas=0, ready=0, vss={VS: route(port=1234)}), "Supported",
+     "proxy", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "w", "reason", "desired", "wake"), PROTOCOL_ROWS, ids=[r[0] for r in PROTOCOL_ROWS])
+def test_protocol(what: str, w: World, reason: str, desired: str, wake: str | None) -> None:
+    plan, status, _ = run(w)
+    supported = reason == "Supported"
+    assert cond(status, C.PROTOCOL) == (str(supported), reason), what
+    assert (plan.desired, status["mode"], plan.protocol_refused) == (desired, desired, not supported)
+    assert (plan.scale_up.reason if plan.scale_up else None) == wake
+    if wake:
+        assert not plan.scale_up.rate_limited  # type: ignore[union-attr]
+    if not supported:  # requests to the target at zero would fail
+        assert cond(status, C.READY) == ("False", "UnsupportedProtocol")
+
+
+def test_an_unsupported_port_is_named_with_what_it_was_read_from() -> None:
+    _, status, events = run(world(replicas=0, ready=0, ports=HTTP_THEN_DB, vss={VS: route(port=5432)}))
+    message = C.get_condition(status["conditions"], C.PROTOCOL)["message"]
+    assert message.startswith("Service details port 5432 (name tcp-db) is TCP: the activator carries only ")
+    assert "stay in serve mode" in message
+    assert Event("Warning", "UnsupportedProtocol", message) in events
+    assert C.get_condition(status["conditions"], C.READY)["message"] == message
+
+
+def test_a_supported_port_is_named_too() -> None:
+    _, status, events = run(world(ports=[{"name": "grpc", "port": 9080}]))
+    message = C.get_condition(status["conditions"], C.PROTOCOL)["message"]
+    assert message == "the activator carries every Service port the routes use: 9080 (GRPC)"
+    assert [e for e in events if e.type == "Warning"] == []
+
+
+def test_the_unsupported_protocol_warning_is_not_repeated() -> None:
+    _, first, _ = run(world(ports=TCP_DB))
+    _, second, events = run(world(ports=TCP_DB, status=first))
+    assert [e for e in events if e.type == "Warning"] == []
+    # Fixed: the condition turns True and Ready with it.
+    _, third, events = run(world(ports=[{"name": "http", "port": 9080}], status=second))
+    assert cond(third, C.PROTOCOL) == ("True", "Supported") and cond(third, C.READY) == ("True", "Serving")
 
 
 # ---- triggers -----------------------------------------------------------------------------------------
