@@ -329,6 +329,7 @@ class H2Front:
 
     async def handle(self, req: H2Request) -> None:
         proxy = self.proxy
+        proxy.metrics.h2_request()
         grpc = grpcwire.is_grpc(req.header(b"content-type"))
         if req.method == "CONNECT":
             proxy.metrics.rejected_unrouted()

@@ -67,6 +67,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        by_protocol = Counter(
+            "elasti_activator_requests_by_protocol",
+            "Requests that reached the proxy port, by the protocol they came in (http1: HTTP/1.1, h2: HTTP/2 "
+            "cleartext, gRPC included)",
+            ["protocol"],
+            registry=r,
+        )
+        self.http1_request = by_protocol.labels("http1").inc
+        self.h2_request = by_protocol.labels("h2").inc
         self._targets: dict[Key, TargetMetrics] = {}
         self._unrouted = self.requests.labels("", "", "rejected")
 

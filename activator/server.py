@@ -174,6 +174,7 @@ class Proxy:
         self.holds.wake_all()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.metrics.http1_request()
         invalid = not_utf8(request)
         if invalid is not None:
             self.metrics.rejected_unrouted()

@@ -3,6 +3,7 @@ its sidecar, and the local cluster's gRPC echo workload (``elasti.echo.v1.Echo``
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import urllib.request
@@ -29,7 +30,8 @@ COLD = "x-elasti-cold-start"
 def grpc_app(
     ns: str, *, replicas: int = 1, queue_limit: int = 1000, startup_seconds: float | None = None
 ) -> list[dict[str, Any]]:
-    """The echo workload on a port named ``grpc``, its Gateway and gateway VirtualService, its ElastiService."""
+    """The echo workload on a port named ``grpc``; a Gateway and its VirtualService ``echo-gw``, a mesh
+    VirtualService ``echo``; an ElastiService bound to both."""
     host = f"echo.{ns}.example"
     labels = {"app": "echo"}
     template: dict[str, Any] = {
@@ -73,13 +75,19 @@ def grpc_app(
             },
         },
         {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "echo"},
+            "spec": {"hosts": ["echo"], "http": [{"route": [{"destination": {"host": "echo"}}]}]},
+        },
+        {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "ElastiService",
             "metadata": {"name": "echo"},
             "spec": {
                 "service": "echo",
                 "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "echo"},
-                "virtualServices": ["echo-gw"],
+                "virtualServices": ["echo-gw", "echo"],
                 "minTargetReplicas": 1,
                 "activator": {"holdTimeout": "60s", "retryInterval": "100ms", "queueLimit": queue_limit},
             },
@@ -111,6 +119,20 @@ def at_zero(e2e: System, ns: str) -> None:
     until(lambda: proxied(vs_spec(e2e.api, ns, "echo-gw")), "the gateway route moved to the activator")
     until(lambda: phase(e2e.api, ns, "echo") == "ScaledToZero", "ScaledToZero")
     gateway_routes(e2e, ns, True)
+    until(lambda: envoys_route(e2e.api, ns, "echo", True), "the mesh client's sidecar to route to the activator")
+
+
+def by_protocol(e2e: System) -> dict[str, float]:
+    """The activator's count of requests by the protocol they arrived in."""
+    url = f"http://127.0.0.1:{e2e.activator.admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out = {"http1": 0.0, "h2": 0.0}
+    for line in text.splitlines():
+        if line.startswith("elasti_activator_requests_by_protocol_total{"):
+            labels, _, value = line.partition("} ")
+            out[labels.split('protocol="')[1].split('"')[0]] = float(value)
+    return out
 
 
 def pending(e2e: System, ns: str) -> int:
@@ -188,7 +210,11 @@ def test_grpc_calls_through_the_gateway_warm_and_at_zero(
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
     at_zero(e2e, ns)
+    before = by_protocol(e2e)
     check_four(all_four(stub, "cold"), "cold", cold=True)
+    after = by_protocol(e2e)
+    # The gateway kept the calls' protocol to the activator: HTTP/2, not HTTP/1.1.
+    assert after["h2"] - before["h2"] >= 4 and after["http1"] == before["http1"], (before, after)
     # Exactly once each: the echo server counts the calls it got (the warm ones were on a pod now gone).
     for method in grpcecho.ECHO_METHODS:
         seen = stub.Seen(grpcecho.SeenRequest(method=method), timeout=30)
@@ -225,3 +251,37 @@ def test_grpc_deadline_cancellation_and_overflow_at_zero(
     held.cancel()
     until(lambda: pending(e2e, ns) == 0, "the cancelled call out of the queue")
     assert held.cancelled()
+
+
+def test_grpc_and_http1_east_west_keep_their_protocol_to_the_activator(
+    e2e: System, namespace: str, controller: ControllerProc
+) -> None:
+    """From an application pod's sidecar: a gRPC call at zero reaches the activator as HTTP/2 and is
+    answered; a plain HTTP/1.1 request to the same sleeping workload's Service reaches it as HTTP/1.1
+    (and, the workload speaking only gRPC, gets the workload's own refusal, which is relayed)."""
+    api, ns = e2e.api, namespace
+    api.apply_all(grpc_app(ns), ns)
+    until(lambda: phase(api, ns, "echo") == "Serving", "Serving")
+    at_zero(e2e, ns)
+    authority = f"echo.{ns}.svc.cluster.local:{PORT}"
+    before = by_protocol(e2e)
+    with grpc.insecure_channel(f"{e2e.mesh.client}:{PORT}", options=[("grpc.default_authority", authority)]) as ch:
+        stub = grpcecho.stub(ch)
+        resp, call = stub.Unary.with_call(grpcecho.EchoRequest(message="east-west"), timeout=90)
+        assert resp.message == "east-west" and dict(call.initial_metadata()).get(COLD) == "true"
+        replies = list(stub.Bidi(iter([grpcecho.EchoRequest(message=m) for m in "ab"]), timeout=90))
+        assert [r.message for r in replies] == ["a", "b"]
+    after = by_protocol(e2e)
+    assert after["h2"] - before["h2"] >= 1 and after["http1"] == before["http1"], (before, after)
+
+    at_zero(e2e, ns)
+    before = by_protocol(e2e)
+    conn = http.client.HTTPConnection(e2e.mesh.client, PORT, timeout=90)
+    try:
+        conn.request("GET", f"http://{authority}/not-grpc")
+        resp_ = conn.getresponse()
+        resp_.read()
+    finally:
+        conn.close()
+    after = by_protocol(e2e)
+    assert after["http1"] - before["http1"] >= 1 and after["h2"] == before["h2"], (before, after)
