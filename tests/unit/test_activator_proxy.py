@@ -802,7 +802,10 @@ async def test_metrics_labels_are_bounded(env: Env) -> None:
         labels = dict(
             part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].replace('"', "").split(",")
         )
-        assert set(labels) <= {"namespace", "name", "outcome", "result", "le"}, line
+        assert set(labels) <= {"namespace", "name", "outcome", "result", "le", "protocol"}, line
+        if "protocol" in labels:
+            assert labels["protocol"] in {"http1", "h2"}, line
+            continue
         seen.add((labels.get("namespace"), labels.get("name")))
         if "outcome" in labels:
             assert labels["outcome"] in {
