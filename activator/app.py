@@ -88,6 +88,7 @@ class Activator:
             max_field_size=cfg.max_field_size,
             max_headers=cfg.max_headers,
             h2_handler=self.h2.handle,
+            h2_max_streams=cfg.max_concurrent_streams,
         )
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=max(cfg.drain_timeout, 0.1))
         await self._proxy_runner.setup()

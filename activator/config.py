@@ -112,6 +112,15 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
+        "--max-concurrent-streams",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="HTTP/2 streams (gRPC calls) one client connection may have open at once, as told to the client in "
+        "its SETTINGS (1-2147483647)",
+    )
+    options.add(
+        p,
         "--max-connections",
         type=int,
         default=20000,
@@ -256,6 +265,7 @@ class Config:
     header_timeout: float = 15.0
     keepalive_timeout: float = 3630.0
     max_connections: int = 20000
+    max_concurrent_streams: int = 1000
     spool_dir: str | None = None
     spool_limit: int = 1024 * 1024 * 1024
     websocket_max_message: int = 4 * 1024 * 1024
@@ -283,6 +293,8 @@ class Config:
                 "--drain-timeout, --retry-body-limit, --max-body-size, --websocket-max-message, --spool-limit, "
                 "--header-timeout, --max-connections and --request-body-timeout must not be negative"
             )
+        if not 1 <= args.max_concurrent_streams <= 2**31 - 1:
+            raise SystemExit("--max-concurrent-streams must be from 1 to 2147483647")
         if args.upstream_proxy and args.sidecar_address:
             raise SystemExit("--upstream-proxy and --sidecar-address are exclusive: give one of them")
         if not 0 <= args.wake_wait <= 60:
@@ -302,6 +314,7 @@ class Config:
             header_timeout=args.header_timeout,
             keepalive_timeout=max(0.1, args.keepalive_timeout),
             max_connections=args.max_connections,
+            max_concurrent_streams=args.max_concurrent_streams,
             spool_dir=args.spool_dir or None,
             spool_limit=args.spool_limit,
             websocket_max_message=args.websocket_max_message,

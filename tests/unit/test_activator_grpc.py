@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,12 +28,19 @@ class Origin:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.mesh_replies = 0
+        self.from_upstream = False
         self.cancelled = asyncio.Event()
         self.server = grpc.aio.server()
 
     async def unary(self, req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         self.calls += 1
         md = dict(ctx.invocation_metadata())
+        if self.mesh_replies > 0:  # answers as Envoy does when it has no endpoint: trailers only, UNAVAILABLE
+            self.mesh_replies -= 1
+            if self.from_upstream:
+                ctx.set_trailing_metadata((("x-envoy-upstream-service-time", "3"),))
+            await ctx.abort(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
         await ctx.send_initial_metadata((("x-origin", "yes"),))
         if req.startswith(b"fail:"):
             await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, req[5:].decode())
@@ -258,3 +266,78 @@ async def test_http1_still_works_beside_http2(env: Env) -> None:
         async with s.get(url) as r:
             assert r.status == 400
             assert (await r.json())["error"]
+
+
+async def test_the_meshs_no_healthy_upstream_is_retried_and_a_workloads_own_is_relayed(env: Env) -> None:
+    """Envoy answers a gRPC call it has no endpoint for with a trailers-only UNAVAILABLE "no healthy
+    upstream" and no x-envoy-upstream-service-time (checked on Envoy 1.40): nothing reached the workload,
+    the call is sent again. The same status with that header came from a workload: relayed, once."""
+    env.put(ready=True, retry_interval="10ms")
+    env.origin.mesh_replies = 2
+    assert await env.method("Unary", "Unary")(b"again", metadata=env.md(), timeout=30) == b"unary:again"
+    assert env.origin.calls == 3 and env.origin.mesh_replies == 0
+    assert env.activator.metrics.target((NS, "grpcsvc")).mesh_not_ready._value.get() == 2
+
+    env.origin.mesh_replies, env.origin.from_upstream = 1, True
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await env.method("Unary", "Unary")(b"once", metadata=env.md(), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.details() == "no healthy upstream"
+    assert env.origin.calls == 4
+
+
+async def test_a_call_held_at_shutdown_is_answered_unavailable_within_the_drain() -> None:
+    env = await Env(drain_timeout=2.0).start()
+    try:
+        env.put(ready=False)
+        task = asyncio.ensure_future(env.method("Unary", "Unary")(b"a", metadata=env.md()))
+        await env.until_pending(1)
+        drain = asyncio.ensure_future(env.activator.drain())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await task
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+        await drain
+    finally:
+        await env.stop()
+
+
+async def test_garbage_after_the_http2_preface_closes_that_connection_only(env: Env) -> None:
+    from activator.h2server import PREFACE
+
+    env.put(ready=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.activator.proxy_address[1])
+    writer.write(PREFACE + b"\x00\x00\x04\x00\x00\x00\x00\x00\x00junk")  # DATA on stream 0: a protocol error
+    await writer.drain()
+    async with asyncio.timeout(20):
+        while await reader.read(65536):
+            pass  # the activator answers GOAWAY and closes
+    writer.close()
+    assert await env.method("Unary", "Unary")(b"still", metadata=env.md(), timeout=30) == b"unary:still"
+
+
+async def test_a_plain_http2_request_gets_the_json_answers(env: Env) -> None:
+    """Not a gRPC call: the activator's refusals keep their HTTP status and JSON body over HTTP/2."""
+    from activator.h2client import H2Pool
+
+    pool = H2Pool()
+    try:
+        for header, status in ((f"{NS}/nosuch", b"404"), ("not a key", b"400")):
+            stream = await pool.open(
+                "127.0.0.1",
+                env.activator.proxy_address[1],
+                [
+                    (b":method", b"GET"),
+                    (b":scheme", b"http"),
+                    (b":authority", b"x"),
+                    (b":path", b"/"),
+                    (b"elasti-service", header.encode()),
+                ],
+                end=True,
+            )
+            headers = dict(await stream.response)
+            body = b""
+            while (chunk := await stream.read()) is not None:
+                body += chunk
+            assert headers[b":status"] == status and headers[b"content-type"].startswith(b"application/json")
+            assert set(json.loads(body)) == {"error", "detail"}
+    finally:
+        await pool.close()
