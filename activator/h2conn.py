@@ -132,6 +132,8 @@ class H2Connection(asyncio.Protocol):
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
+        # h2 reads the frame size it accepts once, from its default settings: follow what is advertised.
+        self.h2.max_inbound_frame_size = MAX_FRAME
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()

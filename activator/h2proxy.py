@@ -177,6 +177,7 @@ class H2Exchange:
         self._up = up
         if not done:
             self._pump = self.loop.create_task(self._send_body(up))
+            self._pump.add_done_callback(_retrieved)
         try:
             answer = await up.response
         except StreamGone as exc:
@@ -311,6 +312,12 @@ async def send_refusal(req: H2Request, refusal: Refusal, grpc: bool) -> None:
         headers.append((b"retry-after", b"1"))
     await req.respond(headers)
     await req.stream.send_data(body, end=True)
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A request body's failure shows in the answer (a reset or a refusal), not as an unretrieved task."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _status(headers: Headers) -> int:

@@ -271,6 +271,11 @@ def test_grpc_and_http1_east_west_keep_their_protocol_to_the_activator(
         assert resp.message == "east-west" and dict(call.initial_metadata()).get(COLD) == "true"
         replies = list(stub.Bidi(iter([grpcecho.EchoRequest(message=m) for m in "ab"]), timeout=90))
         assert [r.message for r in replies] == ["a", "b"]
+        # Messages larger than HTTP/2's default frame and stream window, both ways, through Envoy.
+        at_zero(e2e, ns)
+        big = "x" * 300_000
+        resp = stub.Unary(grpcecho.EchoRequest(message=big, payload_size=2_000_000), timeout=90)
+        assert resp.message == big and len(resp.payload) == 2_000_000
     after = by_protocol(e2e)
     assert after["h2"] - before["h2"] >= 1 and after["http1"] == before["http1"], (before, after)
 

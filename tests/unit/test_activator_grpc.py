@@ -5,8 +5,10 @@ port), and a stub of the controller's wake endpoint. The mesh's part is tested i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +23,13 @@ from tests.activator_stubs import WakeEndpoint, elastiservice
 NS = "shop"
 _rv = itertools.count(2)
 ident = (lambda b: b), (lambda b: b)
+
+
+def _sha(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
 
 
 class Origin:
@@ -55,12 +64,18 @@ class Origin:
 
     async def server_stream(self, req: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         self.calls += 1
+        if req.startswith(b"big:"):  # many large messages: the activator's send windows fill and drain
+            for i in range(int(req[4:])):
+                yield bytes([i % 256]) * 100_000
+            return
         for i in range(int(req or b"3")):
             yield b"item%d" % i
 
     async def client_stream(self, reqs: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> bytes:
         self.calls += 1
         got = [r async for r in reqs]
+        if sum(map(len, got)) > 1000:
+            return b"%d messages, %d bytes, sha256 %s" % (len(got), sum(map(len, got)), _sha(got).encode())
         return b"|".join(got)
 
     async def bidi(self, reqs: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -341,3 +356,17 @@ async def test_a_plain_http2_request_gets_the_json_answers(env: Env) -> None:
             assert set(json.loads(body)) == {"error", "detail"}
     finally:
         await pool.close()
+
+
+async def test_megabytes_both_ways_through_a_held_call(env: Env) -> None:
+    """More than the stream windows each way: a held client stream is released whole (its client was held
+    back by flow control while it waited) and a large server stream comes back intact."""
+    env.put(ready=False)
+    parts = [os.urandom(300_000) for _ in range(10)]
+    call = env.method("ClientStream", "ClientStream")(iter(parts), metadata=env.md(), timeout=60)
+    task = asyncio.ensure_future(call)
+    await env.until_pending(1)
+    env.put(ready=True)
+    assert await task == b"10 messages, 3000000 bytes, sha256 " + _sha(parts).encode()
+    got = [m async for m in env.method("ServerStream", "ServerStream")(b"big:40", metadata=env.md(), timeout=60)]
+    assert [len(m) for m in got] == [100_000] * 40 and all(m == bytes([i]) * 100_000 for i, m in enumerate(got))
