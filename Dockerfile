@@ -11,13 +11,18 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY crds ./crds
+# .dockerignore keeps the local cluster, the kubelet stand-in and the demo out of these two, so the
+# package holds the controller, the activator and the client commands; without the `local` extra
+# their gRPC dependencies stay out too. The two --help runs fail the build if a production command
+# needs anything left out.
 COPY elasti_istio ./elasti_istio
 COPY activator ./activator
 # Bytecode is compiled here, once, with hashes that never go stale, so that nothing is compiled or
 # written at run time; pip itself is not kept in the environment.
 RUN python -m venv /opt/elasti \
  && /opt/elasti/bin/pip install --no-compile ".[fast]" \
+ && /opt/elasti/bin/elasti-istio controller --help >/dev/null \
+ && /opt/elasti/bin/elasti-istio activator --help >/dev/null \
  && /opt/elasti/bin/pip uninstall -y pip setuptools wheel \
  && python -m compileall -q --invalidation-mode unchecked-hash /opt/elasti/lib
 

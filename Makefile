@@ -22,7 +22,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,local]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -83,27 +83,14 @@ OVERLAY       ?= cluster-wide
 MANIFESTS_DIR ?= build/manifests
 # Upper bound for `undeploy` to wait for ElastiService finalizers (routes restored, targets woken).
 UNDEPLOY_TIMEOUT ?= 300s
-WAKE_TOKEN    := deploy/kustomize/base/wake-token
-ROUTE_KEY     := deploy/kustomize/base/route-key
 
-.PHONY: manifests image image-lint deploy undeploy wake-token
+.PHONY: manifests image image-lint deploy undeploy
 
-# The wake token kustomize puts in the elasti-wake-token Secret: random, made once, kept (gitignored).
-$(WAKE_TOKEN):
-	@umask 077; $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32), end="")' > $@.tmp && mv $@.tmp $@
-	@echo "wrote a new wake token to $@"
-
-wake-token: $(WAKE_TOKEN)
-
-# The route key kustomize puts in the elasti-route-key Secret: random, made once, kept (gitignored).
-$(ROUTE_KEY):
-	@umask 077; $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $@.tmp && mv $@.tmp $@
-	@echo "wrote a new route key to $@"
-
-# Both overlays rendered to $(MANIFESTS_DIR) (they contain the wake token: keep them private).
-manifests: $(WAKE_TOKEN) $(ROUTE_KEY)
+# Both overlays rendered to $(MANIFESTS_DIR). They hold no secret: the controller creates the wake
+# token and route key Secrets, with random values, when they are missing (docs/deploy.md).
+manifests:
 	@mkdir -p $(MANIFESTS_DIR)
-	@umask 077; for o in cluster-wide namespace-scoped; do \
+	@for o in cluster-wide namespace-scoped; do \
 		$(KUBECTL) kustomize deploy/kustomize/overlays/$$o > $(MANIFESTS_DIR)/$$o.yaml.tmp && \
 		mv $(MANIFESTS_DIR)/$$o.yaml.tmp $(MANIFESTS_DIR)/$$o.yaml && echo "$(MANIFESTS_DIR)/$$o.yaml" || exit 1; \
 	done
@@ -116,12 +103,12 @@ image-lint: venv
 	$(BIN)/hadolint Dockerfile
 
 # Installs into the current kubectl context (OVERLAY=cluster-wide or namespace-scoped).
-deploy: $(WAKE_TOKEN) $(ROUTE_KEY)
+deploy:
 	$(KUBECTL) apply -k deploy/kustomize/overlays/$(OVERLAY)
 
 # ElastiServices go first, while the controller still runs: their finalizer restores the original
 # routes and wakes targets left at zero. Only when none is left are the controller and the CRD removed.
-undeploy: $(WAKE_TOKEN) $(ROUTE_KEY)
+undeploy:
 	@if $(KUBECTL) get crd elastiservices.elasti.truefoundry.com >/dev/null 2>&1; then \
 		echo "deleting every ElastiService and waiting for their finalizers (up to $(UNDEPLOY_TIMEOUT))"; \
 		$(KUBECTL) delete elastiservices.elasti.truefoundry.com --all --all-namespaces --wait=true \

@@ -71,7 +71,7 @@ class Activator:
         self.h2 = H2Front(
             self.proxy, H2Forwarder(self.h2_pool, cfg.upstream_proxy, cfg.sidecar_address, cfg.cold_start_header)
         )
-        self.admin = Admin(self.registry, self.holds, self.metrics)
+        self.admin = Admin(self.registry, self.holds, self.metrics, self.proxy.route_keys)
 
         # The low-level server: no router or middlewares on the hot path. Handler cancellation turns a
         # client that goes away while held into a CancelledError, so it is dequeued at once.

@@ -212,6 +212,14 @@ class Proxy:
         key, header_port = routed
         if self.route_keys is not None and not self.route_keys.valid(key[0], key[1], headers.get(TOKEN_HEADER)):
             self.metrics.rejected_unrouted()
+            if not self.route_keys.keys:  # nothing can be verified yet: a moment later it can
+                return Refusal(
+                    503,
+                    "route key not loaded yet",
+                    f"the route key file {self.route_keys.path} has given no key yet (a new Secret reaches its "
+                    "mount within a minute or so)",
+                    retry_after=True,
+                )
             return Refusal(
                 403,
                 "forbidden",
@@ -392,10 +400,13 @@ class Proxy:
 class Admin:
     """``/healthz``, ``/readyz``, ``/metrics`` and ``/v1/pending/<namespace>/<name>`` (for KEDA's metrics-api)."""
 
-    def __init__(self, registry: Registry, holds: Holds, metrics: Metrics) -> None:
+    def __init__(
+        self, registry: Registry, holds: Holds, metrics: Metrics, route_keys: routekey.KeyFile | None = None
+    ) -> None:
         self.registry = registry
         self.holds = holds
         self.metrics = metrics
+        self.route_keys = route_keys
         self.draining = False
 
     def app(self) -> web.Application:
@@ -414,6 +425,12 @@ class Admin:
             return web.json_response({"ready": False, "reason": "draining"}, status=503)
         if not self.registry.synced:
             return web.json_response({"ready": False, "reason": "ElastiServices not listed yet"}, status=503)
+        if self.route_keys is not None:
+            # Not Ready without a key: the controller then keeps routes off the activators (fail open)
+            # rather than send requests that would be refused.
+            self.route_keys.refresh()
+            if not self.route_keys.keys:
+                return web.json_response({"ready": False, "reason": "route key not loaded yet"}, status=503)
         return web.json_response({"ready": True})
 
     async def metrics_page(self, request: web.Request) -> web.Response:

@@ -53,17 +53,22 @@ class WakeNotifier:
         self.attempt_timeout = attempt_timeout
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self._token = ""  # the token last read
 
-    def _headers(self) -> dict[str, str]:
-        """A bearer token read per call, so that a rotated (projected) token file is picked up."""
+    def _headers(self) -> dict[str, str] | None:
+        """A bearer token read per call, so that a rotated (projected) token file is picked up; an
+        unreadable or empty file keeps the token last read. None while the file has given none yet (an
+        optional Secret volume fills a minute or so after the Secret is created): the call would only
+        be refused, so it waits."""
         if not self.token_file:
             return {}
         try:
             token = Path(self.token_file).read_text().strip()
         except OSError as exc:
             log.warning("wake token file %s unreadable: %s", self.token_file, exc)
-            return {}
-        return {"Authorization": f"Bearer {token}"} if token else {}
+            token = ""
+        self._token = token or self._token
+        return {"Authorization": f"Bearer {self._token}"} if self._token else None
 
     async def notify(self, namespace: str, name: str) -> WakeResult:
         """The controller's final answer; unreachable or 5xx (``error``) is retried until cancelled."""
@@ -72,11 +77,14 @@ class WakeNotifier:
         if self.wait > 0:
             body["wait"] = self.wait
         while True:
+            headers = self._headers()
             try:
+                if headers is None:
+                    raise _NotYet(f"wake token file {self.token_file} not loaded yet")
                 async with self.session.post(
                     self.url,
                     json=body,
-                    headers=self._headers(),
+                    headers=headers,
                     timeout=aiohttp.ClientTimeout(total=self.attempt_timeout + self.wait),
                 ) as resp:
                     text = (await resp.read())[:2000].decode("utf-8", "replace")
@@ -96,12 +104,16 @@ class WakeNotifier:
                         )
                         return WakeResult("refused", reason, message)
                     problem = f"{resp.status}: {message}"
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            except (aiohttp.ClientError, TimeoutError, OSError, _NotYet) as exc:
                 problem = str(exc) or type(exc).__name__
             self.metrics.wake(namespace, name, "error")
             log.warning("%s/%s: wake request failed (%s); retrying in %.1fs", namespace, name, problem, delay)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.max_backoff)
+
+
+class _NotYet(Exception):
+    """A wake call not sent yet: retried like one that failed."""
 
 
 def _says_ready(text: str) -> bool:

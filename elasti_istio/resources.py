@@ -42,6 +42,9 @@ ENDPOINTSLICES_V1 = Resource("discovery.k8s.io", "v1", "endpointslices", kind="E
 # Annotations and labels.
 ANN_BIND = f"{GROUP}/elastiservice"
 ANN_ORIGINAL_ROUTES = RESTORE_ANNOTATION
+# On an ElastiService: a wake or a sleep asked for (any value; the controller acts, then removes it).
+ANN_WAKE_REQUESTED = f"{GROUP}/wake-requested"
+ANN_SLEEP_REQUESTED = f"{GROUP}/sleep-requested"
 ANN_SIM_STARTUP = f"{GROUP}/sim-startup-seconds"
 ANN_SIM_FORWARD = f"{GROUP}/sim-forward"
 ANN_SIM_READINESS_URL = f"{GROUP}/sim-readiness-url"

@@ -50,7 +50,8 @@ def valid(keys: tuple[bytes, ...], namespace: str, name: str, presented: str | N
 class KeyFile:
     """The route keys in a file (a mounted Secret), looked at again at most every ``CHECK_EVERY`` seconds
     so that a rotation is picked up without a restart. An unreadable or empty file keeps the keys
-    last read (and says so in the log); one never read gives no keys: every token is refused."""
+    last read (and says so in the log); one never read gives no keys (every token is refused), or the
+    keys given to :meth:`use_until_read`."""
 
     def __init__(self, path: str, clock: object = time.monotonic) -> None:
         self.path = path
@@ -59,6 +60,8 @@ class KeyFile:
         self._stamp: tuple[float, int, int] | None = None
         self.keys: tuple[bytes, ...] = ()
         self.generation = 0  # bumped whenever the keys change
+        self.from_file = False  # whether the keys are the file's
+        self._unreadable = False
         self.refresh()
 
     def refresh(self) -> bool:
@@ -74,17 +77,32 @@ class KeyFile:
                 return False
             keys = parse_keys(Path(self.path).read_text())
         except OSError as exc:
-            log.warning("route key file %s unreadable: %s", self.path, exc)
+            if not self._unreadable:  # once per spell, not once a second
+                log.warning("route key file %s unreadable: %s", self.path, exc)
+            self._unreadable = True
             return False
+        self._unreadable = False
         self._stamp = stamp
         if not keys:
             log.warning("route key file %s holds no key; keeping the keys read before", self.path)
             return False
+        self.from_file = True
         if keys == self.keys:
             return False
         self.keys = keys
         self.generation += 1
         log.info("route keys read from %s (%d key(s))", self.path, len(keys))
+        return True
+
+    def use_until_read(self, text: str) -> bool:
+        """Keys to use while the file has given none: a Secret just created through the API reaches its
+        mount a minute or so later. Ignored once the file has been read; True when the keys changed."""
+        keys = parse_keys(text)
+        if self.from_file or not keys or keys == self.keys:
+            return False
+        self.keys = keys
+        self.generation += 1
+        log.info("route keys from the API until %s is there (%d key(s))", self.path, len(keys))
         return True
 
     def token(self, namespace: str, name: str) -> str | None:

@@ -202,6 +202,20 @@ def routes_to(spec: dict, vs_namespace: str, target: Target, cluster_domain: str
     return any(_dest_matches(d, vs_namespace, target, cluster_domain) for _, route in _http_routes(spec) for d in route)
 
 
+def target_destinations(
+    spec: dict, vs_namespace: str, target: Target, cluster_domain: str = "cluster.local"
+) -> frozenset[tuple[str, str, str]]:
+    """``(service namespace, service, subset or "")`` of every ``http[].route[]`` destination that is one of
+    the target's: what two ElastiServices must not both claim in one VirtualService."""
+    out = set()
+    for _, route in _http_routes(spec):
+        for entry in route:
+            if _dest_matches(entry, vs_namespace, target, cluster_domain):
+                subset = entry["destination"].get("subset")
+                out.add((target.namespace, target.service, subset if isinstance(subset, str) else ""))
+    return frozenset(out)
+
+
 def route_timeouts(
     spec: dict, vs_namespace: str, target: Target, cluster_domain: str = "cluster.local"
 ) -> list[tuple[str, str]]:

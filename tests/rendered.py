@@ -1,7 +1,7 @@
 """The shipped kustomize overlays, rendered by ``kubectl kustomize`` as a user renders them.
 
-Rendering works on a copy of ``deploy/`` and ``crds/`` with a wake-token file of its own, so the
-work tree (and a user's real token next to the base) is never read or written.
+Rendering works on a copy of ``deploy/`` and ``crds/``, so the work tree is never written, and files a
+user may have next to the base (``wake-token``, ``route-key``) are never read.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ("cluster-wide", "namespace-scoped")
-TOKEN = "test-wake-token-3f9d2c8a61b04e57"
-ROUTE_KEY = "test-route-key-5b0e2f7c9d14a386"
 SYSTEM_NS = "elasti-system"
 RBAC_KINDS = ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
@@ -34,12 +32,28 @@ def kubectl() -> str:
     return path
 
 
-def copy_tree(dest: Path, token: str = TOKEN) -> Path:
-    """``deploy/`` and ``crds/`` under ``dest``, with ``token`` as the generated wake token."""
+def copy_tree(dest: Path) -> Path:
+    """``deploy/`` and ``crds/`` under ``dest``."""
     shutil.copytree(ROOT / "deploy", dest / "deploy", ignore=shutil.ignore_patterns("wake-token*", "route-key*"))
     shutil.copytree(ROOT / "crds", dest / "crds")
-    (dest / "deploy" / "kustomize" / "base" / "wake-token").write_text(token)
-    (dest / "deploy" / "kustomize" / "base" / "route-key").write_text(ROUTE_KEY + "\n")
+    return dest
+
+
+def fresh_clone(dest: Path) -> Path:
+    """What a clone has of ``deploy/`` and ``crds/``: the files git tracks (as they are in the work
+    tree), nothing generated or ignored."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--", "deploy", "crds"], capture_output=True, timeout=60
+    )
+    if out.returncode != 0:
+        pytest.skip(f"not a git work tree: {out.stderr.decode()[-300:]}")
+    for name in filter(None, out.stdout.decode().split("\0")):
+        src, dst = ROOT / name, dest / name
+        if src.is_symlink() or src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst, follow_symlinks=False)
     return dest
 
 

@@ -27,6 +27,7 @@ class Act(Base):
         activators release on it) and then the routes."""
         es, key, rec = w.es, w.key, self.mem[w.key]
         rec.protocol_refused = plan.protocol_refused  # the early switch to proxy mode must not undo it
+        rec.conflict_refused = plan.conflict_refused is not None
         if plan.restore_all:
             await self.restore_all(key, es)
             return Outcome(memory=rec.snapshot())

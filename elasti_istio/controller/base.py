@@ -52,6 +52,24 @@ class Base:
         self._http: aiohttp.ClientSession | None = None
         self.fail_open_bucket = TokenBucket(cfg.fail_open_wakes_per_second, cfg.fail_open_burst)
 
+    @property
+    def activator_available(self) -> tuple[bool, str, str]:
+        """(available, reason, message) of the activator as the routes see it: not while the route key
+        is configured but not loaded yet, since the activator would refuse an unsigned route."""
+        keys = self.route_keys
+        if keys is not None and not keys.keys:
+            return (
+                False,
+                "RouteKeyMissing",
+                f"the route key ({keys.path}) is not loaded yet: routes stay in serve mode and sleeping targets "
+                "are woken (fail open)",
+            )
+        return self._activator_available
+
+    @activator_available.setter
+    def activator_available(self, state: tuple[bool, str, str]) -> None:
+        self._activator_available = state
+
     def lock(self, key: Key) -> asyncio.Lock:
         """One writer per ElastiService at a time (never two different ones): a reconcile, a wake and a
         sleep of it run one after the other, and each reads what it decides on after taking the lock, so
@@ -80,6 +98,8 @@ class Base:
 
     def forget(self, key: Key) -> None:
         ns, name = split_key(key)
+        for rival in self.idx.drop_claims(key):
+            self.requeue(rival)  # its Conflict is over
         self.idx.forget_es(key)
         self.mem.forget(key)
         metrics.forget(ns, name)

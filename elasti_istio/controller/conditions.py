@@ -9,6 +9,7 @@ from elasti_istio.controller.workloads import WorkloadState
 
 TARGET_FOUND = "TargetFound"
 VS_BOUND = "VirtualServicesBound"
+CONFLICT = "Conflict"
 PROTOCOL = "ProtocolSupported"
 ACTIVATOR = "ActivatorAvailable"
 WAKE_FAILED = "WakeFailed"
@@ -16,7 +17,10 @@ TIMEOUTS = "RouteTimeoutsCompatible"
 ALLOWED = "ScaleToZeroAllowed"
 TRIGGERS = "TriggersHealthy"
 READY = "Ready"
-ORDER = (TARGET_FOUND, "ServiceFound", VS_BOUND, PROTOCOL, ACTIVATOR, TIMEOUTS, ALLOWED, TRIGGERS, WAKE_FAILED, READY)
+ORDER = (
+    TARGET_FOUND, "ServiceFound", VS_BOUND, CONFLICT, PROTOCOL, ACTIVATOR, TIMEOUTS, ALLOWED, TRIGGERS, WAKE_FAILED,
+    READY,
+)  # fmt: skip
 
 
 def now_iso() -> str:

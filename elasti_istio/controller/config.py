@@ -33,6 +33,10 @@ class ControllerConfig:
     fail_open_wakes_per_second: float = 2.0
     fail_open_burst: int = 10
     pod_watches: int = 50
+    create_secrets: bool = False
+    secrets_namespace: str = "elasti-system"
+    wake_token_secret: str = "elasti-wake-token"
+    route_key_secret: str = "elasti-route-key"
 
 
 def parse_deployment_ref(value: str) -> tuple[str, str] | None:
@@ -50,6 +54,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     _routing_flags(p.add_argument_group("routes to the activator"), d)
     _endpoint_flags(p.add_argument_group("what it serves"), d)
     _scaling_flags(p.add_argument_group("wakes and scale-downs"), d)
+    _secret_flags(p.add_argument_group("the wake token and route key Secrets"), d)
 
 
 def _process_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
@@ -197,6 +202,27 @@ def _scaling_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
     )
 
 
+def _secret_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
+    options.add(
+        p,
+        "--create-secrets",
+        boolean=True,
+        default=False,
+        help="at start, create the Secrets of --wake-token-file and --route-key-file (the file's name is the "
+        "Secret's key) with a random value when they do not exist; an existing one is never changed. Until the "
+        "mounted file appears, the value created or read through the API is used",
+    )
+    options.add(
+        p,
+        "--secrets-namespace",
+        default="",
+        metavar="NS",
+        help="where those Secrets are; default: $POD_NAMESPACE, else --leader-election-namespace",
+    )
+    options.add(p, "--wake-token-secret", default=d.wake_token_secret, help="the wake token's Secret")
+    options.add(p, "--route-key-secret", default=d.route_key_secret, help="the route key's Secret")
+
+
 def from_args(args: argparse.Namespace) -> ControllerConfig:
     import os
     import socket
@@ -227,5 +253,9 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
         fail_open_wakes_per_second=max(0.001, args.fail_open_wakes_per_second),
         fail_open_burst=max(1, args.fail_open_burst),
         pod_watches=max(0, args.pod_watches),
+        create_secrets=args.create_secrets,
+        secrets_namespace=args.secrets_namespace or os.environ.get("POD_NAMESPACE") or args.leader_election_namespace,
+        wake_token_secret=args.wake_token_secret,
+        route_key_secret=args.route_key_secret,
         identity=f"{os.environ.get('POD_NAME') or socket.gethostname()}_{os.getpid()}",
     )

@@ -12,6 +12,9 @@ the world                                 routes      and
 ========================================  ==========  ===============================================
 a port of the routes the activator        serve       a target at zero is woken (no scale-down of our
 cannot carry (:mod:`protocols`)                       own either)
+a route destination of the target         serve       nothing is scaled: the earlier ElastiService
+claimed by an ElastiService created                   manages it (:func:`conflict_rules`)
+earlier
 our own scale-down under way              proxy       (the routes move before the target goes to 0)
 the activator unavailable                 serve       a target at zero is woken (fail open, rate
                                                       limited)
@@ -33,6 +36,7 @@ from elasti_istio import duration, vsrewrite
 from elasti_istio.controller import conditions as C
 from elasti_istio.controller import protocols, schedule
 from elasti_istio.controller import spec as es_spec
+from elasti_istio.controller.indexes import Claim, Order
 from elasti_istio.controller.workloads import WorkloadState
 from elasti_istio.controller.world import (
     HOLD_UNTIL,
@@ -58,6 +62,7 @@ BAD = {
     C.TARGET_FOUND: "False",
     "ServiceFound": "False",
     C.VS_BOUND: "False",
+    C.CONFLICT: "True",
     C.PROTOCOL: "False",
     C.ACTIVATOR: "False",
     C.TIMEOUTS: "False",
@@ -99,6 +104,8 @@ def decide(w: World) -> Plan:
     routing, shared = classify(w)
     plan.routing = tuple(sorted(routing))
     conds, plan.requeue = bound_condition(w, conds, routing, shared)
+    plan.claims = claims(w, routing)
+    conds, plan.conflict_refused = conflict_rules(w, conds, plan.claims)
     carried, protocol_msg = protocol_rules(w, routing)
     reason = "Supported" if carried else "UnsupportedProtocol"
     conds = C.set_condition(conds, C.PROTOCOL, carried, reason, protocol_msg)
@@ -112,7 +119,8 @@ def decide(w: World) -> Plan:
     plan.requeue = sooner(plan.requeue, requeue)
     conds = triggers_condition(w, conds)
     proxied_now = proxied(w, routing)
-    plan.desired, fail_open, requeue = desired_mode(w, state, proxied_now, plan.protocol_refused)
+    refused = plan.protocol_refused or plan.conflict_refused is not None
+    plan.desired, fail_open, requeue = desired_mode(w, state, proxied_now, refused)
     plan.requeue = sooner(plan.requeue, requeue)
     if plan.protocol_refused and state.at_zero and plan.scale_up is None:
         plan.scale_up = ScaleUp(
@@ -120,6 +128,8 @@ def decide(w: World) -> Plan:
         )
     if fail_open:
         plan.scale_up = ScaleUp("FailOpen", "the activator is unavailable, so the target is woken", rate_limited=True)
+    if plan.conflict_refused is not None:
+        plan.scale_up = None  # the ElastiService created first manages the target
     plan.endpoints_wait_over = plan.desired == "serve"
     if state.ready != w.status.get("readyReplicas") and state.ready >= 1 and proxied_now:
         plan.release_ready = state.ready  # the activators release held requests on it: before the routes move
@@ -134,10 +144,11 @@ def decide(w: World) -> Plan:
 
 
 def desired_mode(
-    w: World, state: WorkloadState, proxied_now: bool, protocol_refused: bool = False
+    w: World, state: WorkloadState, proxied_now: bool, refused: bool = False
 ) -> tuple[str, bool, float | None]:
-    """(routing mode, whether to wake the target because the activator is gone, requeue): the table above."""
-    if protocol_refused:
+    """(routing mode, whether to wake the target because the activator is gone, requeue): the table above.
+    ``refused``: a protocol the activator cannot carry, or destinations an earlier ElastiService claims."""
+    if refused:
         return "serve", False, None
     if w.memory.sleeping and w.activator[0]:
         return "proxy", False, None
@@ -218,6 +229,69 @@ def bound_condition(
         parts.append(f"VirtualService {', '.join(no_route)} has no http route to Service {spec.service}{subset}")
     reason = "VirtualServiceNotFound" if missing else "NoRouteToTarget" if no_route else "NoVirtualService"
     return C.set_condition(conds, C.VS_BOUND, False, reason, "; ".join(parts)), (MISSING_VS_RETRY if missing else None)
+
+
+def claims(w: World, routing: set[VsKey]) -> frozenset[Claim]:
+    """The route destinations of the target in the VirtualServices that route to it."""
+    r = w.r
+    assert r is not None
+    out: set[Claim] = set()
+    for vns, vname in routing:
+        spec = w.vss[(vns, vname)].get("spec") or {}
+        for sns, svc, subset in vsrewrite.target_destinations(spec, vns, r.target_for(vns), w.cluster_domain):
+            out.add((vns, vname, sns, svc, subset))
+    return frozenset(out)
+
+
+def order(w: World) -> Order:
+    """Which of two ElastiServices claiming one destination keeps it: the one created first, then by
+    namespace/name."""
+    return (w.es["metadata"].get("creationTimestamp") or "", w.key)
+
+
+def conflict_rules(
+    w: World, conds: list[dict[str, Any]], claimed: frozenset[Claim]
+) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+    """(conditions, the refusal when an earlier ElastiService claims one of ``claimed``).
+
+    A route destination is claimed twice when two ElastiServices find it to be their target's: the same
+    VirtualService, the same Service and the same subset, or both without a subset. That is the same
+    target behind the same Service, or two targets whose pods one subset selects. Several workloads
+    behind one Service routed without a subset are not a conflict: only one of them owns that
+    destination at a time (:func:`classify`). Both get ``Conflict=True``; the one created first (then by
+    namespace/name) switches the routes, the other does not, and its ``Ready`` is False."""
+    mine = order(w)
+    clash = {k: theirs & claimed for k, (_, theirs) in w.rivals.items() if theirs & claimed}
+    if not clash:
+        if C.get_condition(conds, C.CONFLICT) is None:
+            return conds, None
+        message = "no other ElastiService claims its route destinations"
+        return C.set_condition(conds, C.CONFLICT, False, "NoConflict", message), None
+    earlier = sorted(k for k in clash if w.rivals[k][0] < mine)
+    later = sorted(k for k in clash if k not in earlier)
+    parts = []
+    if earlier:
+        shared = frozenset().union(*(clash[k] for k in earlier))
+        parts.append(
+            f"ElastiService {', '.join(earlier)}, created first, also claims {describe(shared)}: this one does "
+            "not switch its routes (remove one of them, or give their targets subsets of their own)"
+        )
+    if later:
+        shared = frozenset().union(*(clash[k] for k in later))
+        parts.append(
+            f"ElastiService {', '.join(later)} also claims {describe(shared)}: this one, created first, switches "
+            "the routes, the other does not"
+        )
+    message = "; ".join(parts)
+    conds = C.set_condition(conds, C.CONFLICT, True, "DestinationClaimedTwice", message)
+    return conds, (("DestinationClaimedTwice", message) if earlier else None)
+
+
+def describe(claimed: frozenset[Claim]) -> str:
+    return ", ".join(
+        f"VirtualService {vns}/{vname} -> {svc}.{sns}" + (f" subset {subset}" if subset else " (no subset)")
+        for vns, vname, sns, svc, subset in sorted(claimed)
+    )
 
 
 def ports_in_use(w: World, routing: set[VsKey]) -> list[dict[str, Any]]:
@@ -343,6 +417,8 @@ def _decide_blocked(w: World) -> Plan:
     conds = C.set_condition(w.conditions, blk.ctype, False, blk.reason, blk.message)
     if blk.ctype == "ServiceFound":
         conds = C.set_condition(conds, C.TARGET_FOUND, True, "TargetFound", "scale target found")
+    if C.get_condition(conds, C.CONFLICT) is not None:
+        conds = C.set_condition(conds, C.CONFLICT, False, "NoConflict", "it claims no route destination")
     conds = C.set_condition(conds, C.READY, False, blk.reason, blk.message)
     return Plan(restore_all=True, conditions=conds)
 
@@ -413,14 +489,19 @@ READY_BLOCKERS = {  # and a blocked spec
 }
 
 
-def ready_condition(conds: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+def ready_condition(
+    conds: list[dict[str, Any]], mode: str, refused: tuple[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Ready is False with the first of: no bound route to the target, a port the activator cannot
-    carry, the activator unavailable, a failed wake (cold requests would fail). Warnings that leave it
-    working (a short route timeout, an invalid schedule, triggers that cannot be evaluated) do not make
-    it unready."""
+    carry, the activator unavailable, a failed wake (cold requests would fail), its destinations kept
+    by an earlier ElastiService (``refused``). Warnings that leave it working (a short route timeout,
+    an invalid schedule, triggers that cannot be evaluated, a conflict it wins) do not make it
+    unready."""
     problem = next((c for c in conds if READY_BLOCKERS.get(c["type"]) == c["status"]), None)
     if problem:
         return C.set_condition(conds, C.READY, False, problem["reason"], problem["message"])
+    if refused is not None:
+        return C.set_condition(conds, C.READY, False, *refused)
     if mode == "proxy":
         return C.set_condition(
             conds, C.READY, True, "Proxying", "requests are held by the activator while the target wakes"
@@ -441,7 +522,7 @@ def report(w: World, plan: Plan, outcome: Outcome) -> tuple[dict[str, Any], Memo
     r = w.r
     assert r is not None and plan.phase is not None
     conds, memory = wake_rules(w, outcome.memory, plan.conditions)
-    conds = ready_condition(conds, plan.mode)
+    conds = ready_condition(conds, plan.mode, plan.conflict_refused)
     ports = sorted({int(p["port"]) for p in (r.service.get("spec") or {}).get("ports") or []})
     new = dict(old)
     new.update(

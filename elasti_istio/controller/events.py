@@ -1,7 +1,8 @@
 """Kubernetes Events on ElastiServices, posted in the background so a slow write never delays a switch.
 
 Repeats of the same reason and message within a few minutes increase ``count`` instead of creating a
-new Event, as kubelet and the controllers do.
+new Event, as kubelet and the controllers do. An Event's name is derived from its object, type, reason and
+message; one posted ``once`` is not posted again while it exists (a restarted controller finds it).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class Recorder:
         self._recent: dict[str, tuple[float, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def emit(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
-        task = asyncio.create_task(self._post(obj, etype, reason, message))
+    def emit(self, obj: dict[str, Any], etype: str, reason: str, message: str, *, once: bool = False) -> None:
+        task = asyncio.create_task(self._post(obj, etype, reason, message, once))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -36,7 +37,7 @@ class Recorder:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
-    async def _post(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
+    async def _post(self, obj: dict[str, Any], etype: str, reason: str, message: str, once: bool = False) -> None:
         meta = obj.get("metadata") or {}
         ns = meta.get("namespace") or "default"
         digest = hashlib.sha256(f"{meta.get('uid')}|{etype}|{reason}|{message}".encode()).hexdigest()[:10]
@@ -47,6 +48,9 @@ class Recorder:
         if len(self._recent) > 4096:
             self._recent = {k: v for k, v in self._recent.items() if mono - v[0] < 600}
         try:
+            if once and (recent or await self.kube.get_or_none(EVENTS, name, ns) is not None):
+                self._recent[name] = recent or (mono, 1)
+                return
             if recent and mono - recent[0] < 600:
                 count = recent[1] + 1
                 await self.kube.patch(EVENTS, name, {"count": count, "lastTimestamp": t}, ns)

@@ -24,13 +24,14 @@ class FastPath(Base):
         same event, and a request routed to the Service meanwhile finds none ("no healthy
         upstream"); the full reconcile, several reads later, would lose that race. This uses what is
         known from the last reconcile (the routing target, and whether it kept the routes in serve mode
-        for a port the activator cannot carry) and the indexes (the bound VirtualServices); the full
+        for a port the activator cannot carry or for destinations an earlier ElastiService claims) and
+        the indexes (the bound VirtualServices); the full
         reconcile that follows checks everything and corrects the rest.
         """
         rec = self.mem[key]
         rec.went_to_zero = False
         cached = rec.routing
-        if cached is None or rec.protocol_refused or not self.activator_available[0]:
+        if cached is None or rec.protocol_refused or rec.conflict_refused or not self.activator_available[0]:
             return
         target, _labels, targets = cached[1]
         for vk in sorted(self.idx.bound_vs(key)):

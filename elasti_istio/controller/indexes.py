@@ -16,6 +16,10 @@ from elasti_istio.resources import ANN_BIND, ANN_ORIGINAL_ROUTES
 
 Key = str  # "namespace/name" of an ElastiService
 ObjKey = tuple[str, str]  # (namespace, name)
+# A route destination an ElastiService switches: (VirtualService namespace, name, Service namespace,
+# Service, subset or "").
+Claim = tuple[str, str, str, str, str]
+Order = tuple[str, str]  # (creationTimestamp, key): the first created keeps a destination claimed twice
 
 
 def es_key(namespace: str, name: str) -> Key:
@@ -60,6 +64,8 @@ class Indexes:
     workload_routing: dict[tuple[str, str, str], tuple[tuple[tuple[str, str], ...], bool]] = dataclasses.field(
         default_factory=dict
     )
+    # ElastiService key -> the route destinations its last reconcile found to be its target's
+    es_claims: dict[Key, tuple[Order, frozenset[Claim]]] = dataclasses.field(default_factory=dict)
 
     # ---- ElastiServices ----------------------------------------------------------------------
     def update_es(self, obj: dict[str, Any], deleted: bool = False) -> Key:
@@ -168,6 +174,31 @@ class Indexes:
         if changed:
             self.bump_routing(namespace)
         return changed
+
+    # ---- destinations claimed by two ElastiServices ----------------------------------------------
+    def set_claims(self, key: Key, order: Order, claims: frozenset[Claim]) -> set[Key]:
+        """Records what ``key`` claims; returns the other ElastiServices that shared a destination with it
+        before or share one now, when that changed (they are reconciled again to say so)."""
+        before = self.es_claims.get(key)
+        if claims:
+            self.es_claims[key] = (order, claims)
+        else:
+            self.es_claims.pop(key, None)
+        if (before or (order, frozenset()))[1] == claims:
+            return set()
+        return self._sharing(key, claims | (before[1] if before else frozenset()))
+
+    def drop_claims(self, key: Key) -> set[Key]:
+        """Forgets what ``key`` claimed; returns the ElastiServices that shared a destination with it."""
+        before = self.es_claims.pop(key, None)
+        return self._sharing(key, before[1]) if before else set()
+
+    def rivals(self, key: Key, vss: set[ObjKey] | frozenset[ObjKey]) -> dict[Key, tuple[Order, frozenset[Claim]]]:
+        """The other ElastiServices that claim a destination in one of ``vss``, with what they claim."""
+        return {k: v for k, v in self.es_claims.items() if k != key and any(c[:2] in vss for c in v[1])}
+
+    def _sharing(self, key: Key, claims: frozenset[Claim]) -> set[Key]:
+        return {k for k, (_, theirs) in self.es_claims.items() if k != key and theirs & claims}
 
     def elastic_targets(self, namespace: str) -> set[tuple[str, str]]:
         """(kind, name) of every workload an ElastiService of the namespace scales."""

@@ -27,6 +27,7 @@ class Record:
     finalize_restored: float | None = None  # a deleted ElastiService: when its routes were restored
     routing: tuple[int, Any] | None = None  # the routing target, cached with a hash of what it came from
     protocol_refused: bool = False  # the last reconcile kept the routes in serve mode for their protocol
+    conflict_refused: bool = False  # ... or because an earlier ElastiService claims its destinations
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
     def snapshot(self) -> Memory:

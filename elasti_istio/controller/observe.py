@@ -71,7 +71,8 @@ class Observe(Base):
             if vs is not None:
                 vss[(vns, vname)] = vs
         stale = tuple(sorted(self.idx.vs_with_restore(key) - set(vss)))
-        world = dataclasses.replace(base, r=r, refs=refs, vss=vss, stale=stale)
+        rivals = self.idx.rivals(key, refs)
+        world = dataclasses.replace(base, r=r, refs=refs, vss=vss, stale=stale, rivals=rivals)
         state = r.state
         if state.at_zero:
             selector = origin_selector(state, (r.service.get("spec") or {}).get("selector") or {}, r.subset_labels)

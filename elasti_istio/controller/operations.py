@@ -1,6 +1,7 @@
-"""What the controller does besides reconciling: wake (asked by the activators), sleep (asked, or idle
-triggers all below their thresholds) and the deletion of an ElastiService (its finalizer). Each takes the
-ElastiService's lock, like a reconcile."""
+"""What the controller does besides reconciling: wake (asked by the activators, or by annotation), sleep
+(asked, or idle triggers all below their thresholds) and the deletion of an ElastiService (its
+finalizer). Each takes the ElastiService's lock, like a reconcile; the annotations are acted on within
+a reconcile, which holds it already."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from typing import Any
 
 from elasti_istio.controller import conditions as C
-from elasti_istio.controller import decide, metrics, triggers
+from elasti_istio.controller import decide, metrics, requested, triggers
 from elasti_istio.controller import spec as es_spec
 from elasti_istio.controller.base import FINALIZER, ORIGIN_GRACE, Base, log
 from elasti_istio.controller.indexes import Key, es_key, split_key
@@ -18,12 +19,15 @@ from elasti_istio.controller.workloads import WORKLOAD_RESOURCES
 from elasti_istio.controller.world import Blocked, Resolved
 from elasti_istio.kube import KubeError
 from elasti_istio.kube.client import retry_on_conflict
-from elasti_istio.resources import ELASTISERVICES, SERVICES
+from elasti_istio.resources import ANN_WAKE_REQUESTED, ELASTISERVICES, SERVICES
 
 WAKE_CAUSES = {
     "activator": "a request arrived for the sleeping target",
     "cli": "asked to wake (elasti-istio wake)",
+    "annotation": f"asked to wake (annotation {ANN_WAKE_REQUESTED})",
 }
+# A refusal by the API server that retrying does not change (the others are retried).
+REFUSED_STATUSES = (403, 404, 409, 422)
 
 
 class Operations(Base):
@@ -31,58 +35,123 @@ class Operations(Base):
 
     async def sleep(self, namespace: str, name: str, reason: str, why: str) -> str:
         """Routes to the activator first, then the target to zero (never the other way round). Not when
-        the activator is unavailable, outside the enabledPeriod, or when the routes use a port whose
-        protocol the activator cannot carry (they would stay in serve mode, and requests fail)."""
+        the activator is unavailable, outside the enabledPeriod, when the routes use a port whose
+        protocol the activator cannot carry, or when an earlier ElastiService claims its destinations (the
+        routes would stay in serve mode, and requests fail)."""
+        async with self.lock(es_key(namespace, name)):
+            return await self._sleep(namespace, name, reason, why)
+
+    async def _sleep(self, namespace: str, name: str, reason: str, why: str) -> str:
         key = es_key(namespace, name)
-        async with self.lock(key):
-            es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
-            if es is None:
-                raise LookupError(f"ElastiService {namespace}/{name} not found")
-            world = await self.observe(es)
-            if world.blocked is not None:
-                raise world.blocked
-            r = world.r
-            assert r is not None
-            if not self.activator_available[0]:
-                raise Blocked(
-                    C.ACTIVATOR,
-                    "ActivatorUnavailable",
-                    f"not scaling {r.workload_kind} {r.state.name} to zero: {self.activator_available[2]}",
-                )
-            if r.state.at_zero:
-                return "ScaledToZero"
-            allowed = decide.period_allows(r.spec, dt.datetime.now(dt.UTC))
-            if allowed is False or isinstance(allowed, str):
-                raise Blocked(
-                    C.ALLOWED,
-                    "OutsideEnabledPeriod" if allowed is False else "InvalidSchedule",
-                    "scale to zero is not allowed now (enabledPeriod)",
-                )
-            carried, message = decide.protocol_rules(world, decide.classify(world)[0])
-            if not carried:
-                raise Blocked(C.PROTOCOL, "UnsupportedProtocol", f"not scaling to zero: {message}")
-            routing = [vk for vk in sorted(self.idx.bound_vs(key))]
-            self.mem[key].sleeping = True
-            try:
-                for vk in routing:
-                    await self.switch_vs(vk, r.target_for(vk[0]), "proxy", key)
-                await self.pause_keda_at_zero(r)
-                res = WORKLOAD_RESOURCES[r.workload_kind]
-                await self.kube.patch(res, r.state.name, {"spec": {"replicas": 0}}, namespace, sub="scale")
-            except BaseException:
-                self.mem[key].sleeping = False
-                self.requeue(key)
-                raise
-            self.mem[key].sleeping = False
-            self.recorder.emit(
-                es,
-                "Normal",
-                reason,
-                f"{why}: routes moved to the activator, then {r.workload_kind} {r.state.name} scaled to 0",
+        es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
+        if es is None:
+            raise LookupError(f"ElastiService {namespace}/{name} not found")
+        world = await self.observe(es)
+        if world.blocked is not None:
+            raise world.blocked
+        r = world.r
+        assert r is not None
+        if not self.activator_available[0]:
+            raise Blocked(
+                C.ACTIVATOR,
+                "ActivatorUnavailable",
+                f"not scaling {r.workload_kind} {r.state.name} to zero: {self.activator_available[2]}",
             )
-            log.info("%s: %s: %s %s scaled to 0", key, reason, r.workload_kind, r.state.name)
+        if r.state.at_zero:
+            return "ScaledToZero"
+        allowed = decide.period_allows(r.spec, dt.datetime.now(dt.UTC))
+        if allowed is False or isinstance(allowed, str):
+            raise Blocked(
+                C.ALLOWED,
+                "OutsideEnabledPeriod" if allowed is False else "InvalidSchedule",
+                "scale to zero is not allowed now (enabledPeriod)",
+            )
+        routing_now = decide.classify(world)[0]
+        carried, message = decide.protocol_rules(world, routing_now)
+        if not carried:
+            raise Blocked(C.PROTOCOL, "UnsupportedProtocol", f"not scaling to zero: {message}")
+        _, conflict = decide.conflict_rules(world, world.conditions, decide.claims(world, routing_now))
+        if conflict is not None:
+            raise Blocked(C.CONFLICT, conflict[0], f"not scaling to zero: {conflict[1]}")
+        routing = [vk for vk in sorted(self.idx.bound_vs(key))]
+        self.mem[key].sleeping = True
+        try:
+            for vk in routing:
+                await self.switch_vs(vk, r.target_for(vk[0]), "proxy", key)
+            await self.pause_keda_at_zero(r)
+            res = WORKLOAD_RESOURCES[r.workload_kind]
+            await self.kube.patch(res, r.state.name, {"spec": {"replicas": 0}}, namespace, sub="scale")
+        except BaseException:
+            self.mem[key].sleeping = False
             self.requeue(key)
-            return "ScalingToZero"
+            raise
+        self.mem[key].sleeping = False
+        self.recorder.emit(
+            es,
+            "Normal",
+            reason,
+            f"{why}: routes moved to the activator, then {r.workload_kind} {r.state.name} scaled to 0",
+        )
+        log.info("%s: %s: %s %s scaled to 0", key, reason, r.workload_kind, r.state.name)
+        self.requeue(key)
+        return "ScalingToZero"
+
+    async def act_on_requests(self, es: dict[str, Any]) -> bool:
+        """Wakes and sleeps asked for by annotation (:mod:`requested`), under the lock the caller holds: the
+        outcome goes to the status and an Event, then the annotation is removed. A refusal is an outcome
+        too; a passing failure (the API server's) raises and is retried with the annotation left in place.
+        True when there was something to act on."""
+        asks = requested.pending(es)
+        if not asks:
+            return False
+        meta = es["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        key = es_key(ns, name)
+        records: dict[str, Any] = {}
+        for ask in asks:
+            result, posted = await self._requested(ask, ns, name)
+            records[requested.STATUS_FIELDS[ask.action]] = requested.record(ask, result, C.now_iso())
+            note = requested.notice(ask, result, posted)
+            if note is not None:
+                self.recorder.emit(es, note.type, note.reason, note.message)
+            level = log.info if result.done else log.warning
+            level("%s: %s: %s: %s", key, ask.why, result.reason, result.message)
+        await self.patch_status(es, records)
+        await self._clear_requests(ns, name, asks)
+        return True
+
+    async def _requested(self, ask: requested.Ask, ns: str, name: str) -> tuple[requested.Result, bool]:
+        """(what came of it, whether the operation posted its own Event)."""
+        if ask.dropped:
+            return requested.conflicting(), False
+        try:
+            if ask.action == requested.WAKE:
+                phase, scaled = await self._wake(ns, name, ask.by)
+                return requested.done(ask, phase, scaled), scaled
+            phase = await self._sleep(ns, name, "ScaledToZeroOnRequest", ask.why)
+            slept = phase == "ScalingToZero"
+            return requested.done(ask, phase, slept), slept
+        except Blocked as exc:
+            return requested.refused(exc.reason, exc.message), False
+        except KubeError as exc:
+            if exc.status not in REFUSED_STATUSES:
+                raise
+            return requested.refused("ScaleRefused", f"the target cannot be scaled: {exc.message}"), False
+
+    async def _clear_requests(self, ns: str, name: str, asks: list[requested.Ask]) -> None:
+        """Removes the annotations acted on, each only while it still holds the value acted on."""
+
+        async def clear() -> None:
+            cur = await self.kube.get_or_none(ELASTISERVICES, name, ns)
+            if cur is None:
+                return
+            ann = cur["metadata"].get("annotations") or {}
+            drop = {a.annotation: None for a in asks if ann.get(a.annotation) == a.token}
+            if drop:
+                meta = {"annotations": drop, "resourceVersion": cur["metadata"]["resourceVersion"]}
+                await self.kube.patch(ELASTISERVICES, name, {"metadata": meta}, ns)
+
+        await retry_on_conflict(clear)
 
     async def consider_idle(self, key: Key) -> None:
         """Evaluates the idle triggers of one ElastiService; sleeps it when all agree it is idle."""
@@ -139,6 +208,8 @@ class Operations(Base):
             r = await self.resolve(es)
         except Blocked:
             r = None
+        if self.mem[key].conflict_refused:
+            r = None  # an ElastiService created earlier manages the target: it is not woken for this one
         waiting = r is not None and (es.get("status") or {}).get("mode") == "proxy" and self.activator_available[0]
         if r is not None and waiting:
             wait = await self._hold_while_deleted(es, r)
@@ -217,9 +288,10 @@ class Operations(Base):
         cannot be woken (a condition and an Event say so too).
         """
         async with self.lock(es_key(namespace, name)):
-            return await self._wake(namespace, name, by)
+            return (await self._wake(namespace, name, by))[0]
 
-    async def _wake(self, namespace: str, name: str, by: str) -> str:
+    async def _wake(self, namespace: str, name: str, by: str) -> tuple[str, bool]:
+        """(the resulting phase, whether the target was scaled)."""
         key = es_key(namespace, name)
         es = await self.kube.get_or_none(ELASTISERVICES, name, namespace)
         if es is None:
@@ -250,5 +322,5 @@ class Operations(Base):
             self.saw_target_event(key, time.monotonic())
         self.requeue(key)
         if scaled or r.state.ready == 0:
-            return "ScalingUp"
-        return "Serving"
+            return "ScalingUp", scaled
+        return "Serving", False

@@ -22,7 +22,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from elasti_istio import routekey
-from elasti_istio.controller import metrics
+from elasti_istio.controller import bootstrap, metrics
+from elasti_istio.controller.bindings import BindingCheck
 from elasti_istio.controller.config import ControllerConfig
 from elasti_istio.controller.events import Recorder
 from elasti_istio.controller.indexes import Indexes, es_key, split_key
@@ -65,6 +66,7 @@ class Controller:
         self.reconciler = Reconciler(self.kube, cfg, self.idx, self.recorder)
         self.queue = WorkQueue(self._process, workers=cfg.workers)
         self.reconciler.requeue = self.queue.add
+        self.bindings = BindingCheck(self.kube, self.recorder, self.idx, self.queue.enabled)
         self.waker = Waker(self.reconciler.wake, self.is_leader, cfg.wake_token_file, sleep=self._sleep)
         self.seeded = asyncio.Event()
         self.elector: LeaderElector | None = None
@@ -161,6 +163,11 @@ class Controller:
 
     # ---- events ------------------------------------------------------------------------------
     def on_es(self, etype: str | None, obj: dict[str, Any]) -> None:
+        if etype == "DELETED":
+            meta = obj.get("metadata") or {}
+            gone = es_key(meta.get("namespace", ""), meta.get("name", ""))
+            self.enqueue(self.idx.drop_claims(gone))  # the ElastiServices it was in conflict with
+            self.bindings.es_gone(gone)
         key = self.idx.update_es(obj, deleted=etype == "DELETED")
         if etype != "DELETED":
             self.queue.add(key)
@@ -220,6 +227,7 @@ class Controller:
 
     def on_vs(self, etype: str | None, obj: dict[str, Any]) -> None:
         self.enqueue(self.idx.update_vs(obj, deleted=etype == "DELETED"))
+        self.bindings.saw(obj, deleted=etype == "DELETED")
 
     def on_dr(self, etype: str | None, obj: dict[str, Any]) -> None:
         """A DestinationRule applies to routes in its namespace, to its host's Service from anywhere, and
@@ -455,6 +463,8 @@ class Controller:
         tasks.append(asyncio.create_task(self.idle_loop(), name="idle-triggers"))
         tasks.append(asyncio.create_task(self.route_key_loop(), name="route-key"))
         tasks.append(asyncio.create_task(self.api_check_loop(), name="api-check"))
+        if self.cfg.create_secrets:
+            tasks.append(asyncio.create_task(bootstrap.run(self), name="secrets"))
         self.kopf = KopfRunner(self.kopf_registry, self.settings, namespaces=list(self.cfg.namespaces))
         self.kopf.start()
         try:
@@ -476,6 +486,7 @@ class Controller:
     async def shutdown(self) -> None:
         self.queue.enabled.clear()
         await self.queue.stop()
+        await self.bindings.stop()
         if self.activator_informer is not None:
             await self.activator_informer.stop()
         if self.elector is not None:

@@ -1,7 +1,8 @@
 """Reconciles one ElastiService in three steps: :meth:`Reconciler.observe` reads the target, Service,
 DestinationRules and VirtualServices (every read, no write); :func:`decide.decide` says what to write
 (pure); :meth:`Reconciler.act` writes it; then one status write and the Events of what changed
-(:func:`decide.report`, pure).
+(:func:`decide.report`, pure). A wake or sleep asked for by annotation (:mod:`requested`) is acted on
+first, under the same lock.
 
 Everything it decides is derived from the cluster (the VirtualServices carry their own restore data),
 so a controller restarted at any point converges; what it keeps between reconciles is one record per
@@ -47,6 +48,8 @@ class Reconciler(FastPath, Observe, Act, Scaling, Operations):
             if es["metadata"].get("deletionTimestamp"):
                 return await self.finalize(es)
             es = await self.ensure_finalizer(es)
+            if await self.act_on_requests(es):
+                return 0.0  # reconciled again at once, from what the request changed
             return await self._reconcile(es, begun)
         except Exception:
             metrics.RECONCILE_ERRORS.labels(ns, name).inc()
@@ -72,6 +75,8 @@ class Reconciler(FastPath, Observe, Act, Scaling, Operations):
         outcome = await self.act(world, plan, begun)
         status, memory, events = decide.report(world, plan, outcome)
         self.mem[world.key].keep(memory)
+        for rival in self.idx.set_claims(world.key, decide.order(world), plan.claims):
+            self.requeue(rival)  # it shares a destination with this one now, or no longer: it says so
         baseline = world.status
         if plan.release_ready is not None:
             baseline["readyReplicas"] = plan.release_ready  # written before the routes moved

@@ -36,28 +36,37 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
 
 class TokenFile:
     """A bearer token kept in a file, re-read when the file changes (a mounted Secret rotates by
-    swapping a symlink, so the path's stat is checked on every request)."""
+    swapping a symlink, so the path's stat is checked on every request). An unreadable or empty file
+    keeps the token last read. Until the file has given one, the token passed to
+    :meth:`use_until_read` is used: a Secret just created through the API reaches its mount (an
+    optional Secret volume) a minute or so later."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._stamp: tuple[float, int, int] | None = None
         self._token: str | None = None
+        self._fallback: str | None = None
+        self._unreadable = False  # said in the log once per spell
+
+    def use_until_read(self, token: str) -> None:
+        if self._token is None:
+            self._fallback = token or None
 
     def current(self) -> str | None:
         try:
             st = os.stat(self.path)
+            stamp = (st.st_mtime, st.st_size, st.st_ino)
+            if stamp != self._stamp:
+                token = Path(self.path).read_text().strip()
+                self._stamp = stamp
+                if token:
+                    self._token, self._fallback = token, None
+            self._unreadable = False
         except OSError as exc:
-            log.warning("wake token file %s unreadable: %s", self.path, exc)
-            return None
-        stamp = (st.st_mtime, st.st_size, st.st_ino)
-        if stamp != self._stamp:
-            try:
-                self._token = Path(self.path).read_text().strip() or None
-            except OSError as exc:
+            if not self._unreadable:
+                self._unreadable = True
                 log.warning("wake token file %s unreadable: %s", self.path, exc)
-                return None
-            self._stamp = stamp
-        return self._token
+        return self._token or self._fallback
 
     def allows(self, header: str | None) -> bool:
         token = self.current()
@@ -84,6 +93,11 @@ class Waker:
         self._inflight: dict[str, asyncio.Future[str]] = {}
         self._token = TokenFile(token_file) if token_file else None
         self._ready_waiters: dict[str, set[asyncio.Future[int]]] = {}
+
+    def use_token_until_read(self, token: str) -> None:
+        """The token to require while the token file has none (see :class:`TokenFile`)."""
+        if self._token is not None:
+            self._token.use_until_read(token)
 
     def ready(self, namespace: str, name: str, replicas: int) -> int:
         """The target just got a first ready replica: answers the wakes waiting for it (how many)."""

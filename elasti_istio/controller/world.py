@@ -10,7 +10,7 @@ from typing import Any
 
 from elasti_istio import vsrewrite
 from elasti_istio.controller import spec as es_spec
-from elasti_istio.controller.indexes import ObjKey
+from elasti_istio.controller.indexes import Claim, ObjKey, Order
 from elasti_istio.controller.workloads import WorkloadState
 from elasti_istio.resources import GROUP
 
@@ -94,6 +94,8 @@ class World:
     touched: frozenset[VsKey] = frozenset()  # every VirtualService it may have rewritten
     endpoints_listed: bool = True  # the Service's EndpointSlices list a ready pod of the target
     pods_left: int = 0  # pods of a target at zero still there
+    # Other ElastiServices claiming destinations in its VirtualServices (as their last reconcile found them)
+    rivals: dict[str, tuple[Order, frozenset[Claim]]] = dataclasses.field(default_factory=dict)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -124,6 +126,8 @@ class Plan:
     routing: tuple[VsKey, ...] = ()  # the bound VirtualServices that route to the target
     desired: str = "serve"
     protocol_refused: bool = False  # a port the activator cannot carry: the routes stay in serve mode
+    claims: frozenset[Claim] = frozenset()  # the route destinations that are the target's
+    conflict_refused: tuple[str, str] | None = None  # (reason, message): an earlier ElastiService claims them
     endpoints_wait_over: bool = False  # routes may go back: the wait for the EndpointSlice ends
     conditions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     requeue: float | None = None

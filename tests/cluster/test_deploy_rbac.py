@@ -42,13 +42,16 @@ from tests.rendered import (
 )
 
 SIM = "elasti.truefoundry.com/"
+# The Secrets the controller creates (--create-secrets): file name (Secret key) -> Secret name.
+CONTROLLER_SECRETS = {"token": "elasti-wake-token", "key": "elasti-route-key"}
 ACTIVATOR_HOST = "elasti-activator.elasti-system.svc.cluster.local"
 
 
 # ---- applying rendered objects -------------------------------------------------------------------
 class Installed:
     """Rendered objects applied with ``kubectl apply`` as the admin, deleted again at the end (the
-    grants are cluster-wide, and other tests rely on the identities having none)."""
+    grants are cluster-wide, and other tests rely on the identities having none), with the Secrets
+    the controller created."""
 
     def __init__(self, cluster: ClusterInfo) -> None:
         self.kubeconfig = cluster.admin_kubeconfig
@@ -61,6 +64,9 @@ class Installed:
     def remove(self) -> None:
         if self.docs:
             run_kubectl(self.kubeconfig, "delete", "--ignore-not-found", "--wait=false", "-f", "-", docs=self.docs)
+        run_kubectl(
+            self.kubeconfig, "-n", SYSTEM_NS, "delete", "--ignore-not-found", "secret", *CONTROLLER_SECRETS.values()
+        )
 
 
 @pytest.fixture
@@ -91,8 +97,8 @@ def installed(cluster: ClusterInfo, k8s: K8s) -> Iterator[Installed]:
         inst.remove()
 
 
-def rbac_and_secret(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return kinds(docs, "ServiceAccount", "Secret", *RBAC_KINDS)
+def rbac(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return kinds(docs, "ServiceAccount", *RBAC_KINDS)
 
 
 def activator_workload(docs: list[dict[str, Any]], port: int | None, admin_port: int | None) -> list[dict[str, Any]]:
@@ -109,21 +115,22 @@ def activator_workload(docs: list[dict[str, Any]], port: int | None, admin_port:
     return [find(docs, "Service", "elasti-activator"), dep]
 
 
-def secret_file(docs: list[dict[str, Any]], tmp: Path, secret: str, key: str) -> Path:
-    """A Secret's key where a mount would put it."""
-    found = find(docs, "Secret", secret, SYSTEM_NS)
-    path = tmp / secret / key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(base64.b64decode(found["data"][key]))
-    return path
+def secret_files(tmp: Path) -> tuple[Path, Path]:
+    """Where the wake token and the route key files will be: empty Secret volumes for now."""
+    return tmp / "elasti-wake-token" / "token", tmp / "elasti-route-key" / "key"
 
 
-def token_file(docs: list[dict[str, Any]], tmp: Path) -> Path:
-    return secret_file(docs, tmp, "elasti-wake-token", "token")
+def mount_created_secrets(k8s: K8s, files: tuple[Path, ...]) -> None:
+    """What the kubelet does once the controller has created the Secrets: their keys become the files."""
 
+    def read(name: str) -> Any:
+        return secret(k8s, name)
 
-def route_key_file(docs: list[dict[str, Any]], tmp: Path) -> Path:
-    return secret_file(docs, tmp, "elasti-route-key", "key")
+    for path in files:
+        name = CONTROLLER_SECRETS[path.name]
+        found = wait_until(lambda name=name: read(name), 90, f"Secret {name} created by the controller")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(found.data[path.name]))
 
 
 def start(kubeconfig: Path, args: list[str], log: Path) -> Proc:
@@ -213,8 +220,8 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
     cluster: ClusterInfo, k8s: K8s, mesh: MeshInfo, namespace: str, installed: Installed, tmp_path: Path
 ) -> None:
     docs = shipped("cluster-wide")
-    installed.apply(rbac_and_secret(docs))
-    token = token_file(docs, tmp_path)
+    installed.apply(rbac(docs))
+    token, route_key = secret_files(tmp_path)
     wake_port, metrics_port, port, admin_port = (free_port() for _ in range(4))
     installed.apply(activator_workload(docs, port, admin_port))
     act_args = with_flags(
@@ -223,7 +230,7 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
         admin_listen=f"127.0.0.1:{admin_port}",
         controller_url=f"http://127.0.0.1:{wake_port}",
         wake_token_file=str(token),
-        route_key_file=str(route_key_file(docs, tmp_path)),
+        route_key_file=str(route_key),
         sidecar_address=mesh.client,
     )
     ctrl_args = with_flags(
@@ -231,7 +238,7 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
         wake_listen=f"127.0.0.1:{wake_port}",
         metrics_listen=f"127.0.0.1:{metrics_port}",
         wake_token_file=str(token),
-        route_key_file=str(route_key_file(docs, tmp_path)),
+        route_key_file=str(route_key),
         leader_election_id=f"elasti-controller-{uuid.uuid4().hex[:6]}",
     )
     bookinfo(k8s, namespace)
@@ -239,6 +246,9 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
     activator = start(cluster.activator_kubeconfig, act_args, tmp_path / "activator.log")
     controller = start(cluster.controller_kubeconfig, ctrl_args, tmp_path / "controller.log")
     try:
+        # Both start before the Secrets exist; the controller creates them, the kubelet mounts them, and
+        # both programs pick the files up without a restart (the activator is Ready only then).
+        mount_created_secrets(k8s, (token, route_key))
         # The probes of the rendered Deployments, on the real programs.
         for path in ("/healthz", "/readyz"):
             activator.wait_http(f"http://127.0.0.1:{admin_port}{path}", 60, f"serving {path}")
@@ -277,7 +287,13 @@ def test_cluster_wide_rbac_runs_the_whole_cycle_and_nothing_more(
             "activator scales a Deployment": lambda: act.apps.patch_namespaced_deployment_scale(
                 "details-v1", namespace, {"spec": {"replicas": 2}}
             ),
-            "controller reads the wake token": lambda: ctrl.core.read_namespaced_secret("elasti-wake-token", SYSTEM_NS),
+            "controller changes the wake token": lambda: ctrl.core.patch_namespaced_secret(
+                "elasti-wake-token", SYSTEM_NS, {"stringData": {"token": "x"}}
+            ),
+            "controller reads another Secret in elasti-system": lambda: ctrl.core.read_namespaced_secret(
+                "another", SYSTEM_NS
+            ),
+            "controller lists Secrets in elasti-system": lambda: ctrl.core.list_namespaced_secret(SYSTEM_NS),
             "controller lists Secrets": lambda: ctrl.core.list_namespaced_secret(namespace),
             "controller edits a Deployment": lambda: ctrl.apps.patch_namespaced_deployment(
                 "details-v1", namespace, {"metadata": {"labels": {"x": "y"}}}
@@ -311,17 +327,17 @@ def test_namespace_scoped_rbac_works_in_the_watched_namespace_only(
         watch_namespaces(tree, [namespace])
         docs = render(tree, "namespace-scoped")
         assert not kinds(docs, "ClusterRole", "ClusterRoleBinding")
-        installed.apply(rbac_and_secret(docs))
+        installed.apply(rbac(docs))
         # The activator Pod (a generic app here) is Ready, so the controller does not fail open.
         installed.apply(activator_workload(docs, None, None))
-        token = token_file(docs, tmp_path)
+        token, route_key = secret_files(tmp_path)
         wake_port, metrics_port = free_port(), free_port()
         ctrl_args = with_flags(
             container(find(docs, "Deployment", "elasti-controller"))["args"],
             wake_listen=f"127.0.0.1:{wake_port}",
             metrics_listen=f"127.0.0.1:{metrics_port}",
             wake_token_file=str(token),
-            route_key_file=str(route_key_file(docs, tmp_path)),
+            route_key_file=str(route_key),
             leader_election_id=f"elasti-controller-{uuid.uuid4().hex[:6]}",
         )
         assert parse_args(ctrl_args).namespace == [namespace]
@@ -330,6 +346,7 @@ def test_namespace_scoped_rbac_works_in_the_watched_namespace_only(
         original = vs_spec(k8s, namespace, "details")
         controller = start(cluster.controller_kubeconfig, ctrl_args, tmp_path / "controller.log")
         try:
+            mount_created_secrets(k8s, (token,))  # the route key is left to the API value
             controller.wait_http(f"http://127.0.0.1:{metrics_port}/readyz", 60, "ready (leader)")
             wait_until(lambda: serving_with_activator(k8s, namespace), what="details Serving, activator available")
             scale(k8s, namespace, "details-v1", 0)
@@ -374,7 +391,12 @@ def test_namespace_scoped_rbac_works_in_the_watched_namespace_only(
                 "details-v1", other, {"spec": {"replicas": 0}}
             ),
             "controller lists pods cluster-wide": lambda: ctrl.core.list_pod_for_all_namespaces(),
-            "controller reads the wake token": lambda: ctrl.core.read_namespaced_secret("elasti-wake-token", SYSTEM_NS),
+            "controller reads another Secret in elasti-system": lambda: ctrl.core.read_namespaced_secret(
+                "another", SYSTEM_NS
+            ),
+            "controller creates a Secret in a watched namespace": lambda: ctrl.core.create_namespaced_secret(
+                namespace, {"metadata": {"name": "elasti-wake-token"}}
+            ),
         }
         got = {what: status(call) for what, call in forbidden.items()}
         assert got == dict.fromkeys(forbidden, 403)
@@ -386,15 +408,7 @@ def test_namespace_users_get_elastiservices_with_the_standard_roles(k8s: K8s, na
     """The shipped tenant ClusterRoles aggregate into view, edit and admin: a user bound to `view` in a
     namespace reads its ElastiServices, one bound to `edit` also changes them; on the real API server,
     with kube-controller-manager's ClusterRole aggregation."""
-    for role in kinds(shipped("cluster-wide"), "ClusterRole"):
-        if not role["metadata"]["name"].startswith("elasti-istio-"):
-            continue
-        try:
-            k8s.rbac.create_cluster_role(role)  # type: ignore[attr-defined]
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            k8s.rbac.patch_cluster_role(role["metadata"]["name"], role)  # type: ignore[attr-defined]
+    apply_tenant_roles(k8s)
     for user, cluster_role in (("tenant-viewer", "view"), ("tenant-editor", "edit")):
         k8s.rbac.create_namespaced_role_binding(  # type: ignore[attr-defined]
             namespace,
@@ -445,3 +459,26 @@ def test_the_optional_activator_authorizationpolicy_is_valid_for_istio(cluster: 
     broken["spec"]["rules"][0]["to"][0]["operation"]["ports"] = ["not-a-port"]
     with pytest.raises(AssertionError, match=r"(?i)denied|invalid"):
         run_kubectl(cluster.admin_kubeconfig, "apply", "--dry-run=server", "-f", "-", docs=[broken])
+
+
+def apply_tenant_roles(k8s: K8s) -> None:
+    """The shipped tenant ClusterRoles (``elasti-istio-*``), created or brought up to date."""
+    for role in kinds(shipped("cluster-wide"), "ClusterRole"):
+        if not role["metadata"]["name"].startswith("elasti-istio-"):
+            continue
+        try:
+            k8s.rbac.create_cluster_role(role)  # type: ignore[attr-defined]
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            k8s.rbac.patch_cluster_role(role["metadata"]["name"], role)  # type: ignore[attr-defined]
+
+
+def secret(k8s: K8s, name: str) -> Any:
+    """The Secret ``name`` of elasti-system, None when there is none."""
+    try:
+        return k8s.core.read_namespaced_secret(name, SYSTEM_NS)  # type: ignore[attr-defined]
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise

@@ -441,6 +441,110 @@ def test_no_triggers_no_condition() -> None:
     assert C.get_condition(status["conditions"], C.TRIGGERS) is None
 
 
+# ---- two ElastiServices, one destination ----------------------------------------------------------------
+
+CREATED = "2026-12-01T10:00:00Z"
+WHOLE = (NS, "details", NS, "details", "")  # VirtualService details -> Service details, no subset
+V1 = (NS, "details", NS, "details", "v1")
+V2 = (NS, "details", NS, "details", "v2")
+
+
+def rival(created: str, *claims: tuple[str, str, str, str, str], key: str = f"{NS}/details-copy") -> dict[str, Any]:
+    return {key: ((created, key), frozenset(claims))}
+
+
+def in_conflict(w: World, rivals: dict[str, Any], created: str = CREATED) -> World:
+    w.es["metadata"]["creationTimestamp"] = created
+    return dataclasses.replace(w, rivals=rivals)
+
+
+SUBSETS = dataclasses.replace(TARGET, subsets=frozenset({"v1"}), whole_service=False)
+CONFLICT_ROWS = [
+    # (what, world, Conflict (status, reason) or None, routing mode, Ready reason, wake)
+    ("no other ElastiService", world(replicas=0, ready=0), None, "proxy", "Proxying", None),
+    ("the same target and Service, this one first: it switches the routes",
+     in_conflict(world(replicas=0, ready=0), rival("2026-12-01T11:00:00Z", WHOLE)),
+     ("True", "DestinationClaimedTwice"), "proxy", "Proxying", None),
+    ("the same target and Service, the other first: this one leaves the routes alone",
+     in_conflict(world(replicas=0, ready=0), rival("2026-12-01T09:00:00Z", WHOLE)),
+     ("True", "DestinationClaimedTwice"), "serve", "DestinationClaimedTwice", None),
+    ("created at the same second: by namespace/name (details-copy after details)",
+     in_conflict(world(replicas=0, ready=0), rival(CREATED, WHOLE)),
+     ("True", "DestinationClaimedTwice"), "proxy", "Proxying", None),
+    ("the other first, and this one proxied: its routes go back, it wakes nothing",
+     in_conflict(world(replicas=0, ready=0, vss={VS: proxied(route())}), rival("2026-12-01T09:00:00Z", WHOLE)),
+     ("True", "DestinationClaimedTwice"), "serve", "DestinationClaimedTwice", None),
+    ("the other first, outside the enabledPeriod at zero: not woken by this one",
+     in_conflict(world(replicas=0, ready=0, enabledPeriod={"schedule": "0 20 * * *", "duration": "2h"}),
+                 rival("2026-12-01T09:00:00Z", WHOLE)),
+     ("True", "DestinationClaimedTwice"), "serve", "DestinationClaimedTwice", None),
+    ("one subset selecting both targets' pods",
+     in_conflict(world(replicas=0, ready=0, target=SUBSETS, vss={VS: route(subset="v1")}),
+                 rival("2026-12-01T09:00:00Z", V1)),
+     ("True", "DestinationClaimedTwice"), "serve", "DestinationClaimedTwice", None),
+    ("another subset of the same VirtualService",
+     in_conflict(world(replicas=0, ready=0, target=SUBSETS, vss={VS: route(subset="v1")}),
+                 rival("2026-12-01T09:00:00Z", V2)),
+     None, "proxy", "Proxying", None),
+    ("a shared Service without a subset: owned by the other target, no claim of this one",
+     in_conflict(world(replicas=0, ready=0, target=dataclasses.replace(TARGET, whole_service=False)),
+                 rival("2026-12-01T09:00:00Z", WHOLE)),
+     None, "serve", "Serving", None),
+    ("the same destination in another VirtualService",
+     in_conflict(world(replicas=0, ready=0), rival("2026-12-01T09:00:00Z", (NS, "other", NS, "details", ""))),
+     None, "proxy", "Proxying", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("what", "w", "conflict", "desired", "ready", "wake"), CONFLICT_ROWS, ids=[r[0] for r in CONFLICT_ROWS]
+)
+def test_conflict(
+    what: str, w: World, conflict: tuple[str, str] | None, desired: str, ready: str, wake: str | None
+) -> None:
+    plan, status, events = run(w)
+    got = C.get_condition(status["conditions"], C.CONFLICT)
+    assert ((got["status"], got["reason"]) if got else None) == conflict
+    assert status["mode"] == desired
+    if ready == "DestinationClaimedTwice":  # refused: not even the routes it had proxied stay so
+        assert plan.desired == "serve"
+    assert C.get_condition(status["conditions"], C.READY)["reason"] == ready
+    assert (plan.scale_up.reason if plan.scale_up else None) == wake
+    assert any(e.type == "Warning" and e.reason == "DestinationClaimedTwice" for e in events) == bool(conflict)
+
+
+def test_a_conflict_names_the_other_and_the_destination() -> None:
+    _, status, _ = run(in_conflict(world(), rival("2026-12-01T09:00:00Z", WHOLE)))
+    assert C.get_condition(status["conditions"], C.CONFLICT)["message"] == (
+        f"ElastiService {NS}/details-copy, created first, also claims VirtualService {NS}/details -> "
+        f"details.{NS} (no subset): this one does not switch its routes (remove one of them, or give their "
+        "targets subsets of their own)"
+    )
+    assert C.get_condition(status["conditions"], C.READY)["status"] == "False"
+    _, status, _ = run(in_conflict(world(), rival("2026-12-01T11:00:00Z", WHOLE)))
+    message = C.get_condition(status["conditions"], C.CONFLICT)["message"]
+    assert message.startswith(f"ElastiService {NS}/details-copy also claims VirtualService {NS}/details")
+    assert message.endswith("this one, created first, switches the routes, the other does not")
+    assert C.get_condition(status["conditions"], C.READY)["status"] == "True"
+
+
+def test_what_is_claimed_is_what_the_target_routes_to() -> None:
+    plan = decide.decide(world(vss={VS: route(subset="v1")}, target=SUBSETS))
+    assert plan.claims == frozenset({V1})
+    plan = decide.decide(world(vss={VS: route(subset="v2")}, target=SUBSETS))
+    assert plan.claims == frozenset()
+
+
+def test_a_conflict_is_warned_once_and_its_end_is_said() -> None:
+    w = in_conflict(world(), rival("2026-12-01T09:00:00Z", WHOLE))
+    _, first, events = run(w)
+    assert [e.reason for e in events if e.type == "Warning"] == ["DestinationClaimedTwice"]
+    _, second, events = run(in_conflict(world(status=first), w.rivals))
+    assert [e for e in events if e.type == "Warning"] == []
+    _, over, _ = run(in_conflict(world(status=second), {}))
+    assert cond(over, C.CONFLICT) == ("False", "NoConflict") and cond(over, C.READY) == ("True", "Serving")
+
+
 # ---- blocked, status times, Events ---------------------------------------------------------------------
 
 

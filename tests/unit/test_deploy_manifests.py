@@ -1,10 +1,9 @@
 """The kustomize overlays as rendered by ``kubectl kustomize``: every flag is one the programs accept,
-and ports, probe paths, Secret, labels and selectors agree with each other; the Makefile's
-``manifests`` target; the Dockerfile's promises."""
+and ports, probe paths, Secret mounts, labels and selectors agree with each other; both render from a
+fresh clone; the Makefile's ``manifests`` target; the Dockerfile's promises."""
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import shutil
@@ -21,12 +20,11 @@ import yaml
 from tests.rendered import (
     OVERLAYS,
     ROOT,
-    ROUTE_KEY,
     SYSTEM_NS,
-    TOKEN,
     container,
     copy_tree,
     find,
+    fresh_clone,
     kinds,
     kubectl,
     parse_args,
@@ -69,13 +67,14 @@ def test_both_overlays_render_the_whole_install(docs: list[dict[str, Any]]) -> N
         ("Deployment", "elasti-activator"),
         ("Service", "elasti-controller"),
         ("Service", "elasti-activator"),
-        ("Secret", "elasti-wake-token"),
         ("PodDisruptionBudget", "elasti-activator"),
         ("HorizontalPodAutoscaler", "elasti-activator"),
         ("NetworkPolicy", "elasti-controller"),
         ("Role", "elasti-controller-leader-election"),
+        ("Role", "elasti-controller-secrets"),
     ]:
         find(docs, kind, name)
+    assert not kinds(docs, "Secret"), "the controller creates the Secrets; the manifests carry none"
     crd = find(docs, "CustomResourceDefinition", "elastiservices.elasti.truefoundry.com")
     source = yaml.safe_load((ROOT / "crds" / "elastiservice.yaml").read_text())
     assert crd["spec"] == source["spec"], "the rendered CRD is crds/elastiservice.yaml"
@@ -132,10 +131,11 @@ def test_flags_ports_and_addresses_agree(docs: list[dict[str, Any]]) -> None:
             assert get["path"] == path and port_number(c, get["port"]) == port, (c["name"], probe)
 
 
-def assert_mounted_for_both(docs: list[dict[str, Any]], secret_name: str, flag_attr: str) -> dict[str, Any]:
-    """The Secret is mounted (as a directory: a rotated Secret reaches the process) where both programs'
-    ``flag_attr`` file points; returns the Secret."""
-    secret = find(docs, "Secret", secret_name, SYSTEM_NS)
+def assert_mounted_for_both(docs: list[dict[str, Any]], secret_name: str, flag_attr: str) -> str:
+    """The Secret is mounted (as a directory: a rotated Secret reaches the process; optional: the pods
+    start before the controller has created it) where both programs' ``flag_attr`` file points;
+    returns the Secret key the file is (the key the controller creates it with)."""
+    keys = set()
     for name in ("elasti-controller", "elasti-activator"):
         dep = find(docs, "Deployment", name)
         c = container(dep)
@@ -144,20 +144,76 @@ def assert_mounted_for_both(docs: list[dict[str, Any]], secret_name: str, flag_a
         mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
         assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
         volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
-        assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-        assert path[len(mount["mountPath"].rstrip("/")) + 1 :] in secret["data"]
-    return secret
+        assert volume["secret"]["secretName"] == secret_name
+        assert volume["secret"]["optional"] is True, "pods must start before the Secret exists"
+        assert "items" not in volume["secret"], "the file's name is the Secret's key"
+        keys.add(path[len(mount["mountPath"].rstrip("/")) + 1 :])
+    assert len(keys) == 1 and "/" not in next(iter(keys))
+    return keys.pop()
 
 
 def test_wake_token_secret_is_mounted_where_both_programs_read_it(docs: list[dict[str, Any]]) -> None:
-    secret = assert_mounted_for_both(docs, "elasti-wake-token", "wake_token_file")
-    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
+    assert assert_mounted_for_both(docs, "elasti-wake-token", "wake_token_file") == "token"
 
 
 def test_route_key_secret_is_mounted_where_both_programs_read_it(docs: list[dict[str, Any]]) -> None:
     """The key that signs proxy-mode routes reaches both programs (the activator refuses unsigned requests)."""
-    secret = assert_mounted_for_both(docs, "elasti-route-key", "route_key_file")
-    assert base64.b64decode(secret["data"]["key"]).decode().strip() == ROUTE_KEY
+    assert assert_mounted_for_both(docs, "elasti-route-key", "route_key_file") == "key"
+
+
+def test_controller_creates_the_secrets_it_may_create_and_read(
+    docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller makes the mounted Secrets in its own namespace, with the names the volumes use, and
+    its Role there allows exactly that: get on those two names, create (which resourceNames cannot limit)."""
+    from elasti_istio.controller import bootstrap
+    from elasti_istio.controller.config import from_args
+
+    dep = find(docs, "Deployment", "elasti-controller")
+    c = container(dep)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    args = parse_args(c["args"])
+    assert args.create_secrets is True
+    monkeypatch.setenv("POD_NAMESPACE", dep["metadata"]["namespace"])  # as the downward API sets it
+    cfg = from_args(args)
+    wake, route = bootstrap.wanted(cfg)
+    assert wake == bootstrap.Wanted(SYSTEM_NS, "elasti-wake-token", "token")
+    assert route == bootstrap.Wanted(SYSTEM_NS, "elasti-route-key", "key")
+    volumes = {v["secret"]["secretName"] for v in dep["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert volumes == {wake.name, route.name}
+
+    role = find(docs, "Role", "elasti-controller-secrets", SYSTEM_NS)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [wake.name, route.name], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
+    binding = find(docs, "RoleBinding", "elasti-controller-secrets", SYSTEM_NS)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert subjects(binding) == [("ServiceAccount", SYSTEM_NS, "elasti-controller")]
+    # No other grant names Secrets: the activator reads its files only.
+    for d in kinds(docs, "Role", "ClusterRole"):
+        if d is not role:
+            assert not any("secrets" in r.get("resources", []) for r in d["rules"]), d["metadata"]["name"]
+
+
+def test_both_overlays_render_from_a_fresh_clone(tmp_path: Path) -> None:
+    """No generated file is needed: what git tracks renders, and ``kubectl apply -k`` of the overlays
+    (also as a remote base) works as it is."""
+    kubectl()
+    tree = fresh_clone(tmp_path / "clone")
+    base = tree / "deploy" / "kustomize" / "base"
+    assert base.is_dir() and not (base / "wake-token").exists() and not (base / "route-key").exists()
+    for overlay in OVERLAYS:
+        docs = render(tree, overlay)
+        assert not kinds(docs, "Secret")
+        find(docs, "Deployment", "elasti-controller")
+        find(docs, "Role", "elasti-controller-secrets", SYSTEM_NS)
+        assert sorted(yaml.safe_dump(d) for d in docs) == sorted(yaml.safe_dump(d) for d in shipped(overlay))
 
 
 def test_pods_are_locked_down(docs: list[dict[str, Any]]) -> None:
@@ -265,7 +321,7 @@ def test_rbac_file_and_role_names_are_the_ones_tests_bind() -> None:
     ]
 
 
-def test_make_manifests_makes_a_random_token_once_and_keeps_it(tmp_path: Path) -> None:
+def test_make_manifests_renders_both_overlays_without_generated_files(tmp_path: Path) -> None:
     kubectl()
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
@@ -273,31 +329,21 @@ def test_make_manifests_makes_a_random_token_once_and_keeps_it(tmp_path: Path) -
     tree.mkdir()
     shutil.copy(ROOT / "Makefile", tree / "Makefile")
     copy_tree(tree)
-    token_file = tree / "deploy" / "kustomize" / "base" / "wake-token"
-    token_file.unlink()
-
-    def make() -> str:
-        out = subprocess.run(
-            ["make", "-s", "-C", str(tree), "manifests", f"PYTHON={sys.executable}", "MANIFESTS_DIR=out"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
-        )
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
-    first = make()
-    token = token_file.read_text()
-    assert len(token) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", token)
-    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
-    assert "new wake token" in first
-    second = make()
-    assert token_file.read_text() == token and "new wake token" not in second
+    base = tree / "deploy" / "kustomize" / "base"
+    before = sorted(p.name for p in base.iterdir())
+    out = subprocess.run(
+        ["make", "-s", "-C", str(tree), "manifests", f"PYTHON={sys.executable}", "MANIFESTS_DIR=out"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")},
+    )
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in base.iterdir()) == before, "make wrote into the base"
     for overlay in OVERLAYS:
         docs = [d for d in yaml.safe_load_all((tree / "out" / f"{overlay}.yaml").read_text()) if d]
-        secret = find(docs, "Secret", "elasti-wake-token", SYSTEM_NS)
-        assert base64.b64decode(secret["data"]["token"]).decode() == token
+        assert not kinds(docs, "Secret")
+        assert sorted(yaml.safe_dump(d) for d in docs) == sorted(yaml.safe_dump(d) for d in shipped(overlay))
 
 
 def dockerfile_stages() -> list[list[str]]:
@@ -354,7 +400,6 @@ def test_docs_name_files_and_make_targets_that_exist() -> None:
     for doc in (ROOT / "examples" / "bookinfo" / "README.md", ROOT / "docs" / "deploy.md"):
         text = doc.read_text()
         for path in set(re.findall(r"\b(?:examples/bookinfo|deploy/kustomize|deploy/helm|crds)/[\w./-]*[\w-]", text)):
-            made_by_make = path in ("deploy/kustomize/base/wake-token", "deploy/kustomize/base/route-key")
-            assert (ROOT / path).exists() or made_by_make or path.endswith("/<overlay>"), f"{doc.name} names {path}"
+            assert (ROOT / path).exists() or path.endswith("/<overlay>"), f"{doc.name} names {path}"
         for target in set(re.findall(r"\bmake ([a-z][\w-]*)", text)):
             assert re.search(rf"^{target}:", makefile, re.M), f"{doc.name} runs make {target}"

@@ -143,3 +143,20 @@ def test_routing_generation_moves_only_when_what_routing_depends_on_moves() -> N
     assert idx.update_workload("shop", "Deployment", deployment), "it stopped serving"
     assert idx.update_workload("shop", "Deployment", deployment, deleted=True)
     assert idx.routing_generation["shop"] == gen + 3
+
+
+def test_claims_say_who_shares_a_destination() -> None:
+    idx = Indexes()
+    whole = ("shop", "details", "shop", "details", "")
+    v1 = ("shop", "reviews", "shop", "reviews", "v1")
+    a, b, c = ("t1", "shop/a"), ("t2", "shop/b"), ("t3", "shop/c")
+    assert idx.set_claims("shop/a", a, frozenset({whole})) == set()
+    assert idx.set_claims("shop/c", c, frozenset({v1})) == set()
+    assert idx.set_claims("shop/b", b, frozenset({whole})) == {"shop/a"}  # a must say so too
+    assert idx.set_claims("shop/b", b, frozenset({whole})) == set(), "unchanged: nobody to tell"
+    assert idx.rivals("shop/a", {("shop", "details")}) == {"shop/b": (b, frozenset({whole}))}
+    assert idx.rivals("shop/a", {("shop", "other")}) == {}
+    assert idx.set_claims("shop/b", b, frozenset({v1})) == {"shop/a", "shop/c"}  # left a, joined c
+    assert idx.drop_claims("shop/b") == {"shop/c"}
+    assert idx.drop_claims("shop/b") == set()
+    assert idx.set_claims("shop/a", a, frozenset()) == set() and "shop/a" not in idx.es_claims

@@ -13,8 +13,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 
 {{/*
-The rules of one role of the kustomize base (files/ links to deploy/kustomize/base), so that the
-chart and the kustomize manifests grant exactly the same. Called with (list $ file kind name).
+The rules of one role of the kustomize base (files/ holds copies of deploy/kustomize/base/rbac-*.yaml),
+so that the chart and the kustomize manifests grant exactly the same. Called with (list $ file kind name).
 */}}
 {{- define "elasti.rules" -}}
 {{- $root := index . 0 -}}
@@ -36,4 +36,45 @@ chart and the kustomize manifests grant exactly the same. Called with (list $ fi
 
 {{- define "elasti.drainTimeout" -}}
 {{ int .Values.activator.drainTimeoutSeconds }}
+{{- end }}
+
+{{/*
+The pods' image pull secrets, node selector, tolerations and affinity, from imagePullSecrets and the
+component's values. Called with (list $ "controller"|"activator").
+*/}}
+{{- define "elasti.podPlacement" -}}
+{{- $root := index . 0 -}}
+{{- $values := index $root.Values (index . 1) -}}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+--log-level and --log-format where they differ from the programs' defaults (info, text), then the
+component's extraArgs. Called with the component's values.
+*/}}
+{{- define "elasti.args" -}}
+{{- if ne .logLevel "info" }}
+- --log-level={{ .logLevel }}
+{{- end }}
+{{- if ne .logFormat "text" }}
+- --log-format={{ .logFormat }}
+{{- end }}
+{{- range .extraArgs }}
+- {{ . | quote }}
+{{- end }}
 {{- end }}
