@@ -16,10 +16,11 @@ WAKE_FAILED = "WakeFailed"
 TIMEOUTS = "RouteTimeoutsCompatible"
 ALLOWED = "ScaleToZeroAllowed"
 TRIGGERS = "TriggersHealthy"
+IGNORED = "IgnoredFields"
 READY = "Ready"
 ORDER = (
     TARGET_FOUND, "ServiceFound", VS_BOUND, CONFLICT, PROTOCOL, ACTIVATOR, TIMEOUTS, ALLOWED, TRIGGERS, WAKE_FAILED,
-    READY,
+    IGNORED, READY,
 )  # fmt: skip
 
 

@@ -96,7 +96,8 @@ def decide(w: World) -> Plan:
     assert r is not None
     spec, state = r.spec, r.state
     via = f" via ScaledObject {spec.target.name}" if spec.target.kind == "ScaledObject" else ""
-    conds = C.set_condition(w.conditions, C.TARGET_FOUND, True, "TargetFound", f"{r.workload_kind} {state.name}{via}")
+    found = f"{r.workload_kind} {state.name}{via}"
+    conds = C.set_condition(ignored_condition(w), C.TARGET_FOUND, True, "TargetFound", found)
     conds = C.set_condition(
         conds, "ServiceFound", True, "ServiceFound", f"Service {spec.service}, port {r.origin_port}"
     )
@@ -410,11 +411,24 @@ def triggers_condition(w: World, conds: list[dict[str, Any]]) -> list[dict[str, 
     return C.set_condition(conds, C.TRIGGERS, ts[0], ts[1], ts[2])
 
 
+def ignored_condition(w: World) -> list[dict[str, Any]]:
+    """IgnoredFields True (``NotUsed``) while the spec has fields the controller keeps but does not
+    use (KubeElasti's extra trigger metadata); present only once some were seen, then False (``AllUsed``)."""
+    conds = w.conditions
+    fields = es_spec.ignored_fields(w.es)
+    if fields:
+        message = f"kept but not used by elasti-istio: {', '.join(fields)}"
+        return C.set_condition(conds, C.IGNORED, True, "NotUsed", message)
+    if C.get_condition(conds, C.IGNORED) is not None:
+        return C.set_condition(conds, C.IGNORED, False, "AllUsed", "every spec field is used")
+    return conds
+
+
 def _decide_blocked(w: World) -> Plan:
     """Nothing can be woken or proxied: no route may point at the activator."""
     blk = w.blocked
     assert blk is not None
-    conds = C.set_condition(w.conditions, blk.ctype, False, blk.reason, blk.message)
+    conds = C.set_condition(ignored_condition(w), blk.ctype, False, blk.reason, blk.message)
     if blk.ctype == "ServiceFound":
         conds = C.set_condition(conds, C.TARGET_FOUND, True, "TargetFound", "scale target found")
     if C.get_condition(conds, C.CONFLICT) is not None:

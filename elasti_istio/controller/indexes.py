@@ -82,7 +82,7 @@ class Indexes:
         targets = self.es_targets.setdefault(key, set())
         before = set(targets)
         # Keep resolved targets (a ScaledObject's workload) added by the reconciler; refresh the declared one.
-        targets.add((ns, ref.get("kind", ""), ref.get("name", "")))
+        targets.add((ns, es_spec.normalize_kind(ref.get("kind", "")), ref.get("name", "")))
         autoscaler = spec.get("autoscaler") or {}
         if autoscaler.get("type") == "keda" and autoscaler.get("name"):
             targets.add((ns, "ScaledObject", autoscaler["name"]))

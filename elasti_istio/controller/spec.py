@@ -19,6 +19,25 @@ KINDS: dict[str, Resource] = {
     "ScaledObject": SCALEDOBJECTS,
 }
 DEFAULT_API_VERSION = {k: r.api_version for k, r in KINDS.items()}
+# KubeElasti's spelling of scaleTargetRef.kind (the resource's plural), accepted as the kind it names.
+PLURAL_KINDS = {"deployments": "Deployment", "statefulsets": "StatefulSet", "rollouts": "Rollout"}
+TRIGGER_METADATA = ("serverAddress", "query", "threshold")
+
+
+def normalize_kind(kind: str) -> str:
+    """``deployments`` -> ``Deployment``; a kind already in our spelling (or unknown) is unchanged."""
+    return PLURAL_KINDS.get(kind, kind)
+
+
+def ignored_fields(obj: dict[str, Any]) -> list[str]:
+    """Fields the API server keeps but the controller does not use (KubeElasti's trigger metadata
+    beyond serverAddress, query and threshold, e.g. ``uptimeFilter``), as ``spec.triggers[0].metadata.x``."""
+    out: list[str] = []
+    for i, t in enumerate((obj.get("spec") or {}).get("triggers") or []):
+        md = (t or {}).get("metadata") if isinstance(t, dict) else None
+        if isinstance(md, dict):
+            out.extend(f"spec.triggers[{i}].metadata.{k}" for k in md if k not in TRIGGER_METADATA)
+    return out
 
 
 def check_server_address(address: str) -> str | None:
@@ -105,7 +124,7 @@ def parse(obj: dict[str, Any]) -> ElastiSpec:
     ns, name = meta.get("namespace", ""), meta.get("name", "")
     spec = obj.get("spec") or {}
     ref = spec.get("scaleTargetRef") or {}
-    kind = ref.get("kind", "")
+    kind = normalize_kind(ref.get("kind", ""))
     if kind not in KINDS:
         raise SpecError("UnsupportedKind", f"scaleTargetRef.kind {kind!r} is not one of {', '.join(KINDS)}")
     api_version = ref.get("apiVersion") or DEFAULT_API_VERSION[kind]

@@ -3,6 +3,7 @@ with their reason (the Ready condition, not a replica count), and ``kubectl expl
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from typing import Any
@@ -83,3 +84,49 @@ def test_kubectl_explain_documents_the_status(k8s: K8s) -> None:
             check=True,
         ).stdout
         assert says in " ".join(out.split()) and "<empty>" not in out, out
+
+
+# KubeElasti's playground ElastiService (truefoundry/KubeElasti playground/config/demo-elastiService.yaml) for
+# bookinfo's details, with the uptimeFilter of its e2e tests: applied as it is.
+KUBEELASTI = """\
+apiVersion: elasti.truefoundry.com/v1alpha1
+kind: ElastiService
+metadata:
+  name: details-ke
+spec:
+  service: details
+  minTargetReplicas: 1
+  cooldownPeriod: 100
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: deployments
+    name: details-v1
+  triggers:
+    - metadata:
+        query: round(sum(rate(envoy_http_downstream_rq_total{container="istio-proxy"}[1m])),0.001) or vector(0)
+        serverAddress: http://prometheus-operated.monitoring.svc.cluster.local:9090
+        threshold: "0.01"
+        uptimeFilter: container="istio-proxy"
+      type: prometheus
+"""
+
+
+def test_a_kubeelasti_manifest_is_accepted_unpruned(k8s: K8s, namespace: str, start_controller: Any) -> None:
+    bookinfo(k8s, namespace, es_docs=False)
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        cmd = [kubectl(), "--kubeconfig", str(k8s.kubeconfig), "-n", namespace, *args]
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60, check=True).stdout
+
+    run("apply", "--validate=strict", "-f", "-", stdin=KUBEELASTI)  # an unknown field would be refused
+    run("annotate", "virtualservice", "details", "elasti.truefoundry.com/elastiservice=details-ke")
+    start_controller()
+    wait_until(lambda: cond_is(k8s, namespace, "details-ke", "IgnoredFields", "True", "NotUsed"), what="NotUsed")
+    wait_until(lambda: cond_is(k8s, namespace, "details-ke", "Ready", "True", "Serving"), what="Ready")
+    obj = json.loads(run("get", "elastisvc", "details-ke", "-o", "json"))
+    spec = obj["spec"]
+    assert spec["scaleTargetRef"]["kind"] == "deployments" and spec["cooldownPeriod"] == 100
+    assert spec["triggers"][0]["metadata"]["uptimeFilter"] == 'container="istio-proxy"'  # not pruned
+    ignored = next(c for c in obj["status"]["conditions"] if c["type"] == "IgnoredFields")
+    assert "spec.triggers[0].metadata.uptimeFilter" in ignored["message"]
+    assert json.loads(run("get", "es", "-o", "json"))["items"][0]["metadata"]["name"] == "details-ke"

@@ -183,6 +183,9 @@ async def test_all_four_kinds_of_call_are_held_woken_and_answered(env: Env) -> N
     sstream_task = asyncio.ensure_future(_collect(sstream))
     cstream_task = asyncio.ensure_future(cstream)
     await env.until_pending(4)
+    async with asyncio.timeout(20):  # the four share one wake call, which may still be on its way
+        while env.wake.count(NS, "grpcsvc") == 0:
+            await asyncio.sleep(0.01)
     assert env.origin.calls == 0 and env.wake.count(NS, "grpcsvc") == 1
     env.put(ready=True)
     assert await unary_task == b"unary:a"

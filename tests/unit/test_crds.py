@@ -28,7 +28,7 @@ def test_crd_names_and_columns() -> None:
         "elastiservices",
         "ElastiService",
     )
-    assert spec["names"]["shortNames"] == ["es"]
+    assert spec["names"]["shortNames"] == ["es", "elastisvc"]  # es is also ECK's Elasticsearch
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
@@ -64,7 +64,13 @@ def test_spec_schema() -> None:
         "ReplicaSet",
         "Rollout",
         "ScaledObject",
+        "deployments",  # KubeElasti's spelling
+        "statefulsets",
+        "rollouts",
     ]
+    metadata = props["triggers"]["items"]["properties"]["metadata"]
+    assert metadata["x-kubernetes-preserve-unknown-fields"] is True  # KubeElasti's uptimeFilter is kept
+    assert props["cooldownPeriod"]["type"] == "integer" and props["cooldownPeriod"]["default"] == 300
     assert props["minTargetReplicas"]["minimum"] == 1 and props["minTargetReplicas"]["default"] == 1
     act = props["activator"]["properties"]
     assert (act["holdTimeout"]["default"], act["retryInterval"]["default"], act["queueLimit"]["default"]) == (

@@ -627,3 +627,19 @@ def test_deletion(
     what: str, state: WorkloadState, status_ready: int, left: float, listed: bool | None, step: decide.DeletionStep
 ) -> None:
     assert decide.deletion_rules(state, status_ready, left, listed) == step, what
+
+
+def test_fields_kept_but_not_used_are_reported_not_dropped() -> None:
+    md = {"serverAddress": "http://p:9090", "query": "q", "threshold": "0.01", "uptimeFilter": 'container="x"'}
+    w = world(triggers=[{"type": "prometheus", "metadata": md}])
+    plan, status, events = run(w)
+    ignored = C.get_condition(plan.conditions, C.IGNORED)
+    assert ignored is not None and (ignored["status"], ignored["reason"]) == ("True", "NotUsed")
+    assert "spec.triggers[0].metadata.uptimeFilter" in ignored["message"]
+    assert C.get_condition(status["conditions"], C.READY)["status"] == "True"  # type: ignore[index]
+    assert not any(e.reason == "NotUsed" for e in events)
+    blocked = dataclasses.replace(w, r=None, blocked=Blocked(C.TARGET_FOUND, "TargetNotFound", "gone"))
+    assert C.get_condition(decide.decide(blocked).conditions, C.IGNORED)["reason"] == "NotUsed"  # type: ignore[index]
+    later = world(status={"conditions": status["conditions"]})
+    assert C.get_condition(decide.decide(later).conditions, C.IGNORED)["reason"] == "AllUsed"  # type: ignore[index]
+    assert C.get_condition(decide.decide(world()).conditions, C.IGNORED) is None  # never seen: absent

@@ -160,3 +160,62 @@ def test_claims_say_who_shares_a_destination() -> None:
     assert idx.drop_claims("shop/b") == {"shop/c"}
     assert idx.drop_claims("shop/b") == set()
     assert idx.set_claims("shop/a", a, frozenset()) == set() and "shop/a" not in idx.es_claims
+
+
+# ---- a KubeElasti manifest -------------------------------------------------------------------------
+
+# KubeElasti's playground ElastiService (truefoundry/KubeElasti playground/config/demo-elastiService.yaml),
+# with the uptimeFilter its e2e tests set and its KEDA autoscaler.
+KUBEELASTI = {
+    "apiVersion": "elasti.truefoundry.com/v1alpha1",
+    "kind": "ElastiService",
+    "metadata": {"name": "httpbin", "namespace": "target"},
+    "spec": {
+        "service": "httpbin",
+        "minTargetReplicas": 1,
+        "cooldownPeriod": 100,
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "deployments", "name": "httpbin"},
+        "triggers": [
+            {
+                "type": "prometheus",
+                "metadata": {
+                    "query": "round(sum(rate(envoy_http_downstream_rq_total[1m])),0.001) or vector(0)",
+                    "serverAddress": "http://prometheus-operated.monitoring.svc.cluster.local:9090",
+                    "threshold": "0.01",
+                    "uptimeFilter": 'container="foo"',
+                },
+            }
+        ],
+        "autoscaler": {"type": "keda", "name": "httpbin-so"},
+    },
+}
+
+
+def test_a_kubeelasti_manifest_is_read_as_it_is() -> None:
+    s = es_spec.parse(KUBEELASTI)
+    assert (s.target.kind, s.target.name, s.target.api_version) == ("Deployment", "httpbin", "apps/v1")
+    assert s.cooldown == 100.0  # its cooldownPeriod is seconds, as ours
+    assert s.triggers == (
+        es_spec.Trigger(
+            "http://prometheus-operated.monitoring.svc.cluster.local:9090",
+            "round(sum(rate(envoy_http_downstream_rq_total[1m])),0.001) or vector(0)",
+            0.01,
+        ),
+    )
+    assert (s.autoscaler_type, s.autoscaler_name) == ("keda", "httpbin-so")
+    assert es_spec.ignored_fields(KUBEELASTI) == ["spec.triggers[0].metadata.uptimeFilter"]
+    assert es_spec.ignored_fields(es()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "ours"),
+    [("deployments", "Deployment"), ("statefulsets", "StatefulSet"), ("rollouts", "Rollout"), ("Rollout", "Rollout")],
+)
+def test_kubeelasti_plural_kinds(kind: str, ours: str) -> None:
+    s = es_spec.parse(es(scaleTargetRef={"kind": kind, "name": "w"}))
+    assert s.target.kind == ours and s.target.api_version == es_spec.DEFAULT_API_VERSION[ours]
+    idx = Indexes()
+    key = idx.update_es(es(scaleTargetRef={"kind": kind, "name": "w"}))
+    assert idx.for_target("shop", ours, "w") == {key}
+    with pytest.raises(es_spec.SpecError):
+        es_spec.parse(es(scaleTargetRef={"kind": "replicaset", "name": "w"}))
