@@ -2,8 +2,9 @@
 
 Pinning (two cores): for the activator throughput figure the proxy under test (the activator, or
 nginx) runs on CPU 0 and the load generator (wrk, or the open-loop Python generator) with the backend
-nginx on CPU 1; the warm path pins the Envoy ingress gateway to CPU 0 and wrk with the apps to CPU 1
-(see ``PINNING``, printed at the start and stored in results.json).
+nginx on CPU 1; the warm path pins the Envoy ingress gateway to CPU 0 and wrk with the apps to CPU 1; the
+gRPC figure pins the proxy under test (the activator, or a bare Envoy) to CPU 0 and h2load with the gRPC
+origin to CPU 1 (see ``PINNING``, printed at the start and stored in results.json).
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import time
 from pathlib import Path
 
 from benchmarks import figures as F
+from benchmarks import grpc_figures as G
 from benchmarks import system as S
 from benchmarks import tools as T
 from elasti_istio.playground.stack import Playground
 
+PARTS = ("cold", "burst", "throughput", "warm", "grpc")
 PINNING = (
     "figure 4: proxy under test (activator or nginx) on CPU 0; wrk / the open-loop generator and the backend nginx "
     "on CPU 1. Figure 5: the Envoy ingress gateway on CPU 0, wrk and the apps (kubelet stand-in) on CPU 1. "
-    "Figures 1-3: nothing pinned. Otherwise the cluster (etcd, kube-apiserver, kube-controller-manager, istiod, "
-    "kubelet stand-in, the Envoy sidecars) and the controller run unpinned."
+    "Figure 6: the proxy under test (activator or Envoy) on CPU 0, h2load and the gRPC origin on CPU 1; its "
+    "cold starts unpinned. Figures 1-3: nothing pinned. Otherwise the cluster (etcd, kube-apiserver, "
+    "kube-controller-manager, istiod, kubelet stand-in, the Envoy sidecars) and the controller run unpinned."
 )
 
 
@@ -33,7 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: few cycles, small bursts, 1 s load runs")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"), help="results file")
     p.add_argument("--state-dir", type=Path, help="cluster state and logs (default: a temporary directory)")
-    p.add_argument("--only", action="append", choices=("cold", "burst", "throughput", "warm"), help="run only these")
+    p.add_argument("--only", action="append", choices=PARTS, help="run only these (repeatable)")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="figure 4 also measures an activator run from the code in DIR (a git worktree of another commit), "
+        "in the same rounds",
+    )
+    p.add_argument("--rounds", type=int, help="rounds of figures 4 and 6a, each target in turn (default 3; --quick: 1)")
     args = p.parse_args(argv)
 
     limits = T.raise_nofile()
@@ -42,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"missing tools: {', '.join(missing)}; run {T.INSTALL_SCRIPT} (or make bench)", file=sys.stderr)
         return 2
     settings = F.Settings.quick() if args.quick else F.Settings()
+    if args.rounds:
+        settings.rounds = args.rounds
     mach = T.machine()
     print(
         f"machine: {mach['cpu_model']}, {mach['cores']} cores, Linux {mach['kernel']}, Python {mach['python']}, "
@@ -61,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     pg = Playground(state, startup_seconds=1.0, log=lambda m: print(f"  {m}", flush=True))
     ctx = F.Context(pg, settings, workdir, log=lambda m: print(m, flush=True))
-    only = set(args.only or ("cold", "burst", "throughput", "warm"))
+    only = set(args.only or PARTS)
     rec: S.Recorder | None = None
     try:
         print("starting the system", flush=True)
@@ -79,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         docs += S.workload("web", elastiservice=True) + S.workload("plain", elastiservice=False)
         docs += [S.gateway()]
+        waking = ["cold", "burst", "web"]
+        if "grpc" in only:
+            docs += S.grpc_workload(G.GRPC_COLD)
+            waking.append(G.GRPC_COLD)
         pg.api.apply_all(docs, S.NS)
-        for name in ("cold", "burst", "web"):
+        for name in waking:
             S.until(lambda n=name: ctx.bench.serving(n), f"{name} Serving", timeout=120)
         print(f"system up in {time.monotonic() - t0:.1f}s", flush=True)
 
@@ -93,10 +111,18 @@ def main(argv: list[str] | None = None) -> int:
                 F.burst(ctx, rec, n)
         if "throughput" in only:
             print("figure 4: activator throughput for late traffic", flush=True)
-            F.throughput(ctx)
+            F.throughput(ctx, baseline=args.baseline)
         if "warm" in only:
             print("figure 5: warm path", flush=True)
             F.warm_path(ctx)
+        if "grpc" in only:
+            print("figure 6: gRPC, warm unary calls on one core", flush=True)
+            G.grpc_throughput(ctx)
+            print(
+                f"figure 6: gRPC, {settings.cycles} wake cycles of bench/{G.GRPC_COLD}, each with one of bench/cold",
+                flush=True,
+            )
+            G.grpc_cold_starts(ctx, rec)
     finally:
         if rec is not None:
             rec.stop()

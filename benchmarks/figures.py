@@ -1,4 +1,5 @@
-"""The five figures of the benchmark; each adds numbers to ``results`` and rows to the printed table."""
+"""Figures 1-5 of the benchmark (figure 6, gRPC, is in ``grpc_figures``); each adds numbers to ``results``
+and rows to the printed table."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class Settings:
     warm_seconds: float = 3.0
     warm_rounds: int = 5
     settle: float = 0.3  # after a switch, for istiod's push (debounced 100 ms) to reach the Envoys
+    grpc_connections: int = 10  # figure 6: h2load's connections, each with grpc_streams calls in flight
+    grpc_streams: int = 10
 
     @classmethod
     def quick(cls) -> Settings:
@@ -352,34 +355,48 @@ def _token(pg: Any, name: str) -> str:
 
 
 # ---- figure 4: activator throughput for late traffic -----------------------------------------------
-def throughput(ctx: Context) -> None:
+def throughput(ctx: Context, baseline: Path | None = None) -> None:
+    """``baseline``: also an activator run from the code in that folder (another commit's worktree), in the
+    same rounds against the same backend."""
     s, pg = ctx.settings, ctx.pg
     assert pg.info is not None and pg.controller is not None
-    p_backend, p_proxy, p_act, p_admin = free_ports(4, avoid=tuple(vars(pg.ports).values()))
+    p_backend, p_proxy, p_act, p_admin, p_base, p_base_admin = free_ports(6, avoid=tuple(vars(pg.ports).values()))
     backend = T.Nginx(ctx.workdir / "nginx-backend", T.BACKEND.format(port=p_backend), CLIENT_CPU)
     nginx = T.Nginx(ctx.workdir / "nginx-proxy", T.PROXY.format(port=p_proxy, upstream=p_backend), PROXY_CPU)
+
     # A second activator process, pinned, whose upstream "sidecar" is the backend nginx: it answers the
     # activator's absolute-URI requests for the origin of bench/web itself, like the direct target.
-    act = ActivatorProc(
-        pg.info.activator_kubeconfig,
-        pg.logs_dir / "activator-throughput.log",
-        "--namespace",
-        S.NS,
-        "--route-key-file",
-        str(pg.route_key),
-        controller_url=pg.controller.base_url,
-        upstream_proxy=f"http://127.0.0.1:{p_backend}",
-        port=p_act,
-        admin_port=p_admin,
-        log_level="warning",
-    )
+    def activator(log_name: str, port: int, admin_port: int) -> ActivatorProc:
+        assert pg.info is not None and pg.controller is not None
+        return ActivatorProc(
+            pg.info.activator_kubeconfig,
+            pg.logs_dir / log_name,
+            "--namespace",
+            S.NS,
+            "--route-key-file",
+            str(pg.route_key),
+            controller_url=pg.controller.base_url,
+            upstream_proxy=f"http://127.0.0.1:{p_backend}",
+            port=port,
+            admin_port=admin_port,
+            log_level="warning",
+        )
+
+    act = activator("activator-throughput.log", p_act, p_admin)
+    base: ActivatorProc | None = None
+    if baseline is not None:
+        base = activator("activator-throughput-baseline.log", p_base, p_base_admin)
+        # Its code first on the path; no working directory ahead of it (`python -m` would put one there).
+        base.env = {"PYTHONPATH": str(baseline.resolve()), "PYTHONSAFEPATH": "1"}
     try:
         backend.start(p_backend)
         nginx.start(p_proxy)
-        act.start()
-        act.wait_ready()
-        assert act.pid is not None
-        T.pin(act.pid, PROXY_CPU)
+        for proc in (act, base):
+            if proc is not None:
+                proc.start()
+                proc.wait_ready()
+                assert proc.pid is not None
+                T.pin(proc.pid, PROXY_CPU)
         # The route token is checked on every request, as in a real install.
         signed = {"elasti-service": f"{S.NS}/web", "elasti-token": _token(pg, "web")}
         lua_act = T.wrk_script(ctx.workdir / "activator.lua", headers=signed)
@@ -389,6 +406,9 @@ def throughput(ctx: Context) -> None:
             "nginx": (f"http://127.0.0.1:{p_proxy}/", None, nginx.proc.pid if nginx.proc else None),
             "activator": (f"http://127.0.0.1:{p_act}/", lua_act, act.pid),
         }
+        if base is not None:
+            S.until(lambda: _status(f"{base.url}/", signed) == 200, "baseline activator forwards web")
+            targets["baseline"] = (f"http://127.0.0.1:{p_base}/", lua_act, base.pid)
         runs: dict[str, list[tuple[T.WrkResult, float]]] = {k: [] for k in targets}
         for _ in range(s.rounds):
             for name, (url, lua, pid) in targets.items():
@@ -396,7 +416,16 @@ def throughput(ctx: Context) -> None:
                 r = T.wrk(url, seconds=s.wrk_seconds, connections=s.wrk_connections, cpus=CLIENT_CPU, lua=lua)
                 cpu = (T.cpu_seconds(pid) - cpu0) if pid else 0.0
                 runs[name].append((r, cpu))
-                ctx.log(f"  wrk {name}: {r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms")
+                ctx.log(
+                    f"  wrk {name}: {r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms"
+                    + (f", {cpu / r.requests * 1e6:.0f} µs CPU/request" if pid and r.requests else "")
+                )
+        # The activator against the baseline's, round by round (each pair ran back to back).
+        paired: dict[str, list[float]] = {"rps": [], "cpu": []}
+        for (a, ca), (b, cb) in zip(runs["activator"], runs.get("baseline", []), strict=False):
+            paired["rps"].append(a.rps / b.rps)
+            if a.requests and b.requests and cb:
+                paired["cpu"].append((ca / a.requests) / (cb / b.requests))
         med: dict[str, T.WrkResult] = {}
         for name, rs in runs.items():
             rs.sort(key=lambda x: x[0].rps)
@@ -412,13 +441,24 @@ def throughput(ctx: Context) -> None:
                 ctx.put(f"throughput_{name}_rps_per_cpu_second", 1e6 / us if us else 0.0)
         ctx.put("throughput_activator_over_nginx", med["activator"].rps / med["nginx"].rps)
         ctx.put("throughput_activator_over_direct", med["activator"].rps / med["direct"].rps)
+        labels = {"baseline": f"activator from {baseline}"}
+        text = ""
+        if paired["rps"]:
+            ctx.put("throughput_activator_over_baseline", median(paired["rps"]))
+            text = f"req/s {median(paired['rps']):.3f} (rounds: {', '.join(f'{x:.3f}' for x in paired['rps'])})"
+            if paired["cpu"]:
+                ctx.put("throughput_activator_over_baseline_cpu", median(paired["cpu"]))
+                text += (
+                    f"; CPU per request {median(paired['cpu']):.3f} "
+                    f"(rounds: {', '.join(f'{x:.3f}' for x in paired['cpu'])})"
+                )
         for name in targets:
             r = med[name]
             extra = ""
             if f"throughput_{name}_cpu_us_per_request" in ctx.results:
                 extra = f", {ctx.results[f'throughput_{name}_cpu_us_per_request']:.0f} µs CPU/request"
             ctx.row(
-                f"4. closed loop ({s.wrk_connections} keep-alive conns, wrk): {name}",
+                f"4. closed loop ({s.wrk_connections} keep-alive conns, wrk): {labels.get(name, name)}",
                 f"{r.rps:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms{extra}",
                 ">= 3,000 req/s (stretch 10,000)" if name == "activator" else "",
             )
@@ -428,16 +468,17 @@ def throughput(ctx: Context) -> None:
             f"activator/direct {ctx.results['throughput_activator_over_direct']:.3f}",
             "stretch: activator/nginx ~0.35",
         )
+        if paired["rps"]:
+            ctx.row(f"4. activator / activator from {baseline}, same rounds (median of the rounds' ratios)", text)
         # Open loop at a fixed rate: the same generator for every target, in turn, `rounds` times; the
         # median run by p99 is reported (one stall of the shared machine should not decide a p99 alone).
         rate = int(s.rate)
-        fixed: dict[str, list[dict[str, Any]]] = {"direct": [], "nginx": [], "activator": []}
+        fixed: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        ports = {"direct": p_backend, "nginx": p_proxy, "activator": p_act, "baseline": p_base}
         for _ in range(s.rounds):
-            for name, port, hdr in (
-                ("direct", p_backend, None),
-                ("nginx", p_proxy, None),
-                ("activator", p_act, f"elasti-service: {S.NS}/web"),
-            ):
+            for name in fixed:
+                port = ports[name]
+                hdr = f"elasti-service: {S.NS}/web" if name in ("activator", "baseline") else None
                 args = ["rate", "--port", str(port), "--rate", str(s.rate), "--duration", str(s.rate_seconds)]
                 args += ["--conns", "50", "--timeout", "30"]
                 if hdr:
@@ -456,13 +497,16 @@ def throughput(ctx: Context) -> None:
             ctx.put(f"fixed_{rate}_{name}_ok", ok)
             ctx.put(f"fixed_{rate}_{name}_failed", total - ok)
             ctx.row(
-                f"4. open loop at {rate} req/s ({len(runs_)} x {s.rate_seconds:g} s, Python generator): {name}",
+                f"4. open loop at {rate} req/s ({len(runs_)} x {s.rate_seconds:g} s, Python generator): "
+                f"{labels.get(name, name)}",
                 f"p50 {float(res['p50_ms']):.2f} ms, p99 {float(res['p99_ms']):.2f} ms (median run; worst "
                 f"{float(runs_[-1]['p99_ms']):.2f} ms), {ok}/{total} ok",
                 "p99 <= 20 ms" if name == "activator" else "",
             )
     finally:
         act.stop(10)
+        if base is not None:
+            base.stop(10)
         nginx.stop()
         backend.stop()
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# wrk, nginx and taskset from Debian's packages, for `make bench`; does nothing when they are there.
+# wrk, nginx, h2load and taskset from Debian's packages, for `make bench`; does nothing when they are there.
 # nginx is installed without starting its service: the benchmarks run their own nginx processes.
 set -euo pipefail
 
@@ -7,6 +7,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 need=()
 have wrk || need+=(wrk)
 have nginx || need+=(nginx-light)
+have h2load || need+=(nghttp2-client)
 have taskset || need+=(util-linux)
 [ ${#need[@]} -eq 0 ] && exit 0
 

@@ -359,3 +359,82 @@ def gateway_status(gateway_url: str, host: str) -> int:
         return int(resp.status)
     finally:
         conn.close()
+
+
+GRPC_PORT = 9090
+
+
+def grpc_workload(name: str, *, queue_limit: int = 1000) -> list[dict[str, Any]]:
+    """The generic app serving the gRPC echo service (``elasti.echo.v1.Echo``) on a container port named
+    ``grpc``, its Service (port ``grpc``), a mesh VirtualService to that port and an ElastiService."""
+    labels = {"app": name}
+    container = {"name": "app", "image": "bench/echo", "ports": [{"name": "grpc", "containerPort": GRPC_PORT}]}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": labels, "ports": [{"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT}]},
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": name},
+            "spec": {
+                "hosts": [name],
+                "http": [{"route": [{"destination": {"host": name, "port": {"number": GRPC_PORT}}}]}],
+            },
+        },
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ElastiService",
+            "metadata": {"name": name},
+            "spec": {
+                "service": name,
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                "virtualServices": [name],
+                "minTargetReplicas": 1,
+                "activator": {"holdTimeout": "120s", "retryInterval": "100ms", "queueLimit": queue_limit},
+            },
+        },
+    ]
+
+
+def grpc_unary(
+    address: str,
+    authority: str | None,
+    message: str,
+    metadata: tuple[tuple[str, str], ...] = (),
+    timeout: float = 120,
+) -> tuple[Any, str, dict[str, Any], float]:
+    """One unary ``elasti.echo.v1.Echo/Unary`` call with grpcio on a channel (and connection) of its own,
+    naming ``authority`` (default: the address): (status code, the answer's message or the error's
+    details, initial metadata, t_complete)."""
+    import grpc
+
+    from elasti_istio.kubelet import grpcecho
+
+    options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+    if authority:
+        options.append(("grpc.default_authority", authority))
+    channel = grpc.insecure_channel(address, options=options)
+    try:
+        resp, call = grpcecho.stub(channel).Unary.with_call(
+            grpcecho.EchoRequest(message=message), metadata=metadata, timeout=timeout
+        )
+        done = time.time()
+        return call.code(), resp.message, dict(call.initial_metadata()), done
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details(), dict(exc.initial_metadata() or ()), time.time()  # type: ignore[attr-defined]
+    finally:
+        channel.close()

@@ -1,7 +1,9 @@
-"""What the benchmarks run besides the project: wrk, nginx, taskset; limits, machine facts, process stats."""
+"""What the benchmarks run besides the project: wrk, nginx, h2load, taskset, a bare Envoy and a gRPC origin;
+limits, machine facts, process stats."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -9,14 +11,17 @@ import re
 import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-TOOLS = ("wrk", "nginx", "taskset")
+TOOLS = ("wrk", "nginx", "h2load", "taskset")
 INSTALL_SCRIPT = Path(__file__).with_name("install-tools.sh")
 
 
@@ -67,6 +72,7 @@ def machine() -> dict[str, object]:
         "uvloop": version("uvloop"),
         "wrk": _tool_version(["wrk", "-v"]),
         "nginx": _tool_version(["nginx", "-v"]),
+        "h2load": _tool_version(["h2load", "--version"]),
         "loadavg_at_start": os.getloadavg()[0],
     }
 
@@ -239,8 +245,6 @@ class Nginx:
             start_new_session=True,
         )
         deadline = time.monotonic() + 10
-        import socket
-
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise BenchError(f"nginx exited: {(self.dir / 'stderr.log').read_text()[-500:]}")
@@ -276,3 +280,282 @@ def run_loadgen(cpus: str, *args: str, timeout: float = 300) -> dict[str, object
 
 def _root() -> str:
     return str(Path(__file__).resolve().parents[1])
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, log: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            text = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            raise BenchError(f"{what} exited ({proc.returncode}): {text}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# ---- gRPC: h2load, a bare Envoy, the origin --------------------------------------------------------
+GRPC_HEADERS = {"content-type": "application/grpc", "te": "trailers"}
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC length-prefixed message (uncompressed): what a unary call's request body is."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+@dataclass
+class H2loadResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    done: int
+    succeeded: int
+    failed: int  # failed + errored + timed out
+    status_2xx: int
+    data_bytes: int  # response DATA received: every answered call's one message, nothing else
+
+
+def h2load(
+    url: str,
+    *,
+    seconds: float,
+    connections: int,
+    streams: int,
+    cpus: str,
+    data: Path,
+    headers: dict[str, str],
+    log: Path,
+) -> H2loadResult:
+    """One closed-loop h2load run (h2c with prior knowledge, one thread, ``connections`` x ``streams``
+    calls in flight) POSTing ``data`` on every stream, pinned to ``cpus``; percentiles from its per-request
+    log."""
+    cmd = ["taskset", "-c", cpus, "h2load", "-D", str(max(1, round(seconds))), "-t", "1"]
+    cmd += ["-c", str(connections), "-m", str(streams), "-d", str(data), "--log-file", str(log)]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=False, timeout=seconds + 60)
+    text = out.stdout
+    m_rps = re.search(r"finished in \S+, ([\d.]+) req/s", text)
+    m_req = re.search(
+        r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
+        text,
+    )
+    m_codes = re.search(r"status codes: (\d+) 2xx", text)
+    m_data = re.search(r"\((\d+)\) data", text)
+    if out.returncode != 0 or not (m_rps and m_req and m_codes and m_data):
+        raise BenchError(f"h2load failed ({out.returncode}): {text[-800:]} {out.stderr[-500:]}")
+    lat = sorted(int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.count("\t") >= 2)
+    done, ok, failed, errored, timeouts = (int(x) for x in m_req.groups())
+
+    def q(p: float) -> float:
+        return lat[min(len(lat) - 1, max(0, int(p * len(lat) + 0.999999) - 1))] if lat else float("nan")
+
+    return H2loadResult(
+        rps=float(m_rps.group(1)),
+        p50_ms=q(0.5),
+        p99_ms=q(0.99),
+        done=done,
+        succeeded=ok,
+        failed=failed + errored + timeouts,
+        status_2xx=int(m_codes.group(1)),
+        data_bytes=int(m_data.group(1)),
+    )
+
+
+def envoy_grpc_proxy(port: int, admin_port: int, upstream_port: int) -> dict[str, object]:
+    """A static Envoy bootstrap: an HTTP listener that takes HTTP/1.1 and h2c (codec AUTO) and routes
+    everything to one cluster spoken to in HTTP/2 (the origin on loopback), no timeout, no access log."""
+
+    def address(p: int) -> dict[str, object]:
+        return {"socket_address": {"address": "127.0.0.1", "port_value": p}}
+
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+        "HttpConnectionManager",
+        "stat_prefix": "grpc",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "origin",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "origin", "timeout": "0s"}}],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    return {
+        "admin": {"address": address(admin_port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "grpc",
+                    "address": address(port),
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "origin",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "origin",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(upstream_port)}}]}],
+                    },
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                }
+            ],
+        },
+        "layered_runtime": {
+            "layers": [{"name": "static", "static_layer": {"overload.global_downstream_max_connections": 100000}}]
+        },
+    }
+
+
+class Envoy:
+    """One Envoy process (``--concurrency 1``: one worker) with a static bootstrap, pinned to ``cpus``."""
+
+    def __init__(self, workdir: Path, binary: Path, cpus: str) -> None:
+        self.dir = workdir
+        self.binary = binary
+        self.cpus = cpus
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int, bootstrap: dict[str, object]) -> Envoy:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "envoy.json"
+        conf.write_text(json.dumps(bootstrap, indent=1))
+        log = self.dir / "envoy.log"
+        argv = [str(self.binary), "-c", str(conf), "--disable-hot-restart", "--concurrency", "1"]
+        argv += ["--log-level", "warning", "--drain-time-s", "1", "--parent-shutdown-time-s", "2"]
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", self.cpus, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("ab"),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_listening(self.proc, port, "envoy", log)
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+GRPC_ORIGIN_SRC = Path(__file__).with_name("grpc-origin")
+
+
+def grpc_go_version() -> str:
+    """The grpc-go release the Go origin is built with (from its go.mod)."""
+    m = re.search(r"google\.golang\.org/grpc (v\S+)", (GRPC_ORIGIN_SRC / "go.mod").read_text())
+    return m.group(1) if m else "?"
+
+
+def go_grpc_origin(log: Callable[[str], None] = print) -> Path | None:
+    """The Go gRPC origin (``benchmarks/grpc-origin``), built once into the binaries' cache and again when
+    its sources change; None when no Go toolchain is found or the build fails (the caller falls back)."""
+    from elasti_istio.localcluster.binaries import cache_dir
+
+    sources = [GRPC_ORIGIN_SRC / n for n in ("main.go", "go.mod", "go.sum")]
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    out = cache_dir() / "bin" / "bench-grpc-origin"
+    version = out.with_name(out.name + ".version")
+    if out.is_file() and os.access(out, os.X_OK) and version.exists() and version.read_text().strip() == stamp:
+        return out
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None)
+    if go is None:
+        log("  no Go toolchain: the gRPC origin is grpcio's server")
+        return None
+    build = cache_dir() / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, GOFLAGS="-mod=readonly", CGO_ENABLED="0", GOTOOLCHAIN="local")
+    env.setdefault("GOCACHE", str(build / "gocache"))
+    log(f"  building the gRPC origin (Go, grpc-go {grpc_go_version()}) into {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    res = subprocess.run(
+        [go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(tmp), "."],
+        cwd=GRPC_ORIGIN_SRC,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    if res.returncode != 0:
+        log(f"  the Go build failed, the gRPC origin is grpcio's server: {res.stderr.strip()[-500:]}")
+        return None
+    tmp.replace(out)
+    version.write_text(stamp + "\n")
+    return out
+
+
+class GrpcOrigin:
+    """The gRPC origin, pinned to ``cpus``: every unary call is answered with its request message and
+    status OK. Go's grpc-go server when it can be built, else grpcio's (``benchmarks.grpc_origin``)."""
+
+    def __init__(self, workdir: Path, cpus: str, log: Callable[[str], None] = print) -> None:
+        self.dir = workdir
+        self.cpus = cpus
+        self.binary = go_grpc_origin(log)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.binary is not None:
+            return f"Go grpc-go {grpc_go_version()}"
+        return f"Python grpcio {_dist_version('grpcio')}"
+
+    def start(self, port: int) -> GrpcOrigin:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = self.dir / "grpc-origin.log"
+        if self.binary is not None:
+            argv = [str(self.binary), "-addr", f"127.0.0.1:{port}"]
+        else:
+            argv = [sys.executable, "-m", "benchmarks.grpc_origin", "--port", str(port)]
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", self.cpus, *argv],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=_root(),
+        )
+        _wait_listening(self.proc, port, "the gRPC origin", log, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 
 from elasti_istio.localcluster.podnet import NetnsSockets
 
@@ -57,6 +58,13 @@ class TcpForwarder:
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)  # type: ignore[arg-type]
+        # The listening socket comes from the pod's network namespace without IPPROTO_TCP, so asyncio
+        # does not set TCP_NODELAY on what it accepts: small writes (an HTTP/2 frame) would wait for
+        # a delayed ACK, about 40 ms each.
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self.target)

@@ -45,6 +45,13 @@ FIGURES = [
     "warm_web_rps",
     "warm_plain_rps",
     "warm_with_over_without_elastiservice",
+    # 6. gRPC: warm unary calls on one core, and cold starts of a gRPC call beside HTTP's
+    *(f"grpc_{t}_{m}" for t in ("direct", "envoy", "activator") for m in ("calls_per_s", "p50_ms", "p99_ms")),
+    "grpc_activator_cpu_us_per_call",
+    "grpc_envoy_cpu_us_per_call",
+    "grpc_activator_over_envoy",
+    *(f"grpc_single_{t}_p50_ms" for t in ("direct", "envoy", "activator")),
+    *(f"{k}_cold_{m}" for k in ("grpc", "http") for m in ("overhead_p50_ms", "overhead_p90_ms", "warm_p50_ms")),
 ]
 
 
@@ -78,6 +85,12 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
         assert results[f"throughput_{t}_errors"] == 0, t
         assert results[f"fixed_{RATE}_{t}_failed"] == 0, t
     assert results["warm_web_errors"] == 0 and results["warm_plain_errors"] == 0
+    for t in ("direct", "envoy", "activator"):
+        assert results[f"grpc_{t}_calls"] > 0 and results[f"grpc_{t}_failed"] == 0, t
+        assert results[f"grpc_single_{t}_failed"] == 0, t
+    assert results["grpc_calls_without_answer_message"] == 0
+    for k in ("grpc", "http"):
+        assert results[f"{k}_cold_cycles"] == 2 and results[f"{k}_cold_failures"] == 0, k
 
     machine = results["machine"]
     for key in ("cpu_model", "cores", "kernel", "python", "aiohttp", "kopf", "pinning"):
