@@ -255,8 +255,11 @@ class H2Exchange:
 
     async def relay(self, up: H2Upstream, was_held: bool) -> None:
         req = self.req
-        await req.respond(response_headers(up.headers, was_held and self.fwd.cold_start_header), end=up.stream.ended)
-        if up.stream.ended and not up.prefetched:
+        # Headers alone only when nothing else came: a body already read, or trailers that arrived
+        # before this (a gRPC status after initial metadata), still follow.
+        alone = up.stream.ended and up.stream.trailers is None and not up.prefetched
+        await req.respond(response_headers(up.headers, was_held and self.fwd.cold_start_header), end=alone)
+        if alone:
             self._finish()
             return
         try:

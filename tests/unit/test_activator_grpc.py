@@ -373,3 +373,56 @@ async def test_megabytes_both_ways_through_a_held_call(env: Env) -> None:
     assert await task == b"10 messages, 3000000 bytes, sha256 " + _sha(parts).encode()
     got = [m async for m in env.method("ServerStream", "ServerStream")(b"big:40", metadata=env.md(), timeout=60)]
     assert [len(m) for m in got] == [100_000] * 40 and all(m == bytes([i]) * 100_000 for i, m in enumerate(got))
+
+
+async def _h2_origin(handler: Any) -> tuple[asyncio.AbstractServer, int]:
+    """An HTTP/2 origin whose answers are written frame by frame as a test wants them."""
+    from activator.h2server import H2Server
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: H2Server(handler, 100, 0, lambda conn: None), "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_status_after_initial_metadata_that_arrives_with_it_is_relayed(env: Env) -> None:
+    """Initial metadata and the trailers arrive together (an error right after the headers): both go
+    to the client, the status in the trailers."""
+
+    async def handler(req: Any) -> None:
+        await req.respond([(b":status", b"200"), (b"content-type", b"application/grpc"), (b"x-first", b"1")])
+        await req.stream.send_headers([(b"grpc-status", b"9"), (b"grpc-message", b"after headers")], end=True)
+
+    server, port = await _h2_origin(handler)
+    try:
+        env.put(ready=True, origin=("grpcsvc-elasti-origin", port))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await env.method("Unary", "Unary")(b"x", metadata=env.md(), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value
+        assert err.value.details() == "after headers"
+    finally:
+        server.close()
+
+
+async def test_a_workloads_short_503_over_http2_keeps_its_body(env: Env) -> None:
+    async def handler(req: Any) -> None:
+        await req.respond([(b":status", b"503"), (b"content-length", b"4"), (b"x-envoy-upstream-service-time", b"2")])
+        await req.stream.send_data(b"busy", end=True)
+
+    from activator.h2client import H2Pool
+
+    server, port = await _h2_origin(handler)
+    pool = H2Pool()
+    try:
+        env.put(ready=True, origin=("grpcsvc-elasti-origin", port))
+        headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
+        stream = await pool.open(
+            "127.0.0.1", env.activator.proxy_address[1], [*headers, (b"elasti-service", f"{NS}/grpcsvc".encode())], True
+        )
+        answer = dict(await stream.response)
+        body = b""
+        while (chunk := await stream.read()) is not None:
+            body += chunk
+        assert (answer[b":status"], body) == (b"503", b"busy")
+    finally:
+        await pool.close()
+        server.close()
