@@ -195,6 +195,7 @@ class H2Connection(asyncio.Protocol):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 stream._fail(StreamGone(event.error_code))
+                self._release(stream)
             self._window.set()
             self.on_reset(event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
@@ -277,6 +278,7 @@ class H2Connection(asyncio.Protocol):
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             stream._fail(StreamGone(code))
+            self._release(stream)
         if self.transport is None:
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -285,8 +287,20 @@ class H2Connection(asyncio.Protocol):
         self.after_stream()
 
     def forget(self, stream_id: int) -> None:
-        self.streams.pop(stream_id, None)
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self._release(stream)
         self.after_stream()
+
+    def _release(self, stream: Stream) -> None:
+        """Data the stream received and nobody will read gives its share of the connection's window
+        back: otherwise every refused upload would shrink the window until the connection stalled."""
+        unread = sum(flow for _, flow in stream._chunks)
+        stream._chunks.clear()
+        if unread and self.transport is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.acknowledge_received_data(unread, stream.id)
+                self.flush()
 
     def after_stream(self) -> None:
         if self.goaway and not self.streams:

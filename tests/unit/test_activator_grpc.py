@@ -426,3 +426,27 @@ async def test_a_workloads_short_503_over_http2_keeps_its_body(env: Env) -> None
     finally:
         await pool.close()
         server.close()
+
+
+async def test_refused_uploads_do_not_use_up_the_connection(env: Env) -> None:
+    """Held uploads that time out leave data nobody will read (up to the stream window each); it gives
+    the connection's window back, so one connection survives far more than its 16 MiB window of them."""
+    parts = [b"x" * 300_000] * 4
+    address = f"127.0.0.1:{env.activator.proxy_address[1]}"
+    env.put(ready=False, hold_timeout="100ms")
+
+    def uploads() -> list[grpc.StatusCode]:
+        with grpc.insecure_channel(address) as channel:  # one connection for every call
+            upload = channel.stream_unary("/t.Echo/ClientStream", *ident)
+            codes = []
+            for _ in range(24):  # up to 24 MiB left unread by calls whose hold ran out
+                try:
+                    upload(iter(parts), metadata=env.md(), timeout=30)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())  # type: ignore[attr-defined]
+            env.put(ready=True)
+            codes.append(grpc.StatusCode.OK if upload(iter(parts), metadata=env.md(), timeout=30) else None)
+            return codes
+
+    codes = await asyncio.to_thread(uploads)
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 24 + [grpc.StatusCode.OK], codes
