@@ -40,7 +40,7 @@ class StreamGone(Exception):
 class Stream:
     """One HTTP/2 stream as seen by its reader: headers, then data chunks, then maybe trailers."""
 
-    __slots__ = ("_chunks", "_conn", "_data", "_ended", "_gone", "headers", "id", "response", "trailers")
+    __slots__ = ("_chunks", "_conn", "_data", "_ended", "_gone", "headers", "id", "response", "sent_end", "trailers")
 
     def __init__(self, conn: H2Connection, stream_id: int) -> None:
         self._conn = conn
@@ -52,6 +52,7 @@ class Stream:
         self._data = asyncio.Event()
         self._ended = False
         self._gone: StreamGone | None = None
+        self.sent_end = False  # our side of the stream is complete
 
     @property
     def ended(self) -> bool:
@@ -65,10 +66,10 @@ class Stream:
     async def read(self) -> bytes | None:
         """The next chunk of the peer's data, None at the end; acknowledges it so the peer may send more."""
         while not self._chunks:
+            if self._ended:  # all it sent is here, whatever came after
+                return None
             if self._gone is not None:
                 raise self._gone
-            if self._ended:
-                return None
             self._data.clear()
             await self._data.wait()
         data, flow = self._chunks.popleft()
@@ -194,8 +195,13 @@ class H2Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
-                stream._fail(StreamGone(event.error_code))
-                self._release(stream)
+                if event.error_code == h2.errors.ErrorCodes.NO_ERROR and stream._ended:
+                    # The peer finished, then closed its end of our half (an origin that answered before
+                    # the request was all sent): what it said stays readable; only sending stops.
+                    stream._gone = StreamGone(event.error_code, "the peer closed the stream after its answer")
+                else:
+                    stream._fail(StreamGone(event.error_code))
+                    self._release(stream)
             self._window.set()
             self.on_reset(event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
@@ -242,6 +248,8 @@ class H2Connection(asyncio.Protocol):
         except h2.exceptions.StreamClosedError as exc:
             raise StreamGone() from exc
         self.flush()
+        if end:
+            self._sent_end(stream_id)
 
     async def send_data(self, stream_id: int, data: bytes, end: bool) -> None:
         view = memoryview(data)
@@ -266,6 +274,13 @@ class H2Connection(asyncio.Protocol):
             except h2.exceptions.StreamClosedError as exc:
                 raise StreamGone() from exc
             self.flush()
+        if end:
+            self._sent_end(stream_id)
+
+    def _sent_end(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.sent_end = True
 
     def _check(self, stream_id: int) -> None:
         if self.transport is None:

@@ -281,12 +281,18 @@ class H2Exchange:
         self._finish()
 
     def _finish(self) -> None:
-        """The answer is complete: the request's stream upstream is done with."""
-        if self._pump is not None and not self._pump.done():
+        """The answer is complete: the request's stream upstream is done with. If the request was still
+        being sent (the origin answered before the client finished), the stream is reset: left half
+        open, it would hold one of the connection's concurrent streams for good."""
+        sending = self._pump is not None and not self._pump.done()
+        if self._pump is not None:
             self._pump.cancel()
         self._pump = None
         if self._up is not None:
-            self._up._conn.forget(self._up.id)
+            if sending:
+                self._up.reset(h2.errors.ErrorCodes.CANCEL)
+            else:
+                self._up._conn.forget(self._up.id)
             self._up = None
 
     async def refuse(self, refusal: Refusal) -> None:

@@ -136,10 +136,13 @@ class H2Server(H2Connection):
         finally:
             self.tasks.pop(stream.id, None)
             if stream.id in self.streams:
-                if stream.ended or stream.gone is not None:
+                if stream.ended or stream.gone is not None or stream.sent_end:
+                    # Answered before the request ended (a call the origin finished first): what the client
+                    # still sends is acknowledged and dropped. No RST_STREAM(NO_ERROR), which RFC 9113 8.1
+                    # allows: gRPC's C core takes it for an error when the trailers came just before it.
                     self.forget(stream.id)
-                else:  # answered before the request ended: the rest of it is not wanted (RFC 9113 8.1)
-                    self.reset(stream.id, h2.errors.ErrorCodes.NO_ERROR)
+                else:  # the answer was never completed
+                    self.reset(stream.id, h2.errors.ErrorCodes.CANCEL)
             self._arm_idle()
 
     def _arm_idle(self) -> None:

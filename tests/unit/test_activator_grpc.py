@@ -80,8 +80,13 @@ class Origin:
 
     async def bidi(self, reqs: AsyncIterator[bytes], ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         self.calls += 1
+        stop_after = int(dict(ctx.invocation_metadata()).get("x-stop-after", "0"))
+        n = 0
         async for r in reqs:
             yield b"echo:" + r
+            n += 1
+            if n == stop_after:  # ends the call while the client is still sending
+                return
 
     async def start(self) -> int:
         handlers = {
@@ -450,3 +455,25 @@ async def test_refused_uploads_do_not_use_up_the_connection(env: Env) -> None:
 
     codes = await asyncio.to_thread(uploads)
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 24 + [grpc.StatusCode.OK], codes
+
+
+async def test_calls_the_origin_ends_early_free_their_upstream_streams(env: Env) -> None:
+    """Bidirectional calls the origin finishes while their client is still sending: the stream to the
+    origin is reset, not left half open, so the activator's connection to it keeps its stream slots."""
+    env.put(ready=True)
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"more"
+            await asyncio.sleep(0.01)
+
+    for _ in range(5):
+        call = env.method("Bidi", "Bidi")(endless(), metadata=env.md("grpcsvc", ("x-stop-after", "1")))
+        assert await call.read() == b"echo:more"
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+    conns = [c for cs in env.activator.h2_pool._conns.values() for c in cs]
+    assert conns
+    async with asyncio.timeout(20):
+        while any(c.h2.open_outbound_streams for c in conns):
+            await asyncio.sleep(0.01)
