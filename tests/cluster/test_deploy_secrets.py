@@ -25,7 +25,7 @@ from elasti_istio.controller import bootstrap
 from elasti_istio.controller.config import from_args
 from elasti_istio.kube import Kube, load_connection
 from elasti_istio.localcluster.cluster import ClusterInfo
-from tests.cluster.test_deploy_rbac import As, installed, secret, start, status  # noqa: F401 - fixture
+from tests.cluster.test_deploy_rbac import As, installed, refusals, secret, start, status  # noqa: F401 - fixture
 from tests.conftest import K8s
 from tests.harness import free_port, http_json, wait_until
 from tests.rendered import (
@@ -205,5 +205,5 @@ def test_controller_creates_the_secrets_and_checks_wakes_with_them_before_the_fi
         code = controller.stop()
         print(controller.logs()[-3000:])
     assert code == 0
-    assert "forbidden" not in controller.logs().lower(), "the controller was refused something"
+    assert not refusals(controller.logs()), f"the controller was refused something: {refusals(controller.logs())}"
     assert "Secret elasti-system/elasti-wake-token created" in controller.logs()
