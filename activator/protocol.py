@@ -151,8 +151,7 @@ class JsonErrorHandler(RequestHandler):
         log.debug("closed a connection whose request headers were late")
         if self.owner.on_refused is not None:
             self.owner.on_refused("header_timeout")
-        self.force_close()
-        self.transport.close()
+        self.force_close()  # closes the transport too
 
     def handle_error(
         self,

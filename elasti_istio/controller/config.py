@@ -30,6 +30,7 @@ class ControllerConfig:
     identity: str = ""
     wake_token_file: str | None = None
     idle_check_interval: float = 15.0
+    route_settle_seconds: float = 2.0
     fail_open_wakes_per_second: float = 2.0
     fail_open_burst: int = 10
     pod_watches: int = 50
@@ -176,6 +177,15 @@ def _scaling_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
     )
     options.add(
         p,
+        "--route-settle-seconds",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="in a scale-down the controller makes (idle triggers, sleep), the time between moving the routes to "
+        "the activator and scaling the target to 0, so every Envoy has the new routes before the endpoints go",
+    )
+    options.add(
+        p,
         "--fail-open-wakes-per-second",
         type=float,
         default=2.0,
@@ -250,6 +260,7 @@ def from_args(args: argparse.Namespace) -> ControllerConfig:
         workers=max(1, args.workers),
         wake_token_file=args.wake_token_file or None,
         idle_check_interval=max(0.2, args.idle_check_interval),
+        route_settle_seconds=max(0.0, args.route_settle_seconds),
         fail_open_wakes_per_second=max(0.001, args.fail_open_wakes_per_second),
         fail_open_burst=max(1, args.fail_open_burst),
         pod_watches=max(0, args.pod_watches),

@@ -76,8 +76,14 @@ class Operations(Base):
         routing = [vk for vk in sorted(self.idx.bound_vs(key))]
         self.mem[key].sleeping = True
         try:
+            switched = False
             for vk in routing:
-                await self.switch_vs(vk, r.target_for(vk[0]), "proxy", key)
+                switched = await self.switch_vs(vk, r.target_for(vk[0]), "proxy", key) or switched
+            if switched and self.cfg.route_settle_seconds:
+                # istiod sends one push for the route change and the endpoint removal when they come within
+                # its debounce of each other, endpoints before routes: for a moment Envoy would route to a
+                # Service with no endpoint ("no healthy upstream"). The routes go out in a push of their own.
+                await asyncio.sleep(self.cfg.route_settle_seconds)
             await self.pause_keda_at_zero(r)
             res = WORKLOAD_RESOURCES[r.workload_kind]
             await self.kube.patch(res, r.state.name, {"spec": {"replicas": 0}}, namespace, sub="scale")

@@ -198,3 +198,107 @@ def to_zero(
     until(lambda: proxied(vs_spec(api, ns, vs)), f"{ns}/{vs} routed to the activator")
     until(lambda: phase(api, ns, es) == "ScaledToZero", f"{ns}/{es} ScaledToZero")
     until(lambda: envoys_route(api, ns, vs, True, envoys), f"the mesh to route {ns}/{vs} to the activator")
+
+
+class RouteWatch:
+    """Watches one Envoy's view of a host every few milliseconds, in a thread, and keeps each moment its
+    routes sent traffic to a workload cluster with no healthy endpoint ("no healthy upstream" for a
+    request arriving then). A poll can miss a moment shorter than its interval, so an empty result
+    proves nothing alone; a non-empty one is a window Envoy really had."""
+
+    def __init__(self, admin: str, host: str) -> None:
+        self.admin, self.host = admin, host
+        self.dead_ends: list[tuple[float, frozenset[str]]] = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RouteWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                clusters = meshview.routed_clusters(self.admin, self.host) or set()
+                healthy = meshview.healthy_hosts(self.admin)
+            except OSError:
+                continue
+            self.polls += 1
+            empty = frozenset(c for c in clusters if "|elasti-activator." not in c and healthy.get(c, 0) == 0)
+            if empty:
+                self.dead_ends.append((time.monotonic(), empty))
+            time.sleep(0.002)
+
+
+class SteadyLoad:
+    """``rate`` requests a second through the mesh client's sidecar, each on its own thread and connection
+    (never retried), until stopped or ``limit`` are sent; every answer is kept with the time it was sent."""
+
+    def __init__(self, sidecar: Sidecar, ns: str, rate: float = 20, limit: int = 600) -> None:
+        self.sidecar, self.ns, self.rate, self.limit = sidecar, ns, rate, limit
+        self.results: list[tuple[float, int | str, bool, Answer | None]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._senders: list[threading.Thread] = []
+        self._loader = threading.Thread(target=self._load, daemon=True)
+
+    def __enter__(self) -> SteadyLoad:
+        self._loader.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._loader.join(5)
+        deadline = time.monotonic() + 60
+        for th in list(self._senders):
+            th.join(max(0.1, deadline - time.monotonic()))
+
+    @property
+    def sent(self) -> int:
+        return len(self._senders)
+
+    def _one(self, i: int) -> None:
+        t = time.monotonic()
+        ans: Answer | None = None
+        try:
+            ans = self.sidecar.get(url(self.ns, f"/steady/{i}"), timeout=60)
+            status: int | str = ans.status if ans.status == 200 else f"{ans.status} {ans.body[:100]!r}"
+            cold = ans.cold
+        except Exception as exc:
+            status, cold = f"{type(exc).__name__}: {exc}", False
+        with self._lock:
+            self.results.append((t, status, cold, ans))
+
+    def _load(self) -> None:
+        start = time.monotonic()
+        for i in range(self.limit):
+            if self._stop.is_set():
+                return
+            time.sleep(max(0.0, start + i / self.rate - time.monotonic()))
+            th = threading.Thread(target=self._one, args=(i,), daemon=True)
+            self._senders.append(th)
+            th.start()
+
+    def held(self) -> int:
+        """How many answers so far were held by the activator (cold starts)."""
+        with self._lock:
+            return sum(1 for r in self.results if r[2])
+
+    def any_cold(self) -> bool:
+        return self.held() > 0
+
+
+def mesh_no_endpoint(ans: Answer | None) -> bool:
+    """The mesh's own answer for a route whose Service has no endpoint: Envoy picked no host, so no
+    workload saw the request."""
+    return (
+        ans is not None
+        and ans.status == 503
+        and ans.body == b"no healthy upstream"
+        and "x-envoy-upstream-service-time" not in ans.headers
+    )
