@@ -49,7 +49,7 @@ _WS_DROP = frozenset(
     ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "origin")
 )
 # The sidecar's own replies when no upstream was reached: no ready endpoint, or the connect failed.
-_MESH_REPLY_MAX = 512
+MESH_REPLY_MAX = 512
 # Response bodies up to this size (with a Content-Length) are read whole and sent with the headers.
 _SMALL_BODY = 64 * 1024
 
@@ -196,10 +196,10 @@ class Forwarder:
         if resp.status != 503:
             return Upstream(resp)
         length = resp.content_length
-        if length is not None and length > _MESH_REPLY_MAX:
+        if length is not None and length > MESH_REPLY_MAX:
             return Upstream(resp)
         try:
-            data = await resp.content.read(_MESH_REPLY_MAX + 1) if length is None else await resp.read()
+            data = await resp.content.read(MESH_REPLY_MAX + 1) if length is None else await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             resp.release()
             raise UpstreamError(str(exc) or type(exc).__name__) from exc
@@ -323,7 +323,7 @@ def _looks_like_mesh_reply(headers: object) -> bool:
         return False
     ctype = (get("Content-Type") or "").lower()
     length = get("Content-Length")
-    return ctype.startswith("text/plain") and (length is None or (length.isdigit() and int(length) <= _MESH_REPLY_MAX))
+    return ctype.startswith("text/plain") and (length is None or (length.isdigit() and int(length) <= MESH_REPLY_MAX))
 
 
 async def _pump(src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, dst: object) -> None:

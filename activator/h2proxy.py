@@ -20,7 +20,7 @@ import h2.errors
 
 from activator import grpcwire
 from activator.body import BodyError
-from activator.forward import COLD_START_HEADER, UpstreamError, mesh_not_ready
+from activator.forward import COLD_START_HEADER, MESH_REPLY_MAX, UpstreamError, mesh_not_ready
 from activator.h2client import H2Pool
 from activator.h2conn import Headers, Stream, StreamGone
 from activator.h2server import H2Request
@@ -44,7 +44,6 @@ _DROP = frozenset(
         TOKEN_HEADER.lower().encode(),
     )
 )
-_MESH_REPLY_MAX = 512
 DEADLINE_MARGIN = 0.1  # seconds before a call's deadline that a hold gives up (a tenth of its timeout at most)
 
 
@@ -195,7 +194,7 @@ class H2Exchange:
         if status == 503 and not self.grpc:
             data = b""
             with contextlib.suppress(StreamGone):
-                while len(data) <= _MESH_REPLY_MAX:
+                while len(data) <= MESH_REPLY_MAX:
                     chunk = await up.read()
                     if chunk is None:
                         break

@@ -25,6 +25,7 @@ class Holds:
         self.registry = registry
         self.notifier = notifier
         self.metrics = metrics
+        metrics.max_held.set(max_held)
         self._waiters: dict[Key, set[asyncio.Future[None]]] = {}
         self._notify: dict[Key, asyncio.Task[WakeResult]] = {}
         self._probers: dict[Key, object] = {}  # the one held request per target retrying the mesh soon
@@ -37,6 +38,7 @@ class Holds:
         result = self.queues.admit(target.key, target.queue_limit)
         if result is Admission.ADMITTED:
             tm.held.inc()
+            tm.queue_limit.set(target.queue_limit)  # the alert's denominator, as the queue used it
         return result
 
     def leave(self, key: Key, tm: TargetMetrics) -> None:

@@ -17,10 +17,11 @@ HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 class TargetMetrics:
     """Label children of one ElastiService, looked up once rather than per request."""
 
-    __slots__ = ("held", "hold_seconds", "mesh_not_ready", "outcomes")
+    __slots__ = ("held", "hold_seconds", "mesh_not_ready", "outcomes", "queue_limit")
 
     def __init__(self, m: Metrics, ns: str, name: str) -> None:
         self.held = m.held.labels(ns, name)
+        self.queue_limit = m.queue_limit.labels(ns, name)
         self.hold_seconds = m.hold_seconds.labels(ns, name)
         self.mesh_not_ready = m.mesh_not_ready.labels(ns, name)
         self.outcomes = {o: m.requests.labels(ns, name, o) for o in OUTCOMES}
@@ -37,6 +38,18 @@ class Metrics:
             "elasti_activator_held_requests",
             "Requests held now, waiting for their target",
             ["namespace", "name"],
+            registry=r,
+        )
+        self.queue_limit = Gauge(
+            "elasti_activator_queue_limit",
+            "How many requests this replica holds at most for the ElastiService (spec.activator.queueLimit), "
+            "as of its last held request",
+            ["namespace", "name"],
+            registry=r,
+        )
+        self.max_held = Gauge(
+            "elasti_activator_max_held",
+            "How many requests this replica holds at most over all ElastiServices (--max-held)",
             registry=r,
         )
         self.requests = Counter(
@@ -100,7 +113,7 @@ class Metrics:
         """The ElastiService was deleted: drop its series so that churn does not grow the output."""
         if self._targets.pop(key, None) is None:
             return
-        for metric in (self.held, self.hold_seconds, self.mesh_not_ready):
+        for metric in (self.held, self.queue_limit, self.hold_seconds, self.mesh_not_ready):
             try:
                 metric.remove(*key)
             except KeyError:

@@ -188,10 +188,13 @@ class Env:
 def sample(text: str, metric: str, **labels: str) -> float:
     """The value of one series in a Prometheus text exposition (0 when absent)."""
     for line in text.splitlines():
-        name, _, rest = line.partition("{")
-        if name != metric:
-            continue
-        body, _, value = rest.rpartition("} ")
+        if line.startswith(metric + " "):  # a series without labels
+            body, value = "", line.split(" ", 1)[1]
+        else:
+            name, _, rest = line.partition("{")
+            if name != metric:
+                continue
+            body, _, value = rest.rpartition("} ")
         got = dict(kv.split("=", 1) for kv in body.replace('"', "").split(",")) if body else {}
         if got == labels:
             return float(value)
@@ -845,3 +848,24 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
     await reader.readexactly(length)
     return status
+
+
+async def test_queue_limit_gauges_give_the_alerts_their_denominators() -> None:
+    """``elasti_activator_queue_limit`` is the ElastiService's queueLimit from its first held request,
+    ``elasti_activator_max_held`` is --max-held; both go with the ElastiService's other series."""
+    e = await Env(max_held=7).start()
+    try:
+        assert await e.metric("elasti_activator_max_held") == 7
+        e.put("details", queue_limit=5)
+        task = asyncio.create_task(_status(e, "/echo"))
+        await e.until_pending(1)
+        assert await e.metric("elasti_activator_queue_limit", namespace=NS, name="details") == 5
+        assert await e.metric("elasti_activator_held_requests", namespace=NS, name="details") == 1
+        e.put("details", ready=True, queue_limit=5)
+        assert await asyncio.wait_for(task, 30) == 200
+        e.registry.apply("DELETED", elastiservice(NS, "details", resource_version=str(next(_rv))))
+        async with e.client.get(e.admin + "/metrics") as r:
+            text = await r.text()
+        assert "elasti_activator_queue_limit{" not in text, text
+    finally:
+        await e.stop()

@@ -41,14 +41,19 @@ def expressions() -> list[str]:
     return exprs
 
 
+# Labels every scraped series gets from the Prometheus Operator's relabelling of its target.
+TARGET_LABELS = {"pod", "instance", "job"}
+
+
 def check_expr(expr: str, known: dict[str, set[str]]) -> set[str]:
-    """Every elasti_ metric in ``expr`` is exported, and each label it groups by is on one of them."""
+    """Every elasti_ metric in ``expr`` is exported, and each label it groups or matches by is on one of
+    them (or is a target label)."""
     names = set(re.findall(r"\b(elasti_[a-z_]+)", expr))
     for name in names:
         assert name in known, f"{name} is not exported ({expr})"
-    for group in re.findall(r"by \(([^)]*)\)", expr):
+    for group in re.findall(r"(?:by|on) \(([^)]*)\)", expr):
         for label in (x.strip() for x in group.split(",")):
-            assert any(label in known[n] for n in names), f"label {label} not on {names} ({expr})"
+            assert label in TARGET_LABELS or any(label in known[n] for n in names), f"label {label} not on {names}"
     return names
 
 
@@ -128,6 +133,8 @@ def test_every_alert_metric_and_label_exists() -> None:
         "ElastiServiceStuckWaking",
         "ElastiServiceWakeFailures",
         "ElastiActivatorQueueFull",
+        "ElastiActivatorQueueNearLimit",
+        "ElastiActivatorHeldNearMax",
         "ElastiActivatorUnavailable",
     }
     for rule in rules():
@@ -169,4 +176,72 @@ def test_promtool_accepts_the_rules(tmp_path: Path) -> None:
     doc = yaml.safe_load((MON / "prometheusrule.yaml").read_text())
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": doc["spec"]["groups"]}))
     out = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.cluster  # promtool comes with the binaries (Debian's prometheus package)
+def test_queue_alerts_fire_near_the_limits_and_only_then(tmp_path: Path) -> None:
+    """promtool's rule tests: held requests against each replica's limits, as an activator exports them."""
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    doc = yaml.safe_load((MON / "prometheusrule.yaml").read_text())
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": doc["spec"]["groups"]}))
+    described = {r["alert"]: r["annotations"]["description"] for r in rules()}
+    a, b = 'pod="elasti-activator-a"', 'pod="elasti-activator-b"'
+    series = [
+        # shop/cart: replica a holds 90 of 100 for 5 minutes, replica b 10 of 100
+        {"series": f'elasti_activator_held_requests{{namespace="shop",name="cart",{a}}}', "values": "90x10"},
+        {"series": f'elasti_activator_queue_limit{{namespace="shop",name="cart",{a}}}', "values": "100x10"},
+        {"series": f'elasti_activator_held_requests{{namespace="shop",name="cart",{b}}}', "values": "10x10"},
+        {"series": f'elasti_activator_queue_limit{{namespace="shop",name="cart",{b}}}', "values": "100x10"},
+        # shop/web: 50 of 100, well below
+        {"series": f'elasti_activator_held_requests{{namespace="shop",name="web",{a}}}', "values": "50x10"},
+        {"series": f'elasti_activator_queue_limit{{namespace="shop",name="web",{a}}}', "values": "100x10"},
+        # --max-held 160: replica a holds 140 in all, b 10
+        {"series": f'elasti_activator_max_held{{namespace="elasti-system",{a}}}', "values": "160x10"},
+        {"series": f'elasti_activator_max_held{{namespace="elasti-system",{b}}}', "values": "160x10"},
+        {"series": 'up{job="elasti-activator"}', "values": "1x10"},
+    ]
+    test = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "30s",
+        "tests": [
+            {
+                "interval": "30s",
+                "input_series": series,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "3m",
+                        "alertname": "ElastiActivatorQueueNearLimit",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "namespace": "shop", "name": "cart"},
+                                "exp_annotations": {
+                                    "summary": "An activator holds 90% of the queue of shop/cart",
+                                    "description": described["ElastiActivatorQueueNearLimit"],
+                                },
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "3m",
+                        "alertname": "ElastiActivatorHeldNearMax",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "pod": "elasti-activator-a"},
+                                "exp_annotations": {
+                                    "summary": "Activator elasti-activator-a holds 87.5% of --max-held",
+                                    "description": described["ElastiActivatorHeldNearMax"],
+                                },
+                            }
+                        ],
+                    },
+                    {"eval_time": "30s", "alertname": "ElastiActivatorQueueNearLimit", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    out = subprocess.run(
+        [promtool, "test", "rules", "test.yml"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
