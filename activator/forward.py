@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -61,11 +61,12 @@ class UpstreamError(Exception):
 UPSTREAM_TIME = "x-envoy-upstream-service-time"
 
 
-def mesh_not_ready(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> bool:
+def mesh_not_ready(status: int, body: bytes, headers: Iterable[str] | None = None) -> bool:
     """Envoy's local reply for "no ready endpoint" or "could not connect": safe to send again.
 
     Only Envoy's own reply: an answer that came from an upstream carries ``x-envoy-upstream-service-time``
     (a workload may relay a dependency's "no healthy upstream" itself) and is never taken for the mesh.
+    ``headers``: the answer's header names (a mapping of them will do).
     """
     if status != 503 or (headers is not None and UPSTREAM_TIME in {k.lower() for k in headers}):
         return False

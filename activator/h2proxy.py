@@ -199,7 +199,7 @@ class H2Exchange:
                     if chunk is None:
                         break
                     data += chunk
-            if up.ended and mesh_not_ready(503, data, {k.decode("latin-1"): "" for k, _ in answer}):
+            if up.ended and mesh_not_ready(503, data, (k.decode("latin-1") for k, _ in answer)):
                 self._drop_upstream()
                 return None
             return H2Upstream(up, answer, data)
@@ -358,11 +358,11 @@ class H2Front:
         if target.static and not target.ready and not grpc:
             hit = first_match(target.static, req.method, req.path.split("?", 1)[0], req.headers)
             if hit is not None:
-                resp = proxy.static_hit(target, hit)
+                proxy.count_static(target, hit)
                 body = hit.body.encode()
-                headers = [(b":status", str(resp.status).encode())]
+                headers = [(b":status", str(hit.status).encode())]
                 headers += [
-                    (k.lower().encode(), v.encode()) for k, v in resp.headers.items() if k.lower() != "content-length"
+                    (k.lower().encode(), v.encode()) for k, v in hit.answer_headers() if k.lower() != "content-length"
                 ]
                 headers.append((b"content-length", str(len(body)).encode()))
                 await req.respond(headers)

@@ -195,10 +195,14 @@ class Proxy:
         )
         return await self.serve(Http1(request, self.forwarder, body), target, port)
 
-    def static_hit(self, target: Target, hit: StaticResponse) -> web.Response:
+    def count_static(self, target: Target, hit: StaticResponse) -> None:
+        """A static answer is about to be given (either protocol): counted, and the wake it may ask for."""
         if hit.wake:
             self.holds.want_wake(target)
         self.metrics.target(target.key).outcome("static")
+
+    def static_hit(self, target: Target, hit: StaticResponse) -> web.Response:
+        self.count_static(target, hit)
         return web.Response(status=hit.status, text=hit.body, headers=dict(hit.response_headers))
 
     async def resolve(

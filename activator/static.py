@@ -22,6 +22,14 @@ class StaticResponse:
     response_headers: tuple[tuple[str, str], ...]
     wake: bool
 
+    def answer_headers(self) -> list[tuple[str, str]]:
+        """The headers of the answer besides its length: the configured ones, and a plain-text type unless
+        they name one (what aiohttp gives a text body over HTTP/1.1)."""
+        out = list(self.response_headers)
+        if not any(k.lower() == "content-type" for k, _ in out):
+            out.append(("Content-Type", "text/plain; charset=utf-8"))
+        return out
+
     def matches(self, method: str, path: str, headers: Mapping[str, str]) -> bool:
         if self.method is not None and method.upper() != self.method:
             return False

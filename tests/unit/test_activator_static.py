@@ -76,3 +76,42 @@ async def test_other_requests_are_held_and_an_awake_target_is_forwarded(env: Env
     async with env.get("/echo/probe") as r:  # awake: the workload answers for itself
         assert r.status == 200 and (await body_json(r))["target"] == "/echo/probe"
     assert env.state["hits"]["echo"] == 1
+
+
+async def _h2_get(env: Env, path: str, *headers: tuple[bytes, bytes]) -> tuple[dict[bytes, bytes], bytes]:
+    from activator.h2client import H2Pool
+
+    pool = H2Pool()
+    try:
+        request = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", path.encode())]
+        request += [(b"elasti-service", f"{NS}/details".encode()), *headers]
+        stream = await pool.open("127.0.0.1", env.activator.proxy_address[1], request, end=True)
+        answer = dict(await stream.response)
+        body = b""
+        while (chunk := await stream.read()) is not None:
+            body += chunk
+        return answer, body
+    finally:
+        await pool.close()
+
+
+async def test_static_responses_over_http2_are_the_same_answers(env: Env) -> None:
+    """An HTTP/2 request (not gRPC) gets the same static answer as over HTTP/1.1: status, headers, body,
+    no wake unless the rule asks, counted as static."""
+    env.put("details", ready=False, hold_timeout="2s", static_responses=PROBES)
+    async with env.get("/healthz") as r:
+        http1_type = r.headers["Content-Type"]
+    headers, body = await _h2_get(env, "/healthz")
+    assert (headers[b":status"], body) == (b"200", b"ok")
+    assert headers[b"content-type"].decode() == http1_type
+    assert headers[b"content-length"] == b"2"
+    headers, body = await _h2_get(env, "/status/page", (b"user-agent", b"uptime-robot"))
+    assert headers[b":status"] == b"204" and headers[b"x-asleep"] == b"yes" and body == b""
+    await asyncio.sleep(0.3)  # a wake would have been sent at once
+    assert env.wake.count(NS, "details") == 0
+    assert await env.metric("elasti_activator_requests_total", namespace=NS, name="details", outcome="static") == 3
+    headers, body = await _h2_get(env, "/anything", (b"x-warmup", b"1"))
+    assert (headers[b":status"], body) == (b"202", b"waking")
+    async with asyncio.timeout(20):
+        while env.wake.count(NS, "details") < 1:
+            await asyncio.sleep(0.02)
