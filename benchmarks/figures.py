@@ -355,6 +355,26 @@ def _token(pg: Any, name: str) -> str:
 
 
 # ---- figure 4: activator throughput for late traffic -----------------------------------------------
+def second_activator(ctx: Context, log_name: str, upstream: int, port: int, admin_port: int) -> ActivatorProc:
+    """An activator process beside the playground's, for bench/web (ready: every request is forwarded at
+    once), sending its upstream requests to ``127.0.0.1:upstream`` as to its sidecar."""
+    pg = ctx.pg
+    assert pg.info is not None and pg.controller is not None
+    return ActivatorProc(
+        pg.info.activator_kubeconfig,
+        pg.logs_dir / log_name,
+        "--namespace",
+        S.NS,
+        "--route-key-file",
+        str(pg.route_key),
+        controller_url=pg.controller.base_url,
+        upstream_proxy=f"http://127.0.0.1:{upstream}",
+        port=port,
+        admin_port=admin_port,
+        log_level="warning",
+    )
+
+
 def throughput(ctx: Context, baseline: Path | None = None) -> None:
     """``baseline``: also an activator run from the code in that folder (another commit's worktree), in the
     same rounds against the same backend."""
@@ -366,26 +386,10 @@ def throughput(ctx: Context, baseline: Path | None = None) -> None:
 
     # A second activator process, pinned, whose upstream "sidecar" is the backend nginx: it answers the
     # activator's absolute-URI requests for the origin of bench/web itself, like the direct target.
-    def activator(log_name: str, port: int, admin_port: int) -> ActivatorProc:
-        assert pg.info is not None and pg.controller is not None
-        return ActivatorProc(
-            pg.info.activator_kubeconfig,
-            pg.logs_dir / log_name,
-            "--namespace",
-            S.NS,
-            "--route-key-file",
-            str(pg.route_key),
-            controller_url=pg.controller.base_url,
-            upstream_proxy=f"http://127.0.0.1:{p_backend}",
-            port=port,
-            admin_port=admin_port,
-            log_level="warning",
-        )
-
-    act = activator("activator-throughput.log", p_act, p_admin)
+    act = second_activator(ctx, "activator-throughput.log", p_backend, p_act, p_admin)
     base: ActivatorProc | None = None
     if baseline is not None:
-        base = activator("activator-throughput-baseline.log", p_base, p_base_admin)
+        base = second_activator(ctx, "activator-throughput-baseline.log", p_backend, p_base, p_base_admin)
         # Its code first on the path; no working directory ahead of it (`python -m` would put one there).
         base.env = {"PYTHONPATH": str(baseline.resolve()), "PYTHONSAFEPATH": "1"}
     try:

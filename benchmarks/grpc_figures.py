@@ -10,10 +10,20 @@ from collections.abc import Callable
 
 from benchmarks import system as S
 from benchmarks import tools as T
-from benchmarks.figures import CLIENT_CPU, PROXY_CPU, Context, _token, activator_counter, ms, pct, put_to_sleep
+from benchmarks.figures import (
+    CLIENT_CPU,
+    PROXY_CPU,
+    Context,
+    _token,
+    activator_counter,
+    ms,
+    pct,
+    put_to_sleep,
+    second_activator,
+)
 from elasti_istio.kubelet import grpcecho
 from elasti_istio.localcluster.binaries import find as find_binaries
-from elasti_istio.playground.procs import ActivatorProc, free_ports
+from elasti_istio.playground.procs import free_ports
 
 GRPC_COLD = "grpccold"  # the gRPC workload woken in (b)
 MESSAGE = "elasti-bench"  # the request message of every call
@@ -33,19 +43,7 @@ def grpc_throughput(ctx: Context) -> None:
     # A second activator process, pinned, for bench/web (ready: every call is forwarded at once). Its
     # HTTP/2 connections for the origin go to the upstream proxy's address, the gRPC origin itself, with
     # `:authority` the origin Service's, as they would go to a forward proxy.
-    act = ActivatorProc(
-        pg.info.activator_kubeconfig,
-        pg.logs_dir / "activator-grpc.log",
-        "--namespace",
-        S.NS,
-        "--route-key-file",
-        str(pg.route_key),
-        controller_url=pg.controller.base_url,
-        upstream_proxy=f"http://127.0.0.1:{p_origin}",
-        port=p_act,
-        admin_port=p_admin,
-        log_level="warning",
-    )
+    act = second_activator(ctx, "activator-grpc.log", p_origin, p_act, p_admin)
     frame = T.grpc_frame(grpcecho.EchoRequest(message=MESSAGE).SerializeToString())
     data = ctx.workdir / "grpc-call.bin"
     data.write_bytes(frame)

@@ -182,7 +182,9 @@ def _scaling_flags(p: argparse._ArgumentGroup, d: ControllerConfig) -> None:
         default=2.0,
         metavar="SECONDS",
         help="in a scale-down the controller makes (idle triggers, sleep), the time between moving the routes to "
-        "the activator and scaling the target to 0, so every Envoy has the new routes before the endpoints go",
+        "the activator and scaling the target to 0, so every Envoy has the new routes before the endpoints go; "
+        "its last quarter (at most 0.5 s) after status.readyReplicas was set to 0, so the activators hold "
+        "instead of forwarding to the pods about to stop",
     )
     options.add(
         p,

@@ -132,8 +132,8 @@ def decide(w: World) -> Plan:
     if plan.conflict_refused is not None:
         plan.scale_up = None  # the ElastiService created first manages the target
     plan.endpoints_wait_over = plan.desired == "serve"
-    if state.ready != w.status.get("readyReplicas") and state.ready >= 1 and proxied_now:
-        plan.release_ready = state.ready  # the activators release held requests on it: before the routes move
+    if state.routable != w.status.get("readyReplicas") and state.routable >= 1 and proxied_now:
+        plan.release_ready = state.routable  # the activators release held requests on it: before the routes move
     plan.mode = plan.desired if routing else "serve"
     if state.at_zero and (w.pods_left or state.current):
         plan.requeue = sooner(plan.requeue, PODS_LEFT_RECHECK)
@@ -353,6 +353,24 @@ def timeouts_condition(w: World, conds: list[dict[str, Any]], routing: set[VsKey
     return C.set_condition(conds, C.TIMEOUTS, True, "Compatible", "no route timeout is shorter than the hold timeout")
 
 
+def waking_refuses_sleep(
+    waking: bool, state: WorkloadState, last_wake: str | None, hold_timeout: float, now: dt.datetime
+) -> str | None:
+    """Why a scale-down must wait (None: it may go ahead): the target was woken less than holdTimeout ago
+    and has no ready replica yet, so requests may be held for it; their activator asked once and would
+    not ask again, so they would wait out their holdTimeout."""
+    woken = C.parse_time(last_wake or "")
+    if not waking or state.ready or woken is None:
+        return None
+    age = (now - woken).total_seconds()
+    if age >= hold_timeout:
+        return None
+    return (
+        f"not scaling {state.kind} {state.name} to zero: it was woken {age:.0f}s ago and has no ready replica "
+        f"yet, and requests may be held for it (holdTimeout {hold_timeout:g}s)"
+    )
+
+
 def period_allows(spec: es_spec.ElastiSpec, now: dt.datetime) -> bool | str | None:
     """None: no enabledPeriod; True/False: inside/outside it; a string: why the schedule is invalid."""
     if spec.enabled_period is None:
@@ -542,7 +560,7 @@ def report(w: World, plan: Plan, outcome: Outcome) -> tuple[dict[str, Any], Memo
     new.update(
         phase=plan.phase,
         mode=plan.mode,
-        readyReplicas=r.state.ready,
+        readyReplicas=r.state.routable,
         origin={"service": r.origin_name, "port": r.origin_port, "ports": ports},
         boundVirtualServices=sorted(f"{a}/{b}" for a, b in plan.routing),
         observedGeneration=generation,

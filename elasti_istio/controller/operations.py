@@ -28,6 +28,9 @@ WAKE_CAUSES = {
 }
 # A refusal by the API server that retrying does not change (the others are retried).
 REFUSED_STATUSES = (403, 404, 409, 422)
+# In a scale-down the controller makes, the last part of --route-settle-seconds (a quarter, at most this)
+# runs after the activators were told the target has no ready replica: their watches' delay.
+ACTIVATOR_NOTICE = 0.5
 
 
 class Operations(Base):
@@ -59,6 +62,12 @@ class Operations(Base):
             )
         if r.state.at_zero:
             return "ScaledToZero"
+        rec = self.mem[key]
+        waking = decide.waking_refuses_sleep(
+            rec.waking, r.state, rec.last_wake, r.spec.hold_timeout, dt.datetime.now(dt.UTC)
+        )
+        if waking is not None:
+            raise Blocked(C.WAKE_FAILED, "Waking", waking)
         allowed = decide.period_allows(r.spec, dt.datetime.now(dt.UTC))
         if allowed is False or isinstance(allowed, str):
             raise Blocked(
@@ -79,11 +88,19 @@ class Operations(Base):
             switched = False
             for vk in routing:
                 switched = await self.switch_vs(vk, r.target_for(vk[0]), "proxy", key) or switched
-            if switched and self.cfg.route_settle_seconds:
+            settle = self.cfg.route_settle_seconds
+            notice = min(ACTIVATOR_NOTICE, settle / 4)
+            if switched and settle > notice:
                 # istiod sends one push for the route change and the endpoint removal when they come within
                 # its debounce of each other, endpoints before routes: for a moment Envoy would route to a
                 # Service with no endpoint ("no healthy upstream"). The routes go out in a push of their own.
-                await asyncio.sleep(self.cfg.route_settle_seconds)
+                await asyncio.sleep(settle - notice)
+            # The activators forward to a ready target themselves. A request crossing a stopping pod's close
+            # of its idle connection fails with a reset, and may have reached the pod, so it cannot be sent
+            # again: they are told first that it has no ready replica, and hold from then on.
+            await self.patch_status(es, {"readyReplicas": 0})
+            if notice:
+                await asyncio.sleep(notice)
             await self.pause_keda_at_zero(r)
             res = WORKLOAD_RESOURCES[r.workload_kind]
             await self.kube.patch(res, r.state.name, {"spec": {"replicas": 0}}, namespace, sub="scale")

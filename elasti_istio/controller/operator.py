@@ -217,8 +217,9 @@ class Controller:
         ElastiService's status outside the work queue (where a reconcile of the same key in progress
         would delay it): the other activators release their held requests on it. When some activator
         was waiting, that write comes a moment later (:data:`STATUS_AFTER_ANSWERED_WAKES`)."""
-        if not self.ready():
-            return
+        rec = self.reconciler.mem.peek(key)
+        if not self.ready() or (rec is not None and rec.sleeping):
+            return  # a scale-down is under way: this pod is about to stop (a wake after it finds the next one)
         answered = self.waker.ready(*split_key(key), ready)
         delay = STATUS_AFTER_ANSWERED_WAKES if answered else 0.0
         task = asyncio.create_task(self.reconciler.release_at_once(key, ready, delay), name=f"release-{key}")

@@ -32,6 +32,12 @@ class WorkloadState:
     def at_zero(self) -> bool:
         return self.replicas == 0
 
+    @property
+    def routable(self) -> int:
+        """The ready replicas the activators may forward to (``status.readyReplicas``): none once the
+        target is scaled to zero, while its workload still counts the pods that are stopping."""
+        return 0 if self.at_zero else self.ready
+
 
 def workload_state(kind: str, obj: dict[str, Any]) -> WorkloadState:
     spec = obj.get("spec") or {}

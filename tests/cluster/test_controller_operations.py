@@ -39,7 +39,7 @@ from tests.keda_standin import ACTIVE, KedaStandIn
 
 
 class Recorder:
-    """Watches VirtualServices and Deployments of a namespace and keeps (resourceVersion, kind, object):
+    """Watches VirtualServices, Deployments and ElastiServices of a namespace and keeps (resourceVersion, kind, object):
     etcd's revisions are global, so they order writes to different objects."""
 
     def __init__(self, k8s: K8s, namespace: str) -> None:
@@ -60,6 +60,11 @@ class Recorder:
                 "Deployment",
                 self.k8s.custom.list_namespaced_custom_object,  # type: ignore[attr-defined]
                 ("apps", "v1", self.namespace, "deployments"),
+            ),
+            (
+                "ElastiService",
+                self.k8s.custom.list_namespaced_custom_object,  # type: ignore[attr-defined]
+                ("elasti.truefoundry.com", "v1alpha1", self.namespace, "elastiservices"),
             ),
         ):
             w = watch.Watch()
@@ -110,6 +115,13 @@ def test_sleep_switches_routes_first_then_scales_to_zero(k8s: K8s, namespace: st
             what="both writes seen",
         )
         assert vs_rv < dep_rv, "the routes must move to the activator before the target is scaled down"
+        # The activators forward to a ready target themselves, so they are told it has no ready replica
+        # (and hold from then on) after the routes came to them and before its pods stop.
+        told = rec.first(
+            "ElastiService",
+            lambda o: o["metadata"]["name"] == "details" and (o.get("status") or {}).get("readyReplicas") == 0,
+        )
+        assert told is not None and vs_rv < told < dep_rv, (vs_rv, told, dep_rv)
     finally:
         rec.stop()
     wait_event(k8s, namespace, "details", "ScaledToZeroOnRequest")

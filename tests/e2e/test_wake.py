@@ -239,28 +239,37 @@ def test_steady_traffic_during_the_controllers_own_scale_to_zero(
     e2e: System, namespace: str, controller: ControllerProc
 ) -> None:
     """A scale-down the controller makes (here asked by annotation, as `elasti-istio sleep` does) loses no
-    request: the routes go to the activator in a push of their own, and only then do the endpoints go.
-    Three cycles under steady load; the client's Envoy is watched the whole time and never routes to the
-    Service while it has no endpoint."""
+    request: the routes go to the activator in a push of their own, then the activator stops forwarding to
+    the target and holds, and only then do its pods stop. Four cycles under steady load (100 requests a
+    second, so that some cross each step); the client's Envoy is watched the whole time and never routes
+    to the Service while it has no endpoint."""
     api, ns = e2e.api, namespace
     api.apply_all(web_app(), ns)
     original = serving(api, ns)
     host = f"web.{ns}.svc.cluster.local"
-    with RouteWatch(ENVOYS[0], host) as watch, SteadyLoad(e2e.sidecar, ns, limit=900) as load:
+    with RouteWatch(ENVOYS[0], host) as watch, SteadyLoad(e2e.sidecar, ns, rate=100, limit=3000) as load:
         until(lambda: load.sent > 0, "the load to start")
-        for cycle in range(3):
+        for cycle in range(4):
             held_before = load.held()
             api.custom.patch_namespaced_custom_object(
                 GROUP, VERSION, ns, "elastiservices", "web", {"metadata": {"annotations": {SLEEP_ASKED: f"c{cycle}"}}}
             )
+            until(lambda c=cycle: sleep_done(api, ns) == f"c{c}", "the controller to act on the sleep", 30)
             until(lambda n=held_before: load.held() > n, "a request held by the activator", 30)
             until(lambda: vs_spec(api, ns, "web") == original, "the original routes back", 30)
             until(lambda: mesh_serves(api, ns), "the mesh to route to the workload again", 30)
     assert watch.polls > 100, f"the client's Envoy was read only {watch.polls} times"
     assert not watch.dead_ends, f"the client's Envoy routed to a Service with no endpoint: {watch.dead_ends[:3]}"
     assert len(load.results) == load.sent >= 60, f"{load.sent - len(load.results)} of {load.sent} never finished"
-    bad = [r[:3] for r in load.results if r[1] != 200]
+    bad = [(r[0], r[3] or r[1]) for r in load.results if r[1] != 200]
     assert not bad, f"{len(bad)} of {len(load.results)} failed: {bad[:5]}"
+
+
+def sleep_done(api: Any, ns: str, name: str = "web") -> str | None:
+    """The id of the last sleep request the controller carried out."""
+    obj = api.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "elastiservices", name)
+    last = (obj.get("status") or {}).get("lastSleepRequest") or {}
+    return last.get("id") if last.get("result") == "Done" else None
 
 
 def test_steady_traffic_during_a_keda_scale_to_zero(e2e: System, namespace: str, controller: ControllerProc) -> None:

@@ -188,6 +188,17 @@ def test_ready_replicas_are_written_before_the_routes_move() -> None:
     assert plan.release_ready is None  # not proxied: nothing is held
 
 
+def test_a_target_going_to_zero_has_no_ready_replica_for_the_activators() -> None:
+    """Scaled to 0 while its Deployment still counts the stopping pod as ready: the activators must not
+    forward to a pod about to close its connections (a request crossing that close may have reached it
+    and cannot be sent again), so neither the early write nor the status says it is ready."""
+    stopping = world(replicas=0, ready=1, current=1, vss={VS: proxied(route())}, status={"readyReplicas": 0})
+    plan, status, _ = run(stopping)
+    assert plan.release_ready is None
+    assert status["readyReplicas"] == 0
+    assert status["phase"] == "ScalingToZero"
+
+
 # ---- enabledPeriod ------------------------------------------------------------------------------------
 
 PERIOD_ROWS = [
@@ -643,3 +654,28 @@ def test_fields_kept_but_not_used_are_reported_not_dropped() -> None:
     later = world(status={"conditions": status["conditions"]})
     assert C.get_condition(decide.decide(later).conditions, C.IGNORED)["reason"] == "AllUsed"  # type: ignore[index]
     assert C.get_condition(decide.decide(world()).conditions, C.IGNORED) is None  # never seen: absent
+
+
+# ---- a scale-down while a wake is under way ------------------------------------------------------------
+
+WAKING_ROWS = [
+    # waking, ready replicas, woken seconds ago, refused
+    (True, 0, 5, True),  # woken, no ready replica yet: requests may be held for it
+    (True, 0, 60, False),  # past holdTimeout: nothing can still be held for this wake
+    (True, 1, 5, False),  # ready: the activators release on it
+    (False, 0, 5, False),  # not woken by this controller (starting, or crash-looping)
+    (True, 0, None, False),
+]
+
+
+@pytest.mark.parametrize(("waking", "ready", "ago", "refused"), WAKING_ROWS)
+def test_a_scale_down_waits_for_a_wake_under_way(waking: bool, ready: int, ago: float | None, refused: bool) -> None:
+    state = WorkloadState("Deployment", "details-v1", 1, ready, 1, {}, {}, False, None)
+    woken = None if ago is None else (NOW - dt.timedelta(seconds=ago)).isoformat()
+    why = decide.waking_refuses_sleep(waking, state, woken, 60.0, NOW)
+    assert (why is not None) == refused, why
+    if refused:
+        assert why == (
+            "not scaling Deployment details-v1 to zero: it was woken 5s ago and has no ready replica yet, and "
+            "requests may be held for it (holdTimeout 60s)"
+        )
