@@ -60,12 +60,12 @@ fuzz: venv binaries
 bench-tools:
 	@./benchmarks/install-tools.sh
 
-# The optional extras the activator uses when present (uvloop).
-$(VENV)/.fast: $(STAMP)
-	$(BIN)/pip install -q -e '.[fast]'
+# The optional extras the activator uses when present (uvloop), and Hypercorn for figure 6c.
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[fast,bench]'
 	touch $@
 
-bench: venv binaries bench-tools $(VENV)/.fast
+bench: venv binaries bench-tools $(VENV)/.bench
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 cluster-up: venv binaries

@@ -21,30 +21,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from activator.body import RequestBody
+from activator.headerpolicy import REQUEST_DROP, RESPONSE_DROP, UPSTREAM_TIME, connection_tokens
 from activator.registry import Target
 from activator.upstream import Response as FastResponse
 from activator.upstream import UpstreamClient
-from elasti_istio.resources import HEADER, TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
 COLD_START_HEADER = "X-Elasti-Cold-Start"
-# Hop-by-hop headers (RFC 9110 7.6.1), never passed on in either direction.
-_RESPONSE_DROP = frozenset(
-    (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    )
-)
-# On requests also what the activator sets itself or must not pass on.
-_REQUEST_DROP = _RESPONSE_DROP | {"expect", "host", HEADER, TOKEN_HEADER}
 _WS_DROP = frozenset(
     ("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol", "origin")
 )
@@ -56,9 +40,6 @@ _SMALL_BODY = 64 * 1024
 
 class UpstreamError(Exception):
     """No response from upstream (connection refused, reset, malformed): answered 502."""
-
-
-UPSTREAM_TIME = "x-envoy-upstream-service-time"
 
 
 def mesh_not_ready(status: int, body: bytes, headers: Iterable[str] | None = None) -> bool:
@@ -75,13 +56,10 @@ def mesh_not_ready(status: int, body: bytes, headers: Iterable[str] | None = Non
     )
 
 
-def upstream_headers(
-    request: web.BaseRequest, target: Target, drop: frozenset[str] = _REQUEST_DROP
-) -> CIMultiDict[str]:
+def upstream_headers(request: web.BaseRequest, target: Target, drop: frozenset[str] = REQUEST_DROP) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones, with Host and X-Forwarded-* set for the origin."""
     h = request.headers
-    conn = h.get("Connection")
-    extra = {t.strip().lower() for t in conn.split(",")} if conn else ()
+    extra = connection_tokens(h.get("Connection"))
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in h.items():
         lk = k.lower()
@@ -101,11 +79,10 @@ def upstream_headers(
 
 def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    conn = headers.get("Connection")
-    extra = {t.strip().lower() for t in conn.split(",")} if conn else ()
+    extra = connection_tokens(headers.get("Connection"))
     for k, v in headers.items():
         lk = k.lower()
-        if lk not in _RESPONSE_DROP and lk not in extra:
+        if lk not in RESPONSE_DROP and lk not in extra:
             out.add(k, v)
     return out
 
@@ -270,7 +247,7 @@ class Forwarder:
         try:
             return await self.session.ws_connect(
                 upstream_url(request, target),
-                headers=upstream_headers(request, target, _REQUEST_DROP | _WS_DROP),
+                headers=upstream_headers(request, target, REQUEST_DROP | _WS_DROP),
                 protocols=protocols,
                 origin=request.headers.get("Origin"),
                 proxy=self.proxy_for(target),

@@ -12,8 +12,10 @@ import json
 import urllib.parse
 from enum import IntEnum
 
+from activator import headerpolicy
+
 GRPC_CONTENT_TYPE = b"application/grpc"
-UPSTREAM_TIME = b"x-envoy-upstream-service-time"
+UPSTREAM_TIME = headerpolicy.UPSTREAM_TIME.encode()
 
 
 class Code(IntEnum):

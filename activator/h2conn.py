@@ -110,7 +110,14 @@ class H2Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=self.client_side, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=self.client_side,
+                header_encoding=None,
+                # What goes out was checked coming in (the other side's headers) or is the activator's own:
+                # checking it again costs more per call than forwarding it does.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
@@ -119,6 +126,7 @@ class H2Connection(asyncio.Protocol):
         self._window = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        self._flush_due = False
 
     # -- asyncio.Protocol
 
@@ -230,8 +238,16 @@ class H2Connection(asyncio.Protocol):
     # -- sending
 
     def flush(self) -> None:
+        """Sends what h2 has queued at the end of this turn of the event loop, so the frames of one step (a
+        response's headers, message and trailers; a request's headers and body) leave in one write."""
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_due = False
         data = self.h2.data_to_send()
-        if data and self.transport is not None:
+        if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def consumed(self, stream_id: int, flow: int) -> None:
@@ -326,5 +342,5 @@ class H2Connection(asyncio.Protocol):
             return
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection(code)
-            self.flush()
+        self.flush_now()
         self.transport.close()

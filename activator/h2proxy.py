@@ -24,26 +24,14 @@ from activator.forward import COLD_START_HEADER, MESH_REPLY_MAX, UpstreamError, 
 from activator.h2client import H2Pool
 from activator.h2conn import Headers, Stream, StreamGone
 from activator.h2server import H2Request
+from activator.headerpolicy import H2_REQUEST_DROP, H2_RESPONSE_DROP, connection_tokens, h2_request_keeps
 from activator.registry import Target
 from activator.server import Proxy, Refusal
 from activator.static import first_match
-from elasti_istio.resources import HEADER, TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
 # Never passed on: connection-specific (not allowed in HTTP/2), what the activator sets itself.
-_DROP = frozenset(
-    (
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        HEADER.lower().encode(),
-        TOKEN_HEADER.lower().encode(),
-    )
-)
 DEADLINE_MARGIN = 0.1  # seconds before a call's deadline that a hold gives up (a tenth of its timeout at most)
 
 
@@ -86,12 +74,10 @@ def forward_headers(req: H2Request, target: Target, timeout_left: float | None) 
         (b":path", req.path.encode("latin-1")),
     ]
     conn = req.header(b"connection")
-    extra = {t.strip().lower().encode() for t in conn.decode("latin-1").split(",")} if conn else set()
+    named = connection_tokens(conn.decode("latin-1") if conn else None)
     xff = xfh = xfp = None
     for name, value in req.raw:
-        if name in _DROP or name in extra:
-            continue
-        if name == b"te" and value.lower() != b"trailers":
+        if not h2_request_keeps(name, value, named):
             continue
         if name == b"grpc-timeout" and timeout_left is not None:
             continue
@@ -115,7 +101,7 @@ def forward_headers(req: H2Request, target: Target, timeout_left: float | None) 
 
 
 def response_headers(headers: Headers, cold: bool) -> Headers:
-    out = [(k, v) for k, v in headers if k not in _DROP]
+    out = [(k, v) for k, v in headers if k not in H2_RESPONSE_DROP]
     if cold:
         out.append((COLD_START_HEADER.lower().encode(), b"true"))
     return out
@@ -218,7 +204,7 @@ class H2Exchange:
                 self._keep(chunk)
                 await up.send_data(chunk)
             if req.trailers is not None:
-                await up.send_headers([(k, v) for k, v in req.trailers if k not in _DROP], end=True)
+                await up.send_headers([(k, v) for k, v in req.trailers if k not in H2_REQUEST_DROP], end=True)
             else:
                 await up.send_data(b"", end=True)
         except StreamGone as exc:

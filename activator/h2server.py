@@ -164,7 +164,7 @@ class H2Server(H2Connection):
         self.accepting = False
         if self.transport is None:
             return
-        self.flush()
+        self.flush_now()  # what h2 has queued goes first
         frame = GoAwayFrame(0)
         frame.last_stream_id = self.h2.highest_inbound_stream_id
         frame.error_code = h2.errors.ErrorCodes.NO_ERROR

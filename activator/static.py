@@ -4,11 +4,33 @@ uptime checks and health probes do not wake a service. Pure: parsing and matchin
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# RFC 9110 5.1 and 5.5: a field name is a token; a value has no control character but tab, and no
+# whitespace at either end. The answer is sent over HTTP/1.1 and HTTP/2 as it stands.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
+# Set by the activator itself (the length) or meaningless in an answer it writes whole.
+_NOT_SETTABLE = frozenset(
+    ("content-length", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer")
+)
+
+
+def response_header(name: object, value: object) -> tuple[str, str]:
+    """One configured answer header, checked; ValueError says what is wrong with it."""
+    name, value = str(name), str(value).strip(" \t")
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"header name {name!r} is not a token")
+    if name.lower() in _NOT_SETTABLE:
+        raise ValueError(f"header {name!r} is set by the activator or not allowed in an answer")
+    if not _VALUE.fullmatch(value):
+        raise ValueError(f"header {name!r} has a control character in its value")
+    return name, value
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +81,7 @@ def parse(items: Any, where: str = "") -> tuple[StaticResponse, ...]:
                     headers=tuple((str(k).lower(), str(v)) for k, v in (match.get("headers") or {}).items()),
                     status=status,
                     body=str(response.get("body") or ""),
-                    response_headers=tuple((str(k), str(v)) for k, v in (response.get("headers") or {}).items()),
+                    response_headers=tuple(response_header(k, v) for k, v in (response.get("headers") or {}).items()),
                     wake=bool(item.get("wake", False)),
                 )
             )

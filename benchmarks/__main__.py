@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if "grpc" in only:
             print("figure 6: gRPC, warm unary calls on one core", flush=True)
             G.grpc_throughput(ctx)
+            print("figure 6c: the HTTP/2 server stack alone, the activator's beside Hypercorn", flush=True)
+            G.h2_server_stacks(ctx)
             print(
                 f"figure 6: gRPC, {settings.cycles} wake cycles of bench/{G.GRPC_COLD}, each with one of bench/cold",
                 flush=True,

@@ -116,7 +116,7 @@ def grpc_throughput(ctx: Context) -> None:
             ctx.log(f"  h2load {name}, one call at a time: p50 {r.p50_ms:.3f} ms, p99 {r.p99_ms:.3f} ms")
             ctx.put(f"grpc_single_{name}_p50_ms", r.p50_ms)
             ctx.put(f"grpc_single_{name}_p99_ms", r.p99_ms)
-            ctx.put(f"grpc_single_{name}_failed", (r.done - r.status_2xx) + r.failed)
+            ctx.put(f"grpc_single_{name}_failed", r.errors)
         ctx.row(
             "6. one unary gRPC call at a time (1 conn x 1 stream, h2load), p50 / p99: direct, Envoy, activator",
             "; ".join(f"{single[n].p50_ms:.2f} / {single[n].p99_ms:.2f} ms" for n in ("direct", "envoy", "activator")),
@@ -145,7 +145,7 @@ def _report_throughput(
         for r, _ in rs:
             # Every call answered 2xx with its one response message (a gRPC error, the proxies' own
             # included, is a headers-only answer with no message), none failed or reset.
-            unanswered += (r.done - r.status_2xx) + r.failed + (r.done - r.data_bytes // frame_size)
+            unanswered += r.unanswered(frame_size)
         rs.sort(key=lambda x: x[0].rps)
         r, cpu = rs[len(rs) // 2]
         med[name] = r
@@ -153,7 +153,7 @@ def _report_throughput(
         ctx.put(f"grpc_{name}_p50_ms", r.p50_ms)
         ctx.put(f"grpc_{name}_p99_ms", r.p99_ms)
         ctx.put(f"grpc_{name}_calls", sum(x.done for x, _ in rs))
-        ctx.put(f"grpc_{name}_failed", sum((x.done - x.status_2xx) + x.failed for x, _ in rs))
+        ctx.put(f"grpc_{name}_failed", sum(x.errors for x, _ in rs))
         if name != "direct" and r.done:
             cpu_us[name] = cpu / r.done * 1e6
             ctx.put(f"grpc_{name}_cpu_us_per_call", cpu_us[name])
@@ -183,6 +183,67 @@ def _report_throughput(
         + f"; activator/direct {ctx.results['grpc_activator_over_direct']:.3f}; "
         f"{total - unanswered:,}/{total:,} calls answered 200 with their message",
     )
+
+
+# ---- (c) the HTTP/2 server stack alone -----------------------------------------------------------------
+def h2_server_stacks(ctx: Context) -> None:
+    """The activator's HTTP/2 protocol beside Hypercorn, each answering the same unary call itself on one
+    core (nothing forwarded), in alternating rounds: what the choice of HTTP/2 server costs per call."""
+    s = ctx.settings
+    stacks = ["activator"]
+    hypercorn = T._dist_version("hypercorn")
+    if hypercorn != "not installed":
+        stacks.append("hypercorn")
+    frame = T.grpc_frame(grpcecho.EchoRequest(message=MESSAGE).SerializeToString())
+    data = ctx.workdir / "grpc-call.bin"
+    data.write_bytes(frame)
+    url = "http://127.0.0.1:{port}" + grpcecho.method_path("Unary")
+    (port,) = free_ports(1, avoid=tuple(vars(ctx.pg.ports).values()))
+    runs: dict[str, list[tuple[float, float]]] = {n: [] for n in stacks}  # (calls/s, µs CPU per call)
+    unanswered = total = 0
+    for _ in range(s.rounds):
+        for name in stacks:
+            server = T.H2ServerProc(ctx.workdir / "h2-servers", name, PROXY_CPU).start(port)
+            try:
+                assert server.proc is not None
+                kw = dict(connections=s.grpc_connections, streams=s.grpc_streams, cpus=CLIENT_CPU, data=data)
+                T.h2load(url.format(port=port), seconds=1, headers=T.GRPC_HEADERS, log=ctx.workdir / "h2s.log", **kw)
+                cpu0 = T.cpu_seconds(server.proc.pid)
+                r = T.h2load(
+                    url.format(port=port),
+                    seconds=s.wrk_seconds,
+                    headers=T.GRPC_HEADERS,
+                    log=ctx.workdir / f"h2load-stack-{name}.log",
+                    **kw,  # type: ignore[arg-type]
+                )
+                cpu = T.cpu_seconds(server.proc.pid) - cpu0
+            finally:
+                server.stop()
+            total += r.done
+            unanswered += r.unanswered(len(frame))
+            runs[name].append((r.rps, cpu / r.done * 1e6 if r.done else float("nan")))
+            ctx.log(f"  {name}: {r.rps:.0f} calls/s, {runs[name][-1][1]:.0f} µs CPU/call")
+    med = {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
+    ctx.put("h2_stack_calls", total)
+    ctx.put("h2_stack_calls_without_answer_message", unanswered)
+    for name, (rps, cpu_us) in med.items():
+        ctx.put(f"h2_stack_{name}_calls_per_s", rps)
+        ctx.put(f"h2_stack_{name}_cpu_us_per_call", cpu_us)
+        label = "the activator's HTTP/2 protocol (h2)" if name == "activator" else f"Hypercorn {hypercorn} (h2, ASGI)"
+        ctx.row(
+            f"6c. unary gRPC call answered by the server itself, one core: {label}",
+            f"{rps:,.0f} calls/s, {cpu_us:.0f} µs CPU/call",
+        )
+    if "hypercorn" in med:
+        ratio = med["hypercorn"][1] / med["activator"][1]
+        ctx.put("h2_stack_hypercorn_over_activator_cpu", ratio)
+        ctx.row(
+            "6c. HTTP/2 server stacks (same run)",
+            f"Hypercorn/activator {ratio:.2f} by CPU per call; "
+            f"{total - unanswered:,}/{total:,} answered with their message",
+        )
+    else:
+        ctx.row("6c. HTTP/2 server stacks", "Hypercorn not installed (pip install -e '.[bench]'): activator only")
 
 
 # ---- (b) the cold start of a unary gRPC call ----------------------------------------------------------

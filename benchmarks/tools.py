@@ -323,7 +323,19 @@ class H2loadResult:
     succeeded: int
     failed: int  # failed + errored + timed out
     status_2xx: int
+    non_2xx: int  # 3xx, 4xx and 5xx answers
     data_bytes: int  # response DATA received: every answered call's one message, nothing else
+
+    @property
+    def errors(self) -> int:
+        """Calls answered with another status than 2xx, or failed, reset or timed out. (``done`` is not
+        compared with the statuses: h2load counts the status of a call still in flight when the run ends
+        but not the call, so 2xx may exceed ``done``.)"""
+        return self.non_2xx + self.failed
+
+    def unanswered(self, message_size: int) -> int:
+        """:attr:`errors`, and the calls done without their one response message of ``message_size``."""
+        return self.errors + max(0, self.done - self.data_bytes // message_size)
 
 
 def h2load(
@@ -351,7 +363,7 @@ def h2load(
         r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
         text,
     )
-    m_codes = re.search(r"status codes: (\d+) 2xx", text)
+    m_codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
     m_data = re.search(r"\((\d+)\) data", text)
     if out.returncode != 0 or not (m_rps and m_req and m_codes and m_data):
         raise BenchError(f"h2load failed ({out.returncode}): {text[-800:]} {out.stderr[-500:]}")
@@ -369,6 +381,7 @@ def h2load(
         succeeded=ok,
         failed=failed + errored + timeouts,
         status_2xx=int(m_codes.group(1)),
+        non_2xx=sum(int(m_codes.group(i)) for i in (2, 3, 4)),
         data_bytes=int(m_data.group(1)),
     )
 
@@ -539,19 +552,43 @@ class GrpcOrigin:
             argv = [str(self.binary), "-addr", f"127.0.0.1:{port}"]
         else:
             argv = [sys.executable, "-m", "benchmarks.grpc_origin", "--port", str(port)]
-        self.proc = subprocess.Popen(
-            ["taskset", "-c", self.cpus, *argv],
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=_root(),
-        )
+        self.proc = _pinned(argv, self.cpus, log)
         _wait_listening(self.proc, port, "the gRPC origin", log, timeout=30)
         return self
 
     def stop(self) -> None:
         _stop(self.proc)
+
+
+class H2ServerProc:
+    """One of the HTTP/2 server stacks of ``benchmarks.h2_servers`` in a process of its own, pinned to ``cpus``."""
+
+    def __init__(self, workdir: Path, server: str, cpus: str) -> None:
+        self.dir, self.server, self.cpus = workdir, server, cpus
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int) -> H2ServerProc:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = self.dir / f"h2-server-{self.server}.log"
+        argv = [sys.executable, "-m", "benchmarks.h2_servers", "--server", self.server, "--port", str(port)]
+        self.proc = _pinned(argv, self.cpus, log)
+        _wait_listening(self.proc, port, f"the {self.server} HTTP/2 server", log, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _pinned(argv: list[str], cpus: str, log: Path) -> subprocess.Popen[bytes]:
+    """``argv`` started from the project's root on ``cpus``, its output appended to ``log``."""
+    return subprocess.Popen(
+        ["taskset", "-c", cpus, *argv],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=_root(),
+    )
 
 
 def _dist_version(dist: str) -> str:

@@ -52,6 +52,9 @@ FIGURES = [
     "grpc_activator_over_envoy",
     *(f"grpc_single_{t}_p50_ms" for t in ("direct", "envoy", "activator")),
     *(f"{k}_cold_{m}" for k in ("grpc", "http") for m in ("overhead_p50_ms", "overhead_p90_ms", "warm_p50_ms")),
+    # 6c. the HTTP/2 server stack alone: the activator's beside Hypercorn (in the test extra)
+    *(f"h2_stack_{t}_{m}" for t in ("activator", "hypercorn") for m in ("calls_per_s", "cpu_us_per_call")),
+    "h2_stack_hypercorn_over_activator_cpu",
 ]
 
 
@@ -88,6 +91,7 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
     for t in ("direct", "envoy", "activator"):
         assert results[f"grpc_{t}_calls"] > 0 and results[f"grpc_{t}_failed"] == 0, t
         assert results[f"grpc_single_{t}_failed"] == 0, t
+    assert results["h2_stack_calls"] > 0 and results["h2_stack_calls_without_answer_message"] == 0
     assert results["grpc_calls_without_answer_message"] == 0
     for k in ("grpc", "http"):
         assert results[f"{k}_cold_cycles"] == 2 and results[f"{k}_cold_failures"] == 0, k

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from activator.forward import mesh_not_ready, response_headers, upstream_headers
+from activator.h2proxy import forward_headers
+from activator.h2server import H2Request
 from activator.queue import Admission, Change, HoldQueues
 from activator.registry import Target, WakeFailure, target_from
 from activator.routing import Rejection, route
@@ -172,6 +176,14 @@ def test_header_rewrite() -> None:
         assert gone not in out
     resp = response_headers(CIMultiDict([("Transfer-Encoding", "chunked"), ("Set-Cookie", "a"), ("Set-Cookie", "b")]))
     assert resp.getall("Set-Cookie") == ["a", "b"] and "Transfer-Encoding" not in resp
+
+    # The same request over HTTP/2 loses the same fields, except te: trailers (gRPC's); and keeps the rest.
+    stream = SimpleNamespace(headers=[(b":method", b"GET"), (b":path", b"/p?q=1"), (b":authority", b"details:9080")])
+    stream.headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    h2_out = forward_headers(H2Request(stream, "10.0.0.9"), t, None)  # type: ignore[arg-type]
+    h2_names = {k.decode() for k, _ in h2_out if not k.startswith(b":")}
+    assert h2_names == {k.lower() for k in out if k != "Host"} | {"te"}
+    assert (b"te", b"trailers") in h2_out and (b":authority", b"o.shop.svc.cluster.local:9080") in h2_out
 
 
 def test_mesh_reply_recognised() -> None:

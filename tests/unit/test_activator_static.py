@@ -35,6 +35,27 @@ def test_parse_and_first_match() -> None:
     assert parse([{"response": {"status": 999}}, {"nope": 1}, "junk"]) == ()
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Injected": "a\r\nSet-Cookie: b"},  # would split the answer over HTTP/1.1
+        {"Bad Name": "x"},
+        {"x-nul": "a\x00b"},
+        {"Content-Length": "3"},  # the activator writes the length of the body it sends
+        {"Transfer-Encoding": "chunked"},
+    ],
+)
+def test_an_answer_header_that_cannot_be_sent_skips_its_rule(headers: dict[str, str]) -> None:
+    rule = {"match": {"path": {"exact": "/h"}}, "response": {"status": 200, "headers": headers}}
+    assert parse([rule, PROBES[0]]) == parse([PROBES[0]])
+
+
+def test_answer_header_values_lose_surrounding_whitespace() -> None:
+    rule = {"response": {"headers": {"Cache-Control": "  no-store\t", "X-Tab": "a\tb"}}}
+    (parsed,) = parse([rule])
+    assert parsed.response_headers == (("Cache-Control", "no-store"), ("X-Tab", "a\tb"))
+
+
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
     e = await Env().start()
