@@ -31,7 +31,6 @@ from activator.static import first_match
 
 log = logging.getLogger(__name__)
 
-# Never passed on: connection-specific (not allowed in HTTP/2), what the activator sets itself.
 DEADLINE_MARGIN = 0.1  # seconds before a call's deadline that a hold gives up (a tenth of its timeout at most)
 
 
