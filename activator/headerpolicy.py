@@ -42,6 +42,6 @@ def connection_tokens(value: str | None) -> frozenset[str]:
 
 def h2_request_keeps(name: bytes, value: bytes, named: frozenset[str]) -> bool:
     """Whether an HTTP/2 request field goes on to the origin; ``named``: :func:`connection_tokens`."""
-    if name in H2_REQUEST_DROP or name.decode("latin-1") in named:
+    if name in H2_REQUEST_DROP or (named and name.decode("latin-1") in named):
         return False
     return name != b"te" or value.strip().lower() == b"trailers"
