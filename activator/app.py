@@ -65,6 +65,7 @@ class Activator:
             self.fast_upstream,
             sidecar=cfg.sidecar_address,
             websocket_max_message=cfg.websocket_max_message,
+            http1_trailers=cfg.http1_trailers,
         )
         self.proxy = Proxy(cfg, self.registry, self.holds, self.forwarder, self.metrics)
         self.h2_pool = H2Pool()
@@ -89,6 +90,7 @@ class Activator:
             max_headers=cfg.max_headers,
             h2_handler=self.h2.handle,
             h2_max_streams=cfg.max_concurrent_streams,
+            http1_trailers=cfg.http1_trailers,
         )
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=max(cfg.drain_timeout, 0.1))
         await self._proxy_runner.setup()

@@ -226,6 +226,12 @@ class RequestBody:
         while chunk := await self._read():
             yield chunk
 
+    def trailers(self) -> list[tuple[str, str]]:
+        """The request's trailer fields, once its body was read to the end (kept only with
+        ``--http1-trailers``; see :mod:`activator.trailers`)."""
+        store = getattr(self._request.protocol, "trailers", None)
+        return store.get(self._request.content) if store is not None else []
+
     def _kept(self) -> int:
         return len(self._buf) + self._spooled
 

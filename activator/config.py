@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from activator import trailers
 from elasti_istio import logs, options
 
 DEFAULT_CONTROLLER_URL = "http://elasti-controller.elasti-system.svc.cluster.local:8013"
@@ -205,6 +206,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     )
     options.add(
         p,
+        "--http1-trailers",
+        boolean=True,
+        default=False,
+        help="carry HTTP/1.1 trailers (the fields after a chunked body) both ways; costs CPU per HTTP/1.1 "
+        "request (aiohttp's Python parser reads them); sidecars drop them unless Envoy's enable_trailers is set",
+    )
+    options.add(
+        p,
         "--upstream-proxy",
         metavar="URL",
         help="send every upstream request to this HTTP forward proxy in absolute-URI form",
@@ -274,6 +283,7 @@ class Config:
     max_field_size: int = DEFAULT_MAX_FIELD
     max_headers: int = DEFAULT_MAX_HEADERS
     cold_start_header: bool = True
+    http1_trailers: bool = False
     upstream_proxy: str | None = None
     sidecar_address: str | None = None
     upstream_connections: int = DEFAULT_UPSTREAM_CONNECTIONS
@@ -301,6 +311,11 @@ class Config:
             raise SystemExit("--wake-wait must be from 0 to 60 seconds")
         if min(args.max_line_size, args.max_field_size) < 256 or args.max_headers < 8:
             raise SystemExit("--max-line-size and --max-field-size must be at least 256, --max-headers at least 8")
+        if args.http1_trailers and not trailers.parser_keeps_trailers():
+            raise SystemExit(
+                "--http1-trailers: this aiohttp release's HTTP/1.1 parser skips request trailers; "
+                "upgrade aiohttp or leave the option off"
+            )
         return cls(
             listen=args.listen,
             admin_listen=args.admin_listen,
@@ -323,6 +338,7 @@ class Config:
             max_field_size=args.max_field_size,
             max_headers=args.max_headers,
             cold_start_header=args.cold_start_header,
+            http1_trailers=args.http1_trailers,
             upstream_proxy=args.upstream_proxy or None,
             sidecar_address=args.sidecar_address or None,
             upstream_connections=args.upstream_connections,

@@ -23,6 +23,7 @@ from yarl import URL
 from activator.body import RequestBody
 from activator.headerpolicy import REQUEST_DROP, RESPONSE_DROP, UPSTREAM_TIME, connection_tokens
 from activator.registry import Target
+from activator.trailers import end_chunked, forwardable
 from activator.upstream import Response as FastResponse
 from activator.upstream import UpstreamClient
 
@@ -36,6 +37,9 @@ _WS_DROP = frozenset(
 MESH_REPLY_MAX = 512
 # Response bodies up to this size (with a Content-Length) are read whole and sent with the headers.
 _SMALL_BODY = 64 * 1024
+# With --http1-trailers: ``Trailer`` (which fields follow) and ``TE: trailers`` (the client takes them) pass.
+_REQUEST_DROP_TRAILERS = REQUEST_DROP - {"te", "trailer"}
+_RESPONSE_DROP_TRAILERS = RESPONSE_DROP - {"trailer"}
 
 
 class UpstreamError(Exception):
@@ -77,14 +81,21 @@ def upstream_headers(request: web.BaseRequest, target: Target, drop: frozenset[s
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDictProxy[str], drop: frozenset[str] = RESPONSE_DROP) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     extra = connection_tokens(headers.get("Connection"))
     for k, v in headers.items():
         lk = k.lower()
-        if lk not in RESPONSE_DROP and lk not in extra:
+        if lk not in drop and lk not in extra:
             out.add(k, v)
     return out
+
+
+def keep_te_trailers(headers: CIMultiDict[str]) -> None:
+    """``TE`` goes on only as ``trailers`` (a transfer coding the activator would have to undo never does)."""
+    values = headers.popall("TE", [])
+    if any(t.strip().lower() == "trailers" for v in values for t in v.split(",")):
+        headers["TE"] = "trailers"
 
 
 def upstream_url(request: web.BaseRequest, target: Target) -> URL:
@@ -121,8 +132,10 @@ class Forwarder:
         *,
         sidecar: str | None = None,
         websocket_max_message: int = 4 * 1024 * 1024,
+        http1_trailers: bool = False,
     ) -> None:
         self.session = session
+        self.http1_trailers = http1_trailers
         self.websocket_max_message = websocket_max_message
         self.proxy = proxy
         self.sidecar = sidecar
@@ -144,7 +157,14 @@ class Forwarder:
             payload = body.payload()
             in_memory = payload is None or isinstance(payload, bytes)
             if self.fast is not None and request.method != "CONNECT" and target.authority:
-                headers = upstream_headers(request, target)
+                trailers = None
+                if self.http1_trailers:
+                    headers = upstream_headers(request, target, _REQUEST_DROP_TRAILERS)
+                    keep_te_trailers(headers)
+                    named = connection_tokens(request.headers.get("Connection"))
+                    trailers = lambda: forwardable(body.trailers(), named)  # noqa: E731
+                else:
+                    headers = upstream_headers(request, target)
                 if payload is not None:
                     headers.popall("Content-Length", None)  # set from the body by the client
                 path = request.raw_path
@@ -157,6 +177,7 @@ class Forwarder:
                     [f"{k}: {v}" for k, v in headers.items()],
                     payload,
                     None if in_memory else request.content_length,
+                    trailers,
                 )
             else:
                 resp = await self.session.request(
@@ -204,8 +225,9 @@ class Forwarder:
                 and resp.status >= 200
                 and resp.status not in (204, 304)
             )
+            drop = _RESPONSE_DROP_TRAILERS if self.http1_trailers else RESPONSE_DROP
             out = (_Complete if small else web.StreamResponse)(
-                status=resp.status, reason=resp.reason, headers=response_headers(resp.headers)
+                status=resp.status, reason=resp.reason, headers=response_headers(resp.headers, drop)
             )
             if cold and self.cold_start_header:
                 out.headers[COLD_START_HEADER] = "true"
@@ -233,6 +255,9 @@ class Forwarder:
                 if request.transport is not None:
                     request.transport.abort()
                 return out
+            if self.http1_trailers and isinstance(resp, FastResponse) and resp.trailers:
+                named = connection_tokens(resp.headers.get("Connection"))
+                await end_chunked(request, out, forwardable(resp.trailers, named))
             await out.write_eof()
             return out
         finally:

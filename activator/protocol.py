@@ -20,15 +20,18 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from activator.h2server import PREFACE, H2Server, Handler
+from activator.trailers import TrailerRequestParser, TrailerStore
 
 log = logging.getLogger(__name__)
 
 DETAIL_MAX = 300
 # A proxy passes request bodies on as they came; older aiohttp releases always decoded them.
 _CAN_KEEP_ENCODING = "auto_decompress" in inspect.signature(RequestHandler.__init__).parameters
+_PARSER_QUEUE = "max_msg_queue_size" in inspect.signature(HttpRequestParserPy.__init__).parameters
 
 
 def describe(exc: BaseException | None, max_line: int, max_field: int) -> tuple[int, str, str]:
@@ -67,7 +70,7 @@ class JsonErrorHandler(RequestHandler):
     """One connection of the proxy listener: aiohttp's, with JSON error answers, a deadline for the first
     request's headers, and a place in the listener's connection count."""
 
-    __slots__ = ("_counted", "_header_timer", "_sniff", "header_timeout", "on_rejected", "owner")
+    __slots__ = ("_counted", "_header_timer", "_sniff", "header_timeout", "on_rejected", "owner", "trailers")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         owner: JsonErrorServer = self.owner
@@ -192,7 +195,9 @@ class JsonErrorHandler(RequestHandler):
 class JsonErrorServer(web.Server):
     """``web.Server`` whose connections answer parse errors with JSON (``on_rejected`` counts them), must
     send a request's headers within ``header_timeout`` seconds (0: no limit), and number at most
-    ``max_connections`` (0: no limit; ``on_refused`` counts the ones turned away)."""
+    ``max_connections`` (0: no limit; ``on_refused`` counts the ones turned away). With
+    ``http1_trailers`` its HTTP/1.1 connections keep request trailers (``trailers`` of each connection,
+    a :class:`TrailerStore`) until the request is answered."""
 
     def __init__(
         self,
@@ -204,11 +209,15 @@ class JsonErrorServer(web.Server):
         max_connections: int = 0,
         h2_handler: Handler | None = None,
         h2_max_streams: int = 1000,
+        http1_trailers: bool = False,
         **kwargs: Any,
     ) -> None:
         if _CAN_KEEP_ENCODING:
             kwargs.setdefault("auto_decompress", False)
+        if http1_trailers:
+            handler = _forgetting_trailers(handler)
         super().__init__(handler, **kwargs)
+        self.http1_trailers = http1_trailers
         self.on_rejected = on_rejected
         self.on_refused = on_refused
         self.header_timeout = header_timeout
@@ -239,4 +248,35 @@ class JsonErrorServer(web.Server):
         proto.on_rejected = self.on_rejected
         proto.owner = self
         proto.header_timeout = self.header_timeout
+        proto.trailers = None
+        if self.http1_trailers:
+            store = proto.trailers = TrailerStore()
+            extra = {"max_msg_queue_size": getattr(proto, "_max_msg_queue_size", 0)} if _PARSER_QUEUE else {}
+            proto._parser = TrailerRequestParser(
+                proto,
+                self._loop,
+                proto._read_bufsize,
+                max_line_size=proto.max_line_size,
+                max_field_size=proto.max_field_size,
+                # It counts the request line and the empty line that ends the head too; the C one does not.
+                max_headers=proto.max_headers + 2,
+                payload_exception=RequestPayloadError,
+                auto_decompress=False,
+                store=store,
+                **extra,
+            )
         return proto
+
+
+def _forgetting_trailers(handler: Any) -> Any:
+    """The request handler, after which the request's trailers (if any came) are dropped."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            store = getattr(request.protocol, "trailers", None)
+            if store is not None:
+                store.discard(request.content)
+
+    return handle

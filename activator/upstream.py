@@ -18,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-MAX_HEAD = 64 * 1024  # response status line and headers
+from activator.trailers import encode
+
+MAX_HEAD = 64 * 1024  # response status line and headers; also the trailer section
+MAX_TRAILERS = 100  # trailer fields kept of one response
 HIGH_WATER = 256 * 1024  # buffered body bytes above which reading from the upstream pauses
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
 
@@ -54,12 +57,14 @@ class _Conn(asyncio.Protocol):
         "_paused",
         "_pending",
         "_pending_size",
+        "_trailer_bytes",
         "_write_resumed",
         "error",
         "got_data",
         "idle_timer",
         "keep_alive",
         "origin",
+        "trailers",
         "transport",
         "writer",
     )
@@ -84,6 +89,8 @@ class _Conn(asyncio.Protocol):
         self._mode = ""  # "", "length", "chunked", "close", "none"
         self._body_left = 0
         self._chunk_state = 0  # chunked: 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self.trailers: list[tuple[str, str]] = []  # a chunked response's trailer fields, once at its end
+        self._trailer_bytes = 0
         self._eof = False
         self._paused = False
         self._head_request = False
@@ -135,10 +142,13 @@ class _Conn(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+    async def write_body(
+        self, body: AsyncIterator[bytes], chunked: bool, trailers: Callable[[], list[tuple[str, str]]] | None = None
+    ) -> None:
         """Writes a streamed request body, waiting whenever the transport's buffer is full. Stops when the
         connection goes (an early answer and close); a body that fails (the client's) aborts the
-        connection, so that the upstream never takes a truncated body for a whole one."""
+        connection, so that the upstream never takes a truncated body for a whole one. A chunked body
+        ends with the fields ``trailers`` gives once the body is through."""
         try:
             async for piece in body:
                 if self._closed or self.transport is None or self.transport.is_closing():
@@ -149,7 +159,7 @@ class _Conn(asyncio.Protocol):
                 if waiter is not None:
                     await asyncio.shield(waiter)
             if chunked and not self._closed and self.transport is not None and not self.transport.is_closing():
-                self.transport.write(b"0\r\n\r\n")
+                self.transport.write(b"0\r\n" + encode(trailers() if trailers is not None else ()) + b"\r\n")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -283,7 +293,7 @@ class _Conn(asyncio.Protocol):
                     raise UpstreamBroken("missing CRLF after an upstream chunk")
                 del buf[:2]
                 self._chunk_state = 0
-            else:  # trailers, up to an empty line; not passed on
+            else:  # the trailer section, up to an empty line
                 nl = buf.find(b"\r\n")
                 if nl < 0:
                     if len(buf) > MAX_HEAD:
@@ -295,6 +305,15 @@ class _Conn(asyncio.Protocol):
                     self._eof = True
                     if buf:
                         self.keep_alive = False
+                    continue
+                # Kept up to the bounds; a line that is no field (or beyond them) is left out, the body stands.
+                self._trailer_bytes += len(line)
+                name, sep, value = line.partition(b":")
+                if sep and name and name.strip() == name and self._trailer_bytes <= MAX_HEAD:
+                    if len(self.trailers) < MAX_TRAILERS:
+                        self.trailers.append(
+                            (name.decode("latin-1"), value.strip(b" \t").decode("utf-8", "surrogateescape"))
+                        )
 
     def _push(self, data: bytes) -> None:
         if not data:
@@ -422,6 +441,12 @@ class Response:
         value = self.headers.get("Content-Length")
         return int(value) if value is not None and value.isdigit() else None
 
+    @property
+    def trailers(self) -> list[tuple[str, str]]:
+        """The trailer fields of a chunked response, once its body was read to the end (else none)."""
+        conn = self._conn
+        return conn.trailers if conn is not None and conn.at_eof() else []
+
     async def read(self) -> bytes:
         return await self.content.read()
 
@@ -481,29 +506,37 @@ class UpstreamClient:
         head: list[str],
         body: bytes | AsyncIterator[bytes] | None,
         length: int | None = None,
+        trailers: Callable[[], list[tuple[str, str]]] | None = None,
     ) -> Response:
         """Sends one request to ``origin`` (``host:port``).
 
         ``target`` is the origin-form path and query; ``head`` the header lines without framing
         headers (Content-Length is set here from ``body``; a streamed body is sent with ``length`` as
-        its Content-Length, or chunked when that is None, on a new connection).
+        its Content-Length, or chunked when that is None, on a new connection). ``trailers`` gives the
+        fields of the trailer section once the body is through: a body in memory with any is sent
+        chunked, a streamed chunked one ends with them.
         """
         proxied = self.proxy is not None or self.sidecar is not None
         line = f"{method} http://{origin}{target} HTTP/1.1" if proxied else f"{method} {target} HTTP/1.1"
         stream = body if body is not None and not isinstance(body, bytes | bytearray) else None
+        fields = trailers() if trailers is not None and stream is None and body is not None else None
         if stream is not None:
             head = [*head, f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"]
+        elif fields:
+            head = [*head, "Transfer-Encoding: chunked"]
         elif body is not None:
             head = [*head, f"Content-Length: {len(body)}"]
         data = ("\r\n".join((line, *head)) + "\r\n\r\n").encode("utf-8", "surrogateescape")
-        if body and stream is None:
+        if fields:
+            data += (b"%x\r\n%b\r\n" % (len(body), body) if body else b"") + b"0\r\n" + encode(fields) + b"\r\n"  # type: ignore[arg-type]
+        elif body and stream is None:
             data += body  # type: ignore[operator]
         head_request = method == "HEAD"
         conn, reused = await self._acquire(origin, fresh=stream is not None)
         try:
             conn.start(data, head_request)
             if stream is not None:
-                conn.writer = asyncio.create_task(conn.write_body(stream, chunked=length is None))
+                conn.writer = asyncio.create_task(conn.write_body(stream, length is None, trailers))
             try:
                 status, reason, headers, _ = await conn.head()
             except StaleConnection:

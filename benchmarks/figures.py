@@ -355,14 +355,18 @@ def _token(pg: Any, name: str) -> str:
 
 
 # ---- figure 4: activator throughput for late traffic -----------------------------------------------
-def second_activator(ctx: Context, log_name: str, upstream: int, port: int, admin_port: int) -> ActivatorProc:
+def second_activator(
+    ctx: Context, log_name: str, upstream: int, port: int, admin_port: int, *flags: str
+) -> ActivatorProc:
     """An activator process beside the playground's, for bench/web (ready: every request is forwarded at
-    once), sending its upstream requests to ``127.0.0.1:upstream`` as to its sidecar."""
+    once), sending its upstream requests to ``127.0.0.1:upstream`` as to its sidecar; ``flags``: more of
+    its flags."""
     pg = ctx.pg
     assert pg.info is not None and pg.controller is not None
     return ActivatorProc(
         pg.info.activator_kubeconfig,
         pg.logs_dir / log_name,
+        *flags,
         "--namespace",
         S.NS,
         "--route-key-file",
@@ -380,13 +384,16 @@ def throughput(ctx: Context, baseline: Path | None = None) -> None:
     same rounds against the same backend."""
     s, pg = ctx.settings, ctx.pg
     assert pg.info is not None and pg.controller is not None
-    p_backend, p_proxy, p_act, p_admin, p_base, p_base_admin = free_ports(6, avoid=tuple(vars(pg.ports).values()))
+    ports_ = free_ports(8, avoid=tuple(vars(pg.ports).values()))
+    p_backend, p_proxy, p_act, p_admin, p_base, p_base_admin, p_trl, p_trl_admin = ports_
     backend = T.Nginx(ctx.workdir / "nginx-backend", T.BACKEND.format(port=p_backend), CLIENT_CPU)
     nginx = T.Nginx(ctx.workdir / "nginx-proxy", T.PROXY.format(port=p_proxy, upstream=p_backend), PROXY_CPU)
 
     # A second activator process, pinned, whose upstream "sidecar" is the backend nginx: it answers the
     # activator's absolute-URI requests for the origin of bench/web itself, like the direct target.
     act = second_activator(ctx, "activator-throughput.log", p_backend, p_act, p_admin)
+    # The same with --http1-trailers: aiohttp's Python parser reads every HTTP/1.1 request.
+    trl = second_activator(ctx, "activator-throughput-trailers.log", p_backend, p_trl, p_trl_admin, "--http1-trailers")
     base: ActivatorProc | None = None
     if baseline is not None:
         base = second_activator(ctx, "activator-throughput-baseline.log", p_backend, p_base, p_base_admin)
@@ -395,7 +402,7 @@ def throughput(ctx: Context, baseline: Path | None = None) -> None:
     try:
         backend.start(p_backend)
         nginx.start(p_proxy)
-        for proc in (act, base):
+        for proc in (act, trl, base):
             if proc is not None:
                 proc.start()
                 proc.wait_ready()
@@ -409,7 +416,9 @@ def throughput(ctx: Context, baseline: Path | None = None) -> None:
             "direct": (f"http://127.0.0.1:{p_backend}/", None, None),
             "nginx": (f"http://127.0.0.1:{p_proxy}/", None, nginx.proc.pid if nginx.proc else None),
             "activator": (f"http://127.0.0.1:{p_act}/", lua_act, act.pid),
+            "trailers": (f"http://127.0.0.1:{p_trl}/", lua_act, trl.pid),
         }
+        S.until(lambda: _status(f"{trl.url}/", signed) == 200, "activator with --http1-trailers forwards web")
         if base is not None:
             S.until(lambda: _status(f"{base.url}/", signed) == 200, "baseline activator forwards web")
             targets["baseline"] = (f"http://127.0.0.1:{p_base}/", lua_act, base.pid)
@@ -430,6 +439,12 @@ def throughput(ctx: Context, baseline: Path | None = None) -> None:
             paired["rps"].append(a.rps / b.rps)
             if a.requests and b.requests and cb:
                 paired["cpu"].append((ca / a.requests) / (cb / b.requests))
+        # --http1-trailers against the default, round by round.
+        trailer_cpu = [
+            (ct / t.requests) / (ca / a.requests)
+            for (a, ca), (t, ct) in zip(runs["activator"], runs["trailers"], strict=True)
+            if a.requests and t.requests and ca
+        ]
         med: dict[str, T.WrkResult] = {}
         for name, rs in runs.items():
             rs.sort(key=lambda x: x[0].rps)
@@ -445,7 +460,7 @@ def throughput(ctx: Context, baseline: Path | None = None) -> None:
                 ctx.put(f"throughput_{name}_rps_per_cpu_second", 1e6 / us if us else 0.0)
         ctx.put("throughput_activator_over_nginx", med["activator"].rps / med["nginx"].rps)
         ctx.put("throughput_activator_over_direct", med["activator"].rps / med["direct"].rps)
-        labels = {"baseline": f"activator from {baseline}"}
+        labels = {"baseline": f"activator from {baseline}", "trailers": "activator with --http1-trailers"}
         text = ""
         if paired["rps"]:
             ctx.put("throughput_activator_over_baseline", median(paired["rps"]))
@@ -472,12 +487,18 @@ def throughput(ctx: Context, baseline: Path | None = None) -> None:
             f"activator/direct {ctx.results['throughput_activator_over_direct']:.3f}",
             "stretch: activator/nginx ~0.35",
         )
+        if trailer_cpu:
+            ctx.put("throughput_trailers_over_activator_cpu", median(trailer_cpu))
+            ctx.row(
+                "4. CPU per request, --http1-trailers / default, same rounds (median of the rounds' ratios)",
+                f"{median(trailer_cpu):.3f} (rounds: {', '.join(f'{x:.3f}' for x in trailer_cpu)})",
+            )
         if paired["rps"]:
             ctx.row(f"4. activator / activator from {baseline}, same rounds (median of the rounds' ratios)", text)
         # Open loop at a fixed rate: the same generator for every target, in turn, `rounds` times; the
         # median run by p99 is reported (one stall of the shared machine should not decide a p99 alone).
         rate = int(s.rate)
-        fixed: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        fixed: dict[str, list[dict[str, Any]]] = {name: [] for name in targets if name != "trailers"}
         ports = {"direct": p_backend, "nginx": p_proxy, "activator": p_act, "baseline": p_base}
         for _ in range(s.rounds):
             for name in fixed:
@@ -509,6 +530,7 @@ def throughput(ctx: Context, baseline: Path | None = None) -> None:
             )
     finally:
         act.stop(10)
+        trl.stop(10)
         if base is not None:
             base.stop(10)
         nginx.stop()

@@ -18,6 +18,33 @@ NO_HEALTHY_UPSTREAM = b"no healthy upstream"
 _HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"))
 
 
+async def sidecar_activator(registry: Any, controller_url: str, **cfg: Any) -> Any:
+    """A started activator on loopback whose upstream requests go to 127.0.0.1 at the origin's port (as to
+    its sidecar's listener there); ``cfg``: more of its :class:`~activator.config.Config`."""
+    from activator.app import Activator
+    from activator.config import Config
+
+    base: dict[str, Any] = dict(
+        listen=("127.0.0.1", 0),
+        admin_listen=("127.0.0.1", 0),
+        controller_url=controller_url,
+        sidecar_address="127.0.0.1",
+    )
+    activator = Activator(Config(**{**base, **cfg}), registry)
+    await activator.start()
+    return activator
+
+
+async def until(cond: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:
+    """Polls ``cond`` until it holds; fails after ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"{what} not reached within {timeout:g}s") from None
+
+
 async def serve(
     handler: web.Application | Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
 ) -> tuple[web.BaseRunner, int]:

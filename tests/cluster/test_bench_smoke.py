@@ -38,6 +38,8 @@ FIGURES = [
     f"burst_{BURST}_activator_peak_rss_mib",
     # 4. throughput, closed and open loop, and the ratios
     *(f"throughput_{t}_{m}" for t in ("direct", "nginx", "activator") for m in ("rps", "p50_ms", "p99_ms")),
+    *(f"throughput_{t}_cpu_us_per_request" for t in ("activator", "trailers")),
+    "throughput_trailers_over_activator_cpu",
     "throughput_activator_over_nginx",
     "throughput_activator_over_direct",
     *(f"fixed_{RATE}_{t}_p99_ms" for t in ("direct", "nginx", "activator")),
@@ -84,6 +86,7 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
     assert results[f"burst_{BURST}_success"] == BURST and results[f"burst_{BURST}_failed"] == 0
     assert results[f"burst_{BURST}_held_peak"] == BURST  # all of them were held at once
     assert results[f"burst_{BURST}_cold_answers"] == BURST
+    assert results["throughput_trailers_errors"] == 0
     for t in ("direct", "nginx", "activator"):
         assert results[f"throughput_{t}_errors"] == 0, t
         assert results[f"fixed_{RATE}_{t}_failed"] == 0, t

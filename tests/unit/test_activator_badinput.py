@@ -243,7 +243,9 @@ def _valid_value(value: bytes) -> bool:
     return all(c in VALUE_BYTES for c in value)
 
 
-def header_oracle(headers: list[tuple[bytes, bytes]], fixed: list[bytes], max_field: int, max_headers: int) -> set[int]:
+def header_oracle(
+    headers: list[tuple[bytes, bytes]], fixed: list[bytes], max_field: int, max_headers: int, lines_first: bool = False
+) -> set[int]:
     """The statuses acceptable for a request whose headers are ``fixed`` (names), then ``headers``.
 
     The parser stops at the first violation; which one counts first can shift by a header (the count is
@@ -252,7 +254,9 @@ def header_oracle(headers: list[tuple[bytes, bytes]], fixed: list[bytes], max_fi
     counts towards --max-field-size is the parser's business near the limit: aiohttp's C parser adds the
     previous header's name to a name, and counts a value without its name when the name came in one piece.
     So a name or a value alone over the limit is a definite 431; a name with its value, or with the name
-    before it, over the limit may be one.
+    before it, over the limit may be one. ``lines_first``: aiohttp's Python parser, which splits the whole
+    head into lines (checking their length and count) before it reads a name, so a limit anywhere in the
+    head wins over a bad character before it.
     """
     events: list[tuple[int, int]] = []  # (position, status); a negative status is "maybe"
     prev = len(fixed[-1]) if fixed else 0
@@ -268,6 +272,13 @@ def header_oracle(headers: list[tuple[bytes, bytes]], fixed: list[bytes], max_fi
         if pos + 1 > max_headers:
             events.append((pos, 431))
         prev = len(name)
+    if lines_first and any(s == 431 for _, s in events):
+        return {431}
+    extra = {431} if lines_first and any(s == -431 for _, s in events) else set()
+    return extra | _first_violation(events, headers)
+
+
+def _first_violation(events: list[tuple[int, int]], headers: list[tuple[bytes, bytes]]) -> set[int]:
     definite = [e for e in events if e[1] > 0]
     if not definite:
         base = {200}
@@ -472,8 +483,21 @@ PARSER_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def served_python_parser() -> Iterator[Served]:
+    """With --http1-trailers: aiohttp's Python parser reads the requests instead of its C one."""
+    s = Served(**LIMITS, http1_trailers=True)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("parser", ["c", "python"])
 @pytest.mark.parametrize("case", list(PARSER_CASES))
-def test_unparsable_requests_get_a_json_4xx(served: Served, case: str) -> None:
+def test_unparsable_requests_get_a_json_4xx(request: pytest.FixtureRequest, case: str, parser: str) -> None:
+    """The same answers whichever of aiohttp's parsers reads the request."""
+    served: Served = request.getfixturevalue("served" if parser == "c" else "served_python_parser")
     data, status, mention = PARSER_CASES[case]
     if b"elasti-service" not in data:
         data = data.replace(b"Host: x\r\n", f"Host: x\r\nelasti-service: {KNOWN}\r\n".encode(), 1)
@@ -483,6 +507,17 @@ def test_unparsable_requests_get_a_json_4xx(served: Served, case: str) -> None:
     assert mention in reply.json()["detail"]
     assert reply.closed
     well_formed(served.port)
+
+
+@pytest.mark.parametrize("parser", ["c", "python"])
+def test_exactly_max_headers_fields_are_taken_one_more_is_not(request: pytest.FixtureRequest, parser: str) -> None:
+    served: Served = request.getfixturevalue("served" if parser == "c" else "served_python_parser")
+    n = int(LIMITS["max_headers"])
+    for count, status in ((n, 200), (n + 1, 431)):
+        fields = b"".join(b"X-%d: 1\r\n" % i for i in range(count - 3))  # with Host, elasti-service, Connection
+        data = b"GET /echo HTTP/1.1\r\nHost: x\r\nelasti-service: " + KNOWN.encode() + b"\r\n" + fields
+        reply = exchange(served.port, data + b"Connection: close\r\n\r\n")
+        assert reply.status == status, (count, reply)
 
 
 def test_unparsable_requests_are_counted_not_logged_as_errors(served: Served, caplog: pytest.LogCaptureFixture) -> None:
@@ -798,7 +833,11 @@ def _report(record_property: Callable[[str, object], None], what: str, n: int) -
     print(f"\n{what}: {n} cases tried")
 
 
-def test_fuzz_headers(served: Served, record_property: Callable[[str, object], None]) -> None:
+@pytest.mark.parametrize("parser", ["c", "python"])
+def test_fuzz_headers(
+    request: pytest.FixtureRequest, parser: str, record_property: Callable[[str, object], None]
+) -> None:
+    served: Served = request.getfixturevalue("served" if parser == "c" else "served_python_parser")
     count = [0]
 
     @FUZZ
@@ -812,6 +851,7 @@ def test_fuzz_headers(served: Served, record_property: Callable[[str, object], N
             [b"Host", b"elasti-service"],
             LIMITS["max_field_size"],
             LIMITS["max_headers"],
+            lines_first=parser == "python",
         )
         check_headers_reply(reply, headers, expected)
 
@@ -839,7 +879,11 @@ def test_fuzz_elasti_service_values(served: Served, record_property: Callable[[s
     _report(record_property, "elasti-service values", count[0])
 
 
-def test_fuzz_request_lines(served: Served, record_property: Callable[[str, object], None]) -> None:
+@pytest.mark.parametrize("parser", ["c", "python"])
+def test_fuzz_request_lines(
+    request: pytest.FixtureRequest, parser: str, record_property: Callable[[str, object], None]
+) -> None:
+    served: Served = request.getfixturevalue("served" if parser == "c" else "served_python_parser")
     count = [0]
 
     @FUZZ

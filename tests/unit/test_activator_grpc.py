@@ -15,10 +15,8 @@ from typing import Any
 import grpc
 import pytest
 
-from activator.app import Activator
-from activator.config import Config
 from activator.registry import Registry
-from tests.activator_stubs import WakeEndpoint, elastiservice
+from tests.activator_stubs import WakeEndpoint, elastiservice, sidecar_activator
 
 NS = "shop"
 _rv = itertools.count(2)
@@ -111,15 +109,7 @@ class Env:
         self.origin = Origin()
         self.origin_port = await self.origin.start()
         self.wake = await WakeEndpoint().start()
-        cfg = dict(
-            listen=("127.0.0.1", 0),
-            admin_listen=("127.0.0.1", 0),
-            controller_url=self.wake.url,
-            sidecar_address="127.0.0.1",
-        )
-        cfg.update(self.cfg)
-        self.activator = Activator(Config(**cfg), self.registry)
-        await self.activator.start()
+        self.activator = await sidecar_activator(self.registry, self.wake.url, **self.cfg)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.activator.proxy_address[1]}")
         return self
 

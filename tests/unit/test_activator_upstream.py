@@ -117,6 +117,68 @@ async def test_chunked_body_with_extensions_and_trailers_in_pieces() -> None:
         assert srv.connections == 1  # the chunked response ended exactly: the connection was reused
 
 
+async def test_a_chunked_responses_trailers_are_kept_once_its_body_is_read() -> None:
+    pieces = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-A: 1\r\nX-B:  two \r\n\r\n"]
+    async with setup(lambda head: pieces) as (srv, client):
+        for _ in range(2):
+            resp = await client.request("GET", srv.origin, "/", [f"Host: {srv.origin}"], None)
+            try:
+                assert resp.trailers == []  # not before the end of the body
+                assert await resp.read() == b"hi"
+                assert resp.trailers == [("X-A", "1"), ("X-B", "two")]
+            finally:
+                resp.release()
+        assert srv.connections == 1
+
+
+async def test_trailer_lines_that_are_no_field_or_beyond_the_bounds_are_left_out() -> None:
+    """The body stands (a workload's odd trailer section never broke a response, and does not now)."""
+    section = b"no colon here\r\n X-Folded: 1\r\nX-Ok: 1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150))
+    pieces = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n" + section + b"\r\n"]
+    async with setup(lambda head: pieces) as (srv, client):
+        for _ in range(2):
+            resp = await client.request("GET", srv.origin, "/", [f"Host: {srv.origin}"], None)
+            try:
+                assert await resp.read() == b"hi"
+                kept = resp.trailers
+                assert len(kept) == 100 and kept[:2] == [("X-Ok", "1"), ("X-0", "v")]
+            finally:
+                resp.release()
+        assert srv.connections == 1  # the response ended where it should: the connection was reused
+
+
+async def test_a_body_in_memory_with_trailers_goes_chunked_with_them() -> None:
+    """With trailer fields the body goes chunked, the fields after it; without any, with a Content-Length."""
+    ends = (b"0\r\nX-Sum: 5\r\n\r\n", b"\r\n\r\nplain")
+    raw = bytearray()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen = 0
+        while data := await reader.read(65536):
+            raw.extend(data)
+            while seen < len(ends) and raw.find(ends[seen]) >= 0:  # a whole request: answered
+                seen += 1
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = UpstreamClient(None, 10)
+    try:
+        origin = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        for body, fields in ((b"hello", [("X-Sum", "5")]), (b"plain", [])):
+            resp = await client.request("POST", origin, "/", ["Host: o"], body, trailers=lambda f=fields: f)
+            assert resp.status == 204
+            resp.release()
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+    assert bytes(raw) == (
+        b"POST / HTTP/1.1\r\nHost: o\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 5\r\n\r\n"
+        b"POST / HTTP/1.1\r\nHost: o\r\nContent-Length: 5\r\n\r\nplain"
+    )
+
+
 async def test_body_until_close_is_read_and_the_connection_not_reused() -> None:
     async with setup(lambda head: [b"HTTP/1.1 200 OK\r\n\r\nall of ", b"it"], close_after=True) as (srv, client):
         assert (await get(client, srv.origin))[2] == b"all of it"
