@@ -24,31 +24,27 @@ from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError
 from aiohttp.http_parser import HeadersParser, HttpRequestParserPy
 
-from activator.headerpolicy import HOP_BY_HOP, REQUEST_DROP
+from activator.headerpolicy import REQUEST_DROP
 
 log = logging.getLogger(__name__)
 
 Fields = list[tuple[str, str]]
 
-# Never passed on as a trailer field, in either direction.
-TRAILER_DROP = (
-    REQUEST_DROP
-    | HOP_BY_HOP
-    | {
-        "content-length",
-        "content-encoding",
-        "content-type",
-        "content-range",
-        "authorization",
-        "cache-control",
-        "max-forwards",
-        "set-cookie",
-        "cookie",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-    }
-)
+# Never passed on as a trailer field, in either direction (REQUEST_DROP has the hop-by-hop ones).
+TRAILER_DROP = REQUEST_DROP | {
+    "content-length",
+    "content-encoding",
+    "content-type",
+    "content-range",
+    "authorization",
+    "cache-control",
+    "max-forwards",
+    "set-cookie",
+    "cookie",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+}
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
