@@ -21,7 +21,15 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from activator.body import RequestBody
-from activator.headerpolicy import REQUEST_DROP, RESPONSE_DROP, UPSTREAM_TIME, connection_tokens
+from activator.headerpolicy import (
+    REQUEST_DROP,
+    REQUEST_DROP_KEEPING_TRAILERS,
+    RESPONSE_DROP,
+    RESPONSE_DROP_KEEPING_TRAILERS,
+    UPSTREAM_TIME,
+    connection_tokens,
+    te_trailers_only,
+)
 from activator.registry import Target
 from activator.trailers import end_chunked, forwardable
 from activator.upstream import Response as FastResponse
@@ -37,9 +45,6 @@ _WS_DROP = frozenset(
 MESH_REPLY_MAX = 512
 # Response bodies up to this size (with a Content-Length) are read whole and sent with the headers.
 _SMALL_BODY = 64 * 1024
-# With --http1-trailers: ``Trailer`` (which fields follow) and ``TE: trailers`` (the client takes them) pass.
-_REQUEST_DROP_TRAILERS = REQUEST_DROP - {"te", "trailer"}
-_RESPONSE_DROP_TRAILERS = RESPONSE_DROP - {"trailer"}
 
 
 class UpstreamError(Exception):
@@ -89,13 +94,6 @@ def response_headers(headers: CIMultiDictProxy[str], drop: frozenset[str] = RESP
         if lk not in drop and lk not in extra:
             out.add(k, v)
     return out
-
-
-def keep_te_trailers(headers: CIMultiDict[str]) -> None:
-    """``TE`` goes on only as ``trailers`` (a transfer coding the activator would have to undo never does)."""
-    values = headers.popall("TE", [])
-    if any(t.strip().lower() == "trailers" for v in values for t in v.split(",")):
-        headers["TE"] = "trailers"
 
 
 def upstream_url(request: web.BaseRequest, target: Target) -> URL:
@@ -159,8 +157,8 @@ class Forwarder:
             if self.fast is not None and request.method != "CONNECT" and target.authority:
                 trailers = None
                 if self.http1_trailers:
-                    headers = upstream_headers(request, target, _REQUEST_DROP_TRAILERS)
-                    keep_te_trailers(headers)
+                    headers = upstream_headers(request, target, REQUEST_DROP_KEEPING_TRAILERS)
+                    te_trailers_only(headers)
                     named = connection_tokens(request.headers.get("Connection"))
                     trailers = lambda: forwardable(body.trailers(), named)  # noqa: E731
                 else:
@@ -225,7 +223,7 @@ class Forwarder:
                 and resp.status >= 200
                 and resp.status not in (204, 304)
             )
-            drop = _RESPONSE_DROP_TRAILERS if self.http1_trailers else RESPONSE_DROP
+            drop = RESPONSE_DROP_KEEPING_TRAILERS if self.http1_trailers else RESPONSE_DROP
             out = (_Complete if small else web.StreamResponse)(
                 status=resp.status, reason=resp.reason, headers=response_headers(resp.headers, drop)
             )
@@ -257,7 +255,7 @@ class Forwarder:
                 return out
             if self.http1_trailers and isinstance(resp, FastResponse) and resp.trailers:
                 named = connection_tokens(resp.headers.get("Connection"))
-                await end_chunked(request, out, forwardable(resp.trailers, named))
+                await end_chunked(request, forwardable(resp.trailers, named))
             await out.write_eof()
             return out
         finally:

@@ -9,6 +9,8 @@ and ``Trailer`` is not connection-specific there.
 
 from __future__ import annotations
 
+from multidict import CIMultiDict
+
 from elasti_istio.resources import HEADER, TOKEN_HEADER
 
 HOP_BY_HOP = frozenset(
@@ -28,8 +30,12 @@ RESPONSE_DROP = HOP_BY_HOP
 # Set by Envoy on answers that came from an upstream; its own replies ("no healthy upstream") lack it.
 UPSTREAM_TIME = "x-envoy-upstream-service-time"
 REQUEST_DROP = HOP_BY_HOP | {"expect", "host", HEADER.lower(), TOKEN_HEADER.lower()}
-# The same over HTTP/2, as the byte strings h2 gives; ``te`` is decided by its value (h2_request_keeps).
-H2_REQUEST_DROP = frozenset(n.encode() for n in REQUEST_DROP - {"te", "trailer"})
+# Where trailers are carried (HTTP/2; HTTP/1.1 with --http1-trailers): ``Trailer`` goes on, and ``TE``
+# as far as it says ``trailers`` (te_trailers_only, h2_request_keeps).
+REQUEST_DROP_KEEPING_TRAILERS = REQUEST_DROP - {"te", "trailer"}
+RESPONSE_DROP_KEEPING_TRAILERS = RESPONSE_DROP - {"trailer"}
+# The same over HTTP/2, as the byte strings h2 gives.
+H2_REQUEST_DROP = frozenset(n.encode() for n in REQUEST_DROP_KEEPING_TRAILERS)
 H2_RESPONSE_DROP = frozenset(n.encode() for n in RESPONSE_DROP - {"te", "trailer"})
 
 
@@ -38,6 +44,13 @@ def connection_tokens(value: str | None) -> frozenset[str]:
     if not value:
         return frozenset()
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def te_trailers_only(headers: CIMultiDict[str]) -> None:
+    """``TE`` goes on only as ``trailers`` (a transfer coding the activator would have to undo never does)."""
+    values = headers.popall("TE", [])
+    if any(t.strip().lower() == "trailers" for v in values for t in v.split(",")):
+        headers["TE"] = "trailers"
 
 
 def h2_request_keeps(name: bytes, value: bytes, named: frozenset[str]) -> bool:

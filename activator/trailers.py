@@ -70,11 +70,17 @@ def encode(fields: Iterable[tuple[str, str]]) -> bytes:
     return "".join(f"{k}: {v}\r\n" for k, v in fields).encode("utf-8", "surrogateescape")
 
 
+# Trailer sections one connection keeps at once. aiohttp parses at most 32 requests ahead of the one
+# being handled; the rest are those of requests answered before their body was read, whose body
+# aiohttp drains afterwards: older than any that is still wanted, so they go first.
+KEPT_PER_CONNECTION = 64
+
+
 class TrailerStore:
     """The trailers read on one connection, per request body, until its request is answered.
 
     Keyed by the body's stream object: HTTP/1.1 pipelining can have the next requests parsed, trailers
-    and all, while the first is still being handled.
+    and all, while the first is still being handled. At most :data:`KEPT_PER_CONNECTION`, newest kept.
     """
 
     __slots__ = ("_by_body",)
@@ -84,6 +90,8 @@ class TrailerStore:
 
     def put(self, body: object, fields: Fields) -> None:
         self._by_body[id(body)] = (body, fields)
+        if len(self._by_body) > KEPT_PER_CONNECTION:
+            del self._by_body[next(iter(self._by_body))]
 
     def get(self, body: object) -> Fields:
         entry = self._by_body.get(id(body))
@@ -168,13 +176,12 @@ def parser_keeps_trailers() -> bool:
     return bool(messages) and store.get(messages[0][1]) == [("X-Check", "1")]
 
 
-async def end_chunked(request: web.BaseRequest, out: web.StreamResponse, fields: Fields) -> bool:
-    """Ends a chunked response with ``fields`` in its trailer section (False when it is not chunked,
-    as to an HTTP/1.0 client: nothing written then). The caller still calls ``write_eof``, which
-    then has nothing left to write."""
+async def end_chunked(request: web.BaseRequest, fields: Fields) -> None:
+    """Ends the request's chunked response with ``fields`` in its trailer section (nothing when it is
+    not chunked, as to an HTTP/1.0 client). The caller still calls ``write_eof``, which then has
+    nothing left to write."""
     writer = request.writer
     if not fields or not getattr(writer, "chunked", False):
-        return False
+        return
     writer.chunked = False  # type: ignore[attr-defined]  # the last chunk is written here, with the fields
     await writer.write(b"0\r\n" + encode(fields) + b"\r\n")
-    return True

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import subprocess
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 import pytest
 
 from activator.registry import Registry
-from elasti_istio.localcluster import binaries, istio
+from benchmarks import tools
+from elasti_istio.localcluster import binaries
 from elasti_istio.playground.procs import free_ports
 from tests.activator_stubs import WakeEndpoint, elastiservice, sidecar_activator, until
 from tests.trailer_wire import Origin, chunked, read_message
@@ -24,6 +24,7 @@ from tests.trailer_wire import Origin, chunked, read_message
 pytestmark = pytest.mark.cluster
 
 NS = "shop"
+_rv = itertools.count(2)
 
 
 def bootstrap(admin: int, listeners: dict[int, int], enable_trailers: bool) -> dict[str, Any]:
@@ -91,20 +92,6 @@ def bootstrap(admin: int, listeners: dict[int, int], enable_trailers: bool) -> d
     }
 
 
-async def until_listening(port: int, proc: asyncio.subprocess.Process, log: Path) -> None:
-    async with asyncio.timeout(60):
-        while True:
-            if proc.returncode is not None:
-                raise AssertionError(f"envoy exited: {(await asyncio.to_thread(log.read_text))[-2000:]}")
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            w.close()
-            return
-
-
 class Chain:
     """client -> Envoy -> activator -> Envoy (its sidecar's listener at the origin's port) -> origin."""
 
@@ -120,41 +107,23 @@ class Chain:
         self.wake = await WakeEndpoint().start()
         self.front, self.sidecar_port, admin = free_ports(3)
         self.activator = await sidecar_activator(self.registry, self.wake.url, http1_trailers=True)
-        conf = self.tmp / "envoy.json"
         routes = {self.front: self.activator.proxy_address[1], self.sidecar_port: origin_port}
-        await asyncio.to_thread(conf.write_text, json.dumps(bootstrap(admin, routes, self.enable_trailers)))
-        self.log = self.tmp / "envoy.log"
         envoy = (await asyncio.to_thread(binaries.find, True))["envoy"]
-        with await asyncio.to_thread(self.log.open, "ab") as log:
-            self.envoy = await asyncio.create_subprocess_exec(
-                *istio.envoy_argv(envoy, conf),
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        await until_listening(self.front, self.envoy, self.log)
-        await until_listening(self.sidecar_port, self.envoy, self.log)
+        self.envoy = tools.Envoy(self.tmp / "envoy", envoy, "0-1")
+        # Its static listeners start together: once the front one answers, so does the sidecar's.
+        await asyncio.to_thread(self.envoy.start, self.front, bootstrap(admin, routes, self.enable_trailers))
         return self
 
     async def stop(self) -> None:
-        self.envoy.terminate()
-        try:
-            await asyncio.wait_for(self.envoy.wait(), 10)
-        except TimeoutError:
-            self.envoy.kill()
-            await self.envoy.wait()
+        await asyncio.to_thread(self.envoy.stop)
         await self.activator.close()
         await self.wake.stop()
         await self.origin.stop()
 
     def put(self, ready: bool) -> None:
-        rv = str(len(self.wake.calls) * 2 + (2 if ready else 1))
+        origin = ("details-elasti-origin", self.sidecar_port)
         self.registry.apply(
-            "MODIFIED",
-            elastiservice(
-                NS, "details", ready=ready, origin=("details-elasti-origin", self.sidecar_port), resource_version=rv
-            ),
+            "MODIFIED", elastiservice(NS, "details", ready=ready, origin=origin, resource_version=str(next(_rv)))
         )
 
 

@@ -16,7 +16,7 @@ import pytest
 from activator import trailers
 from activator.config import Config, add_flags
 from activator.registry import Registry
-from activator.trailers import forwardable, parser_keeps_trailers
+from activator.trailers import KEPT_PER_CONNECTION, forwardable, parser_keeps_trailers
 from tests.activator_stubs import WakeEndpoint, elastiservice, sidecar_activator, until
 from tests.trailer_wire import RESPONSE_TRAILERS, Fields, Origin, chunked, read_message
 
@@ -239,3 +239,19 @@ def test_trailer_fields_that_frame_route_or_cannot_be_written_are_left_out() -> 
         ("Grpc-Status", "0"),
     ]
     assert forwardable(fields, frozenset({"x-named"})) == [("X-Checksum", "c1"), ("Grpc-Status", "0")]
+
+
+async def test_trailers_of_requests_answered_without_their_body_are_not_kept(env: Env) -> None:
+    """A request answered before its body was read (an unknown ElastiService: 404) has its body drained
+    afterwards, trailers and all: what the connection keeps of them stays bounded however many come."""
+    reader, writer = await env.connect()
+    for i in range(300):
+        writer.write(
+            f"POST /x HTTP/1.1\r\nHost: d\r\nelasti-service: {NS}/nobody\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        resp = await asyncio.wait_for(read_message(reader), 30)  # answered before the body is sent
+        assert resp.start.startswith("HTTP/1.1 404"), resp
+        writer.write(chunked(b"body", [("X-Checksum", str(i))]))
+    stores = [h.trailers for h in env.activator._proxy_runner.server.connections]  # type: ignore[union-attr]
+    assert stores and all(s is not None and len(s) <= KEPT_PER_CONNECTION for s in stores), [len(s) for s in stores]
+    writer.close()
